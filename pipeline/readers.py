@@ -1,0 +1,272 @@
+"""Readers for hyperspectral cubes, label maps and split masks.
+
+Supported formats (chosen by file suffix):
+
+* MATLAB ``.mat`` v5 (scipy) and v7.3 / HDF5 (h5py; v7.3 stores arrays transposed, which is
+  undone here);
+* NumPy ``.npy`` and ``.npz``;
+* ENVI: a ``.hdr`` header beside a binary file, BSQ / BIL / BIP, with wavelengths when the header
+  has them (read with the ``spectral`` package);
+* GeoTIFF ``.tif`` / ``.tiff`` (rasterio), keeping the CRS and affine transform.
+
+A container (``.mat``, ``.npz``) that holds exactly one array of the wanted rank is read without a
+key; otherwise the error lists what it found and asks for a key.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import KeyAmbiguityError, SceneFormatError, SceneNotFoundError
+
+__all__ = [
+    "CUBE_SUFFIXES",
+    "ENVI_DATA_SUFFIXES",
+    "Raster",
+    "read_cube",
+    "read_map",
+]
+
+ENVI_DATA_SUFFIXES = (".img", ".dat", ".raw", ".bsq", ".bil", ".bip", "")
+CUBE_SUFFIXES = (".mat", ".npy", ".npz", ".hdr", ".tif", ".tiff", *ENVI_DATA_SUFFIXES[:-1])
+_MATLAB_INTERNAL = ("#refs#", "#subsystem#")
+
+
+@dataclass
+class Raster:
+    """An array read from a file, with what the file said about it.
+
+    Attributes:
+        data: ``(height, width, bands)`` for a cube, ``(height, width)`` for a map.
+        wavelengths: band centres in nanometres, ``(bands,)``, when the file gives them.
+        crs: coordinate reference system as WKT, when the file is georeferenced.
+        transform: affine pixel-to-map transform ``(a, b, c, d, e, f)`` as in rasterio.
+        source: the path that was read.
+        key: the variable name inside a container file, when there was one.
+    """
+
+    data: np.ndarray
+    wavelengths: np.ndarray | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    source: str = ""
+    key: str | None = None
+
+
+def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "--key") -> Raster:
+    """Read a hyperspectral cube as ``(height, width, bands)``.
+
+    Args:
+        path: the cube file (see the module docstring for formats).
+        key: variable name inside a ``.mat`` / ``.npz`` file; needed only when it holds
+            several 3-D arrays.
+        key_option: how the caller calls ``key``, for error messages.
+
+    Returns:
+        The cube and its metadata.
+
+    Raises:
+        SceneNotFoundError: ``path`` does not exist.
+        SceneFormatError: the file cannot be read, or holds no 3-D array.
+        KeyAmbiguityError: several 3-D arrays and no ``key``, or ``key`` is not in the file.
+    """
+    return _read(Path(path), key, ndim=3, role="cube", key_option=key_option)
+
+
+def read_map(
+    path: str | Path,
+    key: str | None = None,
+    *,
+    role: str = "label map",
+    key_option: str = "--label-key",
+) -> Raster:
+    """Read a 2-D map (labels or a split mask) as ``(height, width)``.
+
+    Args:
+        path: the map file.
+        key: variable name inside a container file, when it holds several 2-D arrays.
+        role: what the map is, for error messages (``"label map"``, ``"train mask"``...).
+        key_option: how the caller calls ``key``, for error messages.
+
+    Raises:
+        SceneNotFoundError, SceneFormatError, KeyAmbiguityError: as :func:`read_cube`.
+    """
+    return _read(Path(path), key, ndim=2, role=role, key_option=key_option)
+
+
+def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str) -> Raster:
+    if not path.exists():
+        raise SceneNotFoundError(f"{role} file `{path}` does not exist: check the path")
+    if path.is_dir():
+        raise SceneFormatError(f"{role} `{path}` is a folder: give the path of a file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".mat":
+            raster = _read_mat(path, key, ndim, role, key_option)
+        elif suffix == ".npy":
+            raster = Raster(np.load(path, allow_pickle=False))
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+            name = _choose_key(arrays, key, ndim, path, role, key_option)
+            raster = Raster(arrays[name], key=name)
+        elif suffix in (".tif", ".tiff"):
+            raster = _read_geotiff(path, ndim, role)
+        elif suffix == ".hdr" or suffix in ENVI_DATA_SUFFIXES:
+            raster = _read_envi(path)
+        else:
+            raise SceneFormatError(
+                f"{role} `{path}` has an unknown suffix `{path.suffix}`: use .mat, .npy, .npz, "
+                ".hdr (ENVI), or .tif"
+            )
+    except (SceneFormatError, KeyAmbiguityError):
+        raise
+    except Exception as exc:  # any library's failure to parse is a corrupt / unreadable file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SceneFormatError(f"cannot read {role} `{path}`: {reason}") from exc
+
+    data = np.asarray(raster.data)
+    if ndim == 2 and data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise SceneFormatError(
+            f"{role} `{path}` holds an array of shape {data.shape}; expected {ndim} dimensions"
+        )
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise SceneFormatError(f"{role} `{path}` holds non-numeric data of dtype {data.dtype}")
+    raster.data = data
+    raster.source = str(path)
+    return raster
+
+
+def _choose_key(
+    arrays: dict[str, np.ndarray],
+    key: str | None,
+    ndim: int,
+    path: Path,
+    role: str,
+    key_option: str,
+) -> str:
+    """Pick the array named ``key``, or the only array of rank ``ndim``."""
+    if key is not None:
+        if key not in arrays:
+            raise KeyAmbiguityError(
+                f"{role} `{path}` has no variable `{key}` ({key_option}); it holds: "
+                f"{_describe(arrays)}"
+            )
+        return key
+    candidates = [
+        name
+        for name, arr in arrays.items()
+        if np.ndim(arr) == ndim and np.issubdtype(np.asarray(arr).dtype, np.number)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise KeyAmbiguityError(
+            f"{role} `{path}` holds no {ndim}-D numeric array; it holds: {_describe(arrays)}"
+        )
+    raise KeyAmbiguityError(
+        f"{role} `{path}` holds {len(candidates)} {ndim}-D arrays "
+        f"({', '.join(candidates)}): choose one with {key_option}"
+    )
+
+
+def _describe(arrays: dict[str, np.ndarray]) -> str:
+    if not arrays:
+        return "nothing"
+    return ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in arrays.items())
+
+
+def _read_mat(path: Path, key: str | None, ndim: int, role: str, key_option: str) -> Raster:
+    import h5py
+    import scipy.io
+
+    if h5py.is_hdf5(path):  # MATLAB v7.3 is HDF5 with a 512-byte user block
+        with h5py.File(path, "r") as f:
+            shapes = {
+                name: np.empty(tuple(reversed(obj.shape)), dtype=np.uint8)
+                for name, obj in f.items()
+                if isinstance(obj, h5py.Dataset) and name not in _MATLAB_INTERNAL
+            }
+            # Only shapes are needed to choose; read the chosen array alone.
+            name = _choose_key(shapes, key, ndim, path, role, key_option)
+            dset = f[name]
+            if dset.dtype.kind not in "iufb":
+                raise SceneFormatError(
+                    f"{role} `{path}` variable `{name}` is not numeric (dtype {dset.dtype})"
+                )
+            # MATLAB writes column-major: h5py sees the axes reversed.
+            data = np.ascontiguousarray(dset[()].T)
+        return Raster(data, key=name)
+    try:
+        contents = scipy.io.loadmat(path)
+    except NotImplementedError as exc:  # pragma: no cover - v7.3 without HDF5 signature
+        raise SceneFormatError(f"cannot read {role} `{path}`: {exc}") from exc
+    arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
+    name = _choose_key(arrays, key, ndim, path, role, key_option)
+    return Raster(np.asarray(arrays[name]), key=name)
+
+
+def _read_geotiff(path: Path, ndim: int, role: str) -> Raster:
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            if ndim == 2 and ds.count != 1:
+                raise SceneFormatError(
+                    f"{role} `{path}` has {ds.count} bands; a map must have exactly one"
+                )
+            data = ds.read(1) if ndim == 2 else np.moveaxis(ds.read(), 0, -1)
+            crs = ds.crs.to_wkt() if ds.crs else None
+            transform = tuple(ds.transform)[:6] if ds.crs or not ds.transform.is_identity else None
+            wavelengths = _geotiff_wavelengths(ds)
+    return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform)
+
+
+def _geotiff_wavelengths(ds: object) -> np.ndarray | None:
+    """Band centres from GDAL band metadata (``wavelength`` / ``WAVELENGTH`` tags), if all set."""
+    values = []
+    for band in range(1, ds.count + 1):  # type: ignore[attr-defined]
+        tags = {k.lower(): v for k, v in ds.tags(band).items()}  # type: ignore[attr-defined]
+        if "wavelength" not in tags:
+            return None
+        values.append(float(tags["wavelength"]))
+        unit = tags.get("wavelength_units", "nanometers").lower()
+        if unit.startswith("micro") or unit in ("um", "µm"):
+            values[-1] *= 1000.0
+    return np.asarray(values, dtype=np.float64)
+
+
+def _read_envi(path: Path) -> Raster:
+    import spectral.io.envi as envi
+
+    if path.suffix.lower() == ".hdr":
+        header = path
+        data_file = None
+    else:
+        header = path.with_suffix(".hdr") if path.suffix else Path(str(path) + ".hdr")
+        if not header.exists():
+            header = Path(str(path) + ".hdr")
+        data_file = path
+    if not header.exists():
+        raise SceneNotFoundError(
+            f"ENVI header for `{path}` not found: expected `{header}` beside the data file"
+        )
+    image = envi.open(str(header), None if data_file is None else str(data_file))
+    data = np.asarray(image.load())
+    wavelengths = None
+    centers = getattr(image.bands, "centers", None)
+    if centers:
+        wl = np.asarray(centers, dtype=np.float64)
+        unit = (getattr(image.bands, "band_unit", None) or "").lower()
+        if unit.startswith("micro") or unit in ("um", "µm") or (not unit and wl.max() < 100):
+            wl = wl * 1000.0
+        wavelengths = wl
+    return Raster(data, wavelengths=wavelengths)

@@ -1,0 +1,215 @@
+"""The scene store: a validated, fingerprinted hyperspectral scene in Zarr v3.
+
+Layout (``xarray.open_zarr(path)`` shows it with named dimensions):
+
+========================  ======================  =============================================
+variable                  dims                    content
+========================  ======================  =============================================
+``cube``                  (y, x, band)            float32 spectra, as read (after NaN filling)
+``rgb``                   (y, x, color)            float32 rendering in [0, 1] for the backbone
+``labels``                (y, x)                  int32 class index, -1 = unlabeled
+``train`` / ``test``      (y, x)                  bool split masks, disjoint
+``band_mean``/``band_std``(band)                  per-band statistics over all pixels
+``wavelength``            (band)                  coordinate, nm (NaN when unknown)
+``class_id``/``class_name``(class)                original label ids and names
+========================  ======================  =============================================
+
+Attributes hold the source, rendering and split parameters, the georeferencing (CRS as WKT and
+the affine transform), attribution, package versions, the format version and the ``fingerprint``:
+SHA-256 over cube, labels, masks and rendering parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SceneNotFoundError, StoreError
+from pipeline.store import atomic_output, package_versions, sha256_arrays
+
+__all__ = ["SCENE_FORMAT", "Scene", "open_scene", "scene_fingerprint", "write_scene"]
+
+SCENE_FORMAT = "hsicache-scene/1"
+
+
+@dataclass
+class Scene:
+    """A prepared scene, in memory.
+
+    Attributes:
+        cube: ``(H, W, B)`` float32 spectra.
+        rgb: ``(H, W, 3)`` float32 rendering in [0, 1].
+        labels: ``(H, W)`` int32 class index, ``-1`` = unlabeled.
+        train, test: ``(H, W)`` bool masks.
+        class_ids: ``(K,)`` original label ids.
+        class_names: ``K`` names.
+        wavelengths: ``(B,)`` nm, or ``None``.
+        crs: WKT or ``None``; transform: affine 6-tuple or ``None``.
+        attrs: provenance (source, rendering, split, attribution, fingerprint...).
+    """
+
+    cube: np.ndarray
+    rgb: np.ndarray
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    class_ids: np.ndarray
+    class_names: list[str]
+    wavelengths: np.ndarray | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.labels.shape  # type: ignore[return-value]
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint stored with the scene (computed when it was prepared)."""
+        return str(self.attrs["fingerprint"])
+
+
+def scene_fingerprint(
+    cube: np.ndarray,
+    labels: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    rendering: dict[str, Any],
+) -> str:
+    """SHA-256 over the cube, labels, masks and rendering parameters."""
+    return sha256_arrays(
+        np.asarray(cube, dtype=np.float32),
+        np.asarray(labels, dtype=np.int32),
+        np.asarray(train, dtype=bool),
+        np.asarray(test, dtype=bool),
+        rendering,
+    )
+
+
+def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
+    """Write ``scene`` to a Zarr v3 store at ``path`` atomically (nothing half-written is left).
+
+    Args:
+        scene: the scene; ``scene.attrs`` must hold ``fingerprint`` and ``rendering``.
+        path: the store folder (conventionally ``*.zarr``); replaced if it exists.
+        chunk: spatial chunk side.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    import xarray as xr
+
+    h, w, b = scene.cube.shape
+    wl = scene.wavelengths if scene.wavelengths is not None else np.full(b, np.nan)
+    cube = scene.cube.astype(np.float32)
+    band_mean = cube.reshape(-1, b).mean(axis=0, dtype=np.float64)
+    band_std = cube.reshape(-1, b).std(axis=0, dtype=np.float64)
+    attrs = dict(scene.attrs)
+    attrs.update(
+        format=SCENE_FORMAT,
+        crs=scene.crs,
+        transform=list(scene.transform) if scene.transform is not None else None,
+        has_wavelengths=scene.wavelengths is not None,
+        package_versions=package_versions(),
+    )
+    ds = xr.Dataset(
+        {
+            "cube": (("y", "x", "band"), cube),
+            "rgb": (("y", "x", "color"), scene.rgb.astype(np.float32)),
+            "labels": (("y", "x"), scene.labels.astype(np.int32)),
+            "train": (("y", "x"), scene.train.astype(bool)),
+            "test": (("y", "x"), scene.test.astype(bool)),
+            "band_mean": (("band",), band_mean.astype(np.float32)),
+            "band_std": (("band",), band_std.astype(np.float32)),
+            "class_id": (("class",), np.asarray(scene.class_ids, dtype=np.int64)),
+            "class_name": (("class",), np.asarray(scene.class_names, dtype=object)),
+        },
+        coords={"wavelength": (("band",), wl.astype(np.float64)), "color": np.asarray(["r", "g", "b"], dtype=object)},
+        attrs={k: _jsonable(v) for k, v in attrs.items()},
+    )
+    cy, cx = min(chunk, h), min(chunk, w)
+    encoding = {
+        "cube": {"chunks": (cy, cx, b)},
+        "rgb": {"chunks": (cy, cx, 3)},
+        "labels": {"chunks": (cy, cx)},
+        "train": {"chunks": (cy, cx)},
+        "test": {"chunks": (cy, cx)},
+    }
+    with atomic_output(path) as tmp:
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+    return Path(path)
+
+
+def open_scene(path: str | Path, *, expect_fingerprint: str | None = None) -> Scene:
+    """Read a scene store written by :func:`write_scene`.
+
+    Args:
+        path: the store.
+        expect_fingerprint: when given, refuse a store whose fingerprint differs.
+
+    Raises:
+        SceneNotFoundError: no store at ``path``.
+        StoreError: not a hsicache scene store, another format version, or another fingerprint.
+    """
+    import xarray as xr
+
+    p = Path(path)
+    if not p.exists():
+        raise SceneNotFoundError(f"scene store `{p}` does not exist: run `hsicache prepare` first")
+    try:
+        ds = xr.open_zarr(p, consolidated=False)
+    except Exception as exc:
+        raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from exc
+    fmt = ds.attrs.get("format")
+    if fmt != SCENE_FORMAT:
+        raise StoreError(
+            f"`{p}` is not a hsicache scene store of format {SCENE_FORMAT} (found {fmt!r}): "
+            "re-run `hsicache prepare`"
+        )
+    fp = ds.attrs["fingerprint"]
+    if expect_fingerprint is not None and fp != expect_fingerprint:
+        raise StoreError(
+            f"scene `{p}` has fingerprint {fp[:12]}, expected {expect_fingerprint[:12]}: "
+            "it was prepared from other data or parameters"
+        )
+    wl = ds["wavelength"].values
+    transform = ds.attrs.get("transform")
+    return Scene(
+        cube=ds["cube"].values,
+        rgb=ds["rgb"].values,
+        labels=ds["labels"].values,
+        train=ds["train"].values,
+        test=ds["test"].values,
+        class_ids=ds["class_id"].values,
+        class_names=[str(s) for s in ds["class_name"].values],
+        wavelengths=wl if ds.attrs.get("has_wavelengths") else None,
+        crs=ds.attrs.get("crs"),
+        transform=tuple(transform) if transform is not None else None,
+        attrs=dict(ds.attrs),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Zarr attributes must be JSON; convert numpy scalars/arrays and tuples."""
+    return json.loads(json.dumps(value, default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in attributes")

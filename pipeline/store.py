@@ -1,0 +1,68 @@
+"""Small helpers shared by every store hsicache writes: atomic publication and provenance."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_output", "package_versions", "sha256_arrays"]
+
+_VERSIONED = ("hsicache", "numpy", "zarr", "xarray", "torch", "diffusers", "scikit-learn")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it replaces ``path``, on error it goes.
+
+    Readers therefore never see a half-written store or file, and a failed run leaves nothing
+    behind (a previous complete output at ``path`` survives a failed rewrite).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def sha256_arrays(*parts: np.ndarray | dict | str) -> str:
+    """SHA-256 over arrays (shape, dtype and bytes) and JSON-able objects, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            arr = np.ascontiguousarray(part)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(arr.tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a store's content."""
+    out = {}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out

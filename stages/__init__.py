@@ -1,0 +1,1 @@
+"""Thin Typer commands, one module per DVC stage; ``hsicache`` gathers them (``stages.cli``)."""

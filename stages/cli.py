@@ -1,0 +1,45 @@
+"""The ``hsicache`` command: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import typer
+
+from stages import prepare
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Precomputed diffusion-feature cache and cheap heads for hyperspectral classification.",
+)
+app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"hsicache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """hsicache: run a frozen diffusion backbone once, cache its features, train heads cheaply.
+
+    Stages, in pipeline order: prepare -> pretrain -> extract -> train -> evaluate -> predict.
+    Every user error prints one line on stderr and exits with code 2 (add --debug to a stage
+    for the traceback).
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="hsicache")
+
+
+if __name__ == "__main__":
+    main()

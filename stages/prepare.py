@@ -1,0 +1,119 @@
+"""``hsicache prepare``: read a hyperspectral scene, validate, split and render it into a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages._common import DEBUG_OPTION, parse_csv_ints, run_app, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def prepare(
+    out: Path = typer.Option(..., "--out", help="Scene store to write (SCENE.zarr)."),
+    cube: Optional[Path] = typer.Option(
+        None, "--cube", help="Cube file: .mat (v5 or v7.3), .npy/.npz, ENVI .hdr, GeoTIFF."
+    ),
+    key: Optional[str] = typer.Option(
+        None, "--key", help="Variable of the cube in a .mat/.npz that holds several 3-D arrays."
+    ),
+    builtin: Optional[str] = typer.Option(
+        None, "--builtin", help="Built-in scene instead of --cube: indian_pines or synthetic."
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Label map (2-D integers, 0 = unlabeled), any cube format."
+    ),
+    label_key: Optional[str] = typer.Option(None, "--label-key", help="Variable of the labels."),
+    train_mask: Optional[Path] = typer.Option(
+        None, "--train-mask", help="Official train mask (non-zero = train), e.g. TrainImage.mat."
+    ),
+    test_mask: Optional[Path] = typer.Option(
+        None, "--test-mask", help="Official test mask (non-zero = test), e.g. TestImage.mat."
+    ),
+    mask_key: Optional[str] = typer.Option(None, "--mask-key", help="Variable of the masks."),
+    split: Optional[str] = typer.Option(
+        None,
+        "--split",
+        help="official | per-class | fraction | blocks. Default: official when masks are "
+        "given, else per-class.",
+    ),
+    per_class: int = typer.Option(5, "--per-class", help="Train pixels per class."),
+    fraction: Optional[float] = typer.Option(
+        None, "--fraction", help="Fraction of each class for train (fraction, blocks)."
+    ),
+    small_classes: str = typer.Option(
+        "error",
+        "--small-classes",
+        help="A class with fewer pixels than --per-class: error, or take-all (all to train).",
+    ),
+    block_size: int = typer.Option(16, "--block-size", help="Block side in pixels (blocks)."),
+    margin: int = typer.Option(
+        0, "--margin", help="Drop test pixels this close to a train block (blocks)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the split (and synthetic scene)."),
+    rgb_mode: Optional[str] = typer.Option(
+        None,
+        "--rgb-mode",
+        help="bands | wavelengths (nearest 640/550/460 nm) | pca. Default: bands when "
+        "--rgb-bands is given, else wavelengths when known, else pca.",
+    ),
+    rgb_bands: Optional[str] = typer.Option(
+        None, "--rgb-bands", help="0-based R,G,B band indices, e.g. 21,11,6."
+    ),
+    gamma: float = typer.Option(1.0, "--gamma", help="Gamma applied after the stretch."),
+    clip_low: float = typer.Option(2.0, "--clip-low", help="Lower stretch percentile."),
+    clip_high: float = typer.Option(98.0, "--clip-high", help="Upper stretch percentile."),
+    nan_policy: str = typer.Option(
+        "error", "--nan-policy", help="NaN/inf in the cube: error | zero | band-mean."
+    ),
+    class_names: Optional[str] = typer.Option(
+        None, "--class-names", help="Comma-separated class names, in order of class id."
+    ),
+    preview: Optional[Path] = typer.Option(
+        None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."
+    ),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Read a scene, check it, split its labels and write SCENE.zarr."""
+    from pipeline.prepare import prepare as run
+
+    with user_errors(debug):
+        scene = run(
+            out=out,
+            preview=preview,
+            cube=cube,
+            key=key,
+            builtin=builtin,
+            labels=labels,
+            label_key=label_key,
+            train_mask=train_mask,
+            test_mask=test_mask,
+            mask_key=mask_key,
+            split=split,
+            per_class=per_class,
+            fraction=fraction,
+            small_classes=small_classes,
+            block_size=block_size,
+            margin=margin,
+            seed=seed,
+            rgb_mode=rgb_mode,
+            rgb_bands=parse_csv_ints(rgb_bands, "--rgb-bands"),
+            gamma=gamma,
+            clip=(clip_low, clip_high),
+            nan_policy=nan_policy,
+            class_names=class_names.split(",") if class_names else None,
+        )
+    h, w = scene.shape
+    typer.echo(
+        f"wrote {out}: {h}x{w}x{scene.cube.shape[-1]}, {scene.n_classes} classes, "
+        f"{int(scene.train.sum())} train / {int(scene.test.sum())} test px, "
+        f"fingerprint {scene.fingerprint[:12]}"
+    )
+
+
+if __name__ == "__main__":
+    run_app(app)
