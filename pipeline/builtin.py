@@ -8,8 +8,13 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 
-__all__ = ["BUILTIN_SCENES", "INDIAN_PINES_ATTRIBUTION", "INDIAN_PINES_CLASSES", "BuiltinScene",
-           "load_builtin"]
+__all__ = [
+    "BUILTIN_SCENES",
+    "INDIAN_PINES_ATTRIBUTION",
+    "INDIAN_PINES_CLASSES",
+    "BuiltinScene",
+    "load_builtin",
+]
 
 BUILTIN_SCENES = ("indian_pines", "synthetic")
 

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import KeyAmbiguityError, SceneFormatError, SceneNotFoundError
+from pipeline.errors import (
+    HsicacheError,
+    KeyAmbiguityError,
+    SceneFormatError,
+    SceneNotFoundError,
+)
 
 __all__ = [
     "CUBE_SUFFIXES",
@@ -123,7 +128,7 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
                 f"{role} `{path}` has an unknown suffix `{path.suffix}`: use .mat, .npy, .npz, "
                 ".hdr (ENVI), or .tif"
             )
-    except (SceneFormatError, KeyAmbiguityError):
+    except HsicacheError:
         raise
     except Exception as exc:  # any library's failure to parse is a corrupt / unreadable file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -248,19 +253,24 @@ def _read_envi(path: Path) -> Raster:
     import spectral.io.envi as envi
 
     if path.suffix.lower() == ".hdr":
-        header = path
-        data_file = None
+        header, data_file = path, None
     else:
-        header = path.with_suffix(".hdr") if path.suffix else Path(str(path) + ".hdr")
-        if not header.exists():
-            header = Path(str(path) + ".hdr")
-        data_file = path
-    if not header.exists():
-        raise SceneNotFoundError(
-            f"ENVI header for `{path}` not found: expected `{header}` beside the data file"
+        tried = (
+            [path.with_suffix(".hdr"), Path(str(path) + ".hdr")]
+            if path.suffix
+            else [Path(str(path) + ".hdr")]
         )
+        header = next((h for h in tried if h.exists()), tried[0])
+        data_file = path
+        if not header.exists():
+            raise SceneNotFoundError(
+                f"ENVI header for `{path}` not found: expected "
+                + " or ".join(f"`{h.name}`" for h in tried)
+                + " beside the data file"
+            )
     image = envi.open(str(header), None if data_file is None else str(data_file))
-    data = np.asarray(image.load())
+    # a memory map in BIP order is (rows, cols, bands) in the file's own dtype
+    data = np.array(image.open_memmap(interleave="bip", writable=False))
     wavelengths = None
     centers = getattr(image.bands, "centers", None)
     if centers:

@@ -135,7 +135,10 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
             "class_id": (("class",), np.asarray(scene.class_ids, dtype=np.int64)),
             "class_name": (("class",), np.asarray(scene.class_names, dtype=object)),
         },
-        coords={"wavelength": (("band",), wl.astype(np.float64)), "color": np.asarray(["r", "g", "b"], dtype=object)},
+        coords={
+            "wavelength": (("band",), wl.astype(np.float64)),
+            "color": np.asarray(["r", "g", "b"], dtype=object),
+        },
         attrs={k: _jsonable(v) for k, v in attrs.items()},
     )
     cy, cx = min(chunk, h), min(chunk, w)

@@ -29,7 +29,9 @@ SPLIT_PROTOCOLS = ("official", "per-class", "fraction", "blocks")
 SmallClassPolicy = Literal["error", "take-all"]
 
 
-def encode_labels(label_map: np.ndarray, *, source: str = "label map") -> tuple[np.ndarray, np.ndarray]:
+def encode_labels(
+    label_map: np.ndarray, *, source: str = "label map"
+) -> tuple[np.ndarray, np.ndarray]:
     """Map arbitrary non-negative integer ids (0 = unlabeled) to contiguous class indices.
 
     Args:
@@ -49,7 +51,9 @@ def encode_labels(label_map: np.ndarray, *, source: str = "label map") -> tuple[
     if values.dtype.kind == "f":
         bad = ~np.isfinite(values)
         if bad.any():
-            raise LabelError(f"{source} holds {int(bad.sum())} NaN/inf values; labels must be integers")
+            raise LabelError(
+                f"{source} holds {int(bad.sum())} NaN/inf values; labels must be integers"
+            )
         frac = values != np.round(values)
         if frac.any():
             example = float(values[frac][0])
@@ -189,7 +193,9 @@ def _need_per_class(
     return np.maximum(1, np.round(counts * fraction).astype(int))
 
 
-def _draw(labels: np.ndarray, pool: np.ndarray, need: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _draw(
+    labels: np.ndarray, pool: np.ndarray, need: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     """Draw ``need[k]`` pixels of each class ``k`` from ``pool``, class by class."""
     flat = labels.ravel()
     pool_flat = pool.ravel()
@@ -239,6 +245,9 @@ def _blocks(
     train = _draw(labels, labeled & in_train_block, need, rng)
     near_train = in_train_block
     if margin > 0:
-        near_train = ndimage.binary_dilation(in_train_block, iterations=margin)
+        # square structuring element: chessboard distance, as a square patch reaches
+        near_train = ndimage.binary_dilation(
+            in_train_block, structure=np.ones((3, 3), dtype=bool), iterations=margin
+        )
     test = labeled & ~near_train
     return train, test

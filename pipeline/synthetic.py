@@ -122,17 +122,16 @@ def make_synthetic_scene(
     stripes = np.where(((xx + yy) // 2) % 2 == 0, 1.25, 0.75)
     cube *= np.where(class_index == twin_b, stripes, 1.0)[..., None]
     # smooth illumination field and per-pixel noise
-    illum = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (height, width)), sigma=max(height, width) / 8)
+    illum = ndimage.gaussian_filter(
+        rng.normal(0.0, 1.0, (height, width)), sigma=max(height, width) / 8
+    )
     illum = 1.0 + 0.05 * illum / (np.abs(illum).max() + 1e-12)
     cube *= illum[..., None]
     cube += rng.normal(0.0, noise, cube.shape)
     names = list(class_names)
     names[twin_a] += "_smooth"
     names[twin_b] += "_striped"
-    if label_map is None:
-        twins = (twin_a + 1, twin_b + 1)
-    else:
-        twins = (int(ids[twin_a]), int(ids[twin_b]))
+    twins = (twin_a + 1, twin_b + 1) if label_map is None else (int(ids[twin_a]), int(ids[twin_b]))
     return SyntheticScene(
         cube=cube.astype(np.float32),
         labels=labels,
@@ -143,7 +142,7 @@ def make_synthetic_scene(
 
 
 def _endmembers(n: int, wavelengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``n`` smooth, distinct spectra over ``wavelengths``, shape ``(n, B)``, in about [0.05, 0.8]."""
+    """``n`` smooth, distinct spectra over ``wavelengths``, ``(n, B)``, in about [0.05, 0.8]."""
     wl = (wavelengths - 400.0) / 2100.0
     out = np.empty((n, wl.size))
     for i in range(n):
@@ -158,9 +157,7 @@ def _endmembers(n: int, wavelengths: np.ndarray, rng: np.random.Generator) -> np
 def _voronoi(height: int, width: int, region_size: int, rng: np.random.Generator) -> np.ndarray:
     """Region index per pixel from random seed points (nearest-seed cells)."""
     n_seeds = max(8, (height * width) // max(1, region_size**2))
-    seeds = np.stack(
-        [rng.uniform(0, height, n_seeds), rng.uniform(0, width, n_seeds)], axis=1
-    )
+    seeds = np.stack([rng.uniform(0, height, n_seeds), rng.uniform(0, width, n_seeds)], axis=1)
     marker = np.zeros((height, width), dtype=bool)
     marker[seeds[:, 0].astype(int), seeds[:, 1].astype(int)] = True
     _, (iy, ix) = ndimage.distance_transform_edt(~marker, return_indices=True)

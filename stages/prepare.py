@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,34 +14,34 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def prepare(
     out: Path = typer.Option(..., "--out", help="Scene store to write (SCENE.zarr)."),
-    cube: Optional[Path] = typer.Option(
+    cube: Path | None = typer.Option(
         None, "--cube", help="Cube file: .mat (v5 or v7.3), .npy/.npz, ENVI .hdr, GeoTIFF."
     ),
-    key: Optional[str] = typer.Option(
+    key: str | None = typer.Option(
         None, "--key", help="Variable of the cube in a .mat/.npz that holds several 3-D arrays."
     ),
-    builtin: Optional[str] = typer.Option(
+    builtin: str | None = typer.Option(
         None, "--builtin", help="Built-in scene instead of --cube: indian_pines or synthetic."
     ),
-    labels: Optional[Path] = typer.Option(
+    labels: Path | None = typer.Option(
         None, "--labels", help="Label map (2-D integers, 0 = unlabeled), any cube format."
     ),
-    label_key: Optional[str] = typer.Option(None, "--label-key", help="Variable of the labels."),
-    train_mask: Optional[Path] = typer.Option(
+    label_key: str | None = typer.Option(None, "--label-key", help="Variable of the labels."),
+    train_mask: Path | None = typer.Option(
         None, "--train-mask", help="Official train mask (non-zero = train), e.g. TrainImage.mat."
     ),
-    test_mask: Optional[Path] = typer.Option(
+    test_mask: Path | None = typer.Option(
         None, "--test-mask", help="Official test mask (non-zero = test), e.g. TestImage.mat."
     ),
-    mask_key: Optional[str] = typer.Option(None, "--mask-key", help="Variable of the masks."),
-    split: Optional[str] = typer.Option(
+    mask_key: str | None = typer.Option(None, "--mask-key", help="Variable of the masks."),
+    split: str | None = typer.Option(
         None,
         "--split",
         help="official | per-class | fraction | blocks. Default: official when masks are "
         "given, else per-class.",
     ),
     per_class: int = typer.Option(5, "--per-class", help="Train pixels per class."),
-    fraction: Optional[float] = typer.Option(
+    fraction: float | None = typer.Option(
         None, "--fraction", help="Fraction of each class for train (fraction, blocks)."
     ),
     small_classes: str = typer.Option(
@@ -55,13 +54,13 @@ def prepare(
         0, "--margin", help="Drop test pixels this close to a train block (blocks)."
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the split (and synthetic scene)."),
-    rgb_mode: Optional[str] = typer.Option(
+    rgb_mode: str | None = typer.Option(
         None,
         "--rgb-mode",
         help="bands | wavelengths (nearest 640/550/460 nm) | pca. Default: bands when "
         "--rgb-bands is given, else wavelengths when known, else pca.",
     ),
-    rgb_bands: Optional[str] = typer.Option(
+    rgb_bands: str | None = typer.Option(
         None, "--rgb-bands", help="0-based R,G,B band indices, e.g. 21,11,6."
     ),
     gamma: float = typer.Option(1.0, "--gamma", help="Gamma applied after the stretch."),
@@ -70,10 +69,10 @@ def prepare(
     nan_policy: str = typer.Option(
         "error", "--nan-policy", help="NaN/inf in the cube: error | zero | band-mean."
     ),
-    class_names: Optional[str] = typer.Option(
+    class_names: str | None = typer.Option(
         None, "--class-names", help="Comma-separated class names, in order of class id."
     ),
-    preview: Optional[Path] = typer.Option(
+    preview: Path | None = typer.Option(
         None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."
     ),
     debug: bool = DEBUG_OPTION,

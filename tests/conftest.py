@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny generated scenes, the real data in ../shared/data, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+from typer.testing import CliRunner
+
+matplotlib.use("agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENES = Path(__file__).resolve().parent / "data" / "scenes"
+
+
+def shared_data_dir() -> Path:
+    """``$HSICACHE_SHARED_DATA`` or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("HSICACHE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def scenes() -> Path:
+    """Folder of the tiny fixtures written by ``tests/data/scenes/make.py``."""
+    return SCENES
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real data folder; the test is skipped when it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data not found at {path} (set HSICACHE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Names in ``folder`` (temporary files of atomic writes included)."""
+    return sorted(p.name for p in folder.iterdir())

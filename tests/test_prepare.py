@@ -1,0 +1,252 @@
+"""``hsicache prepare`` end to end through the CLI, on tiny fixtures and on real data."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline.scene import open_scene
+from stages.cli import app
+from tests.conftest import leftovers
+
+
+def _prepare(runner, *args: str):
+    return runner.invoke(app, ["prepare", *map(str, args)])
+
+
+class TestPrepareCli:
+    def test_mat_cube_with_labels(self, runner, scenes, tmp_path):
+        out = tmp_path / "scene.zarr"
+        result = _prepare(
+            runner, "--cube", scenes / "tiny_v5.mat", "--key", "tiny",
+            "--labels", scenes / "tiny_v5.mat", "--label-key", "tiny_gt",
+            "--per-class", 3, "--rgb-mode", "bands", "--rgb-bands", "3,2,1",
+            "--out", out, "--preview", tmp_path / "preview.png",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "3 classes, 9 train" in result.output
+        ds = xr.open_zarr(out, consolidated=False)
+        assert ds["cube"].dims == ("y", "x", "band") and ds["cube"].shape == (12, 10, 6)
+        assert ds["rgb"].dims == ("y", "x", "color")
+        assert list(ds["class_id"].values) == [1, 10, 11]
+        assert ds.attrs["rendering"]["bands"] == [3, 2, 1]
+        assert len(ds.attrs["fingerprint"]) == 64
+        assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
+        assert leftovers(tmp_path) == ["preview.png", "scene.zarr"]
+
+    def test_envi_wavelengths_drive_the_default_rendering(self, runner, scenes, tmp_path):
+        out = tmp_path / "s.zarr"
+        result = _prepare(
+            runner, "--cube", scenes / "tiny_bil.hdr", "--labels", scenes / "tiny_gt.npy",
+            "--per-class", 2, "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        assert scene.attrs["rendering"]["mode"] == "wavelengths"
+        assert scene.attrs["rendering"]["bands"] == [4, 2, 0]  # 650, 550, 450 nm
+        np.testing.assert_allclose(scene.wavelengths, [450, 500, 550, 600, 650, 700])
+
+    def test_geotiff_keeps_georeferencing(self, runner, scenes, tmp_path):
+        out = tmp_path / "s.zarr"
+        result = _prepare(
+            runner, "--cube", scenes / "tiny.tif", "--labels", scenes / "tiny_gt.tif",
+            "--per-class", 2, "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        assert scene.crs is not None and "32632" in scene.crs
+        assert scene.transform == (30.0, 0.0, 600000.0, 0.0, -30.0, 5360000.0)
+
+    @pytest.mark.parametrize(
+        "pair", [("TrainImage.mat", "TestImage.mat"), ("tiny_TR.tif", "tiny_VA.tif")]
+    )
+    def test_official_masks_give_labels_and_split(self, runner, scenes, tmp_path, pair):
+        out = tmp_path / "s.zarr"
+        result = _prepare(
+            runner, "--cube", scenes / "tiny.npy", "--train-mask", scenes / pair[0],
+            "--test-mask", scenes / pair[1], "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        train_ref = np.load(scenes / "tiny_gt.npy") * (np.arange(10) % 3 == 0)
+        np.testing.assert_array_equal(scene.train, train_ref > 0)
+        assert scene.attrs["split"]["protocol"] == "official"
+
+    def test_fingerprint_follows_the_split(self, runner, scenes, tmp_path):
+        fps = []
+        for seed in (0, 0, 1):
+            out = tmp_path / f"s{len(fps)}.zarr"
+            args = ["--cube", scenes / "tiny.npy", "--labels", scenes / "tiny_gt.npy"]
+            result = _prepare(runner, *args, "--per-class", 2, "--seed", seed, "--out", out)
+            assert result.exit_code == 0, result.output
+            fps.append(open_scene(out).fingerprint)
+        assert fps[0] == fps[1] != fps[2]
+
+    def test_rewrite_replaces_the_store(self, runner, scenes, tmp_path):
+        out = tmp_path / "s.zarr"
+        base = ["--cube", scenes / "tiny.npy", "--labels", scenes / "tiny_gt.npy", "--out", out]
+        assert _prepare(runner, *base, "--per-class", 2).exit_code == 0
+        assert _prepare(runner, *base, "--per-class", 3).exit_code == 0
+        assert int(open_scene(out).train.sum()) == 9
+        assert leftovers(tmp_path) == ["s.zarr"]
+
+    def test_builtin_indian_pines(self, runner, tmp_path):
+        out = tmp_path / "ip.zarr"
+        result = _prepare(runner, "--builtin", "indian_pines", "--out", out)
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        assert scene.cube.shape == (145, 145, 200) and scene.n_classes == 16
+        assert scene.class_names[0] == "Alfalfa"
+        assert "CC BY 3.0" in scene.attrs["attribution"]
+        assert int(scene.train.sum()) == 80
+
+    def test_module_entry_point(self, scenes, tmp_path):
+        out = tmp_path / "m.zarr"
+        proc = subprocess.run(
+            [sys.executable, "-m", "stages.prepare", "--cube", str(scenes / "tiny.npz"),
+             "--per-class", "2", "--labels", str(scenes / "tiny_gt.npy"), "--out", str(out)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        assert out.is_dir()
+
+    def test_help_explains_every_option(self, runner):
+        result = runner.invoke(app, ["prepare", "--help"])
+        assert result.exit_code == 0
+        for option in (
+            "--cube",
+            "--key",
+            "--builtin",
+            "--labels",
+            "--split",
+            "--rgb-mode",
+            "--gamma",
+        ):
+            assert option in result.output
+
+
+def _bad_inputs(scenes, tmp_path):
+    """(name, extra args, expected message regex) for every documented bad input."""
+    corrupt = tmp_path / "corrupt.mat"
+    corrupt.write_bytes(b"garbage" * 20)
+    wrong_shape = tmp_path / "wrong_shape.npy"
+    np.save(wrong_shape, np.ones((5, 5), dtype=np.uint8))
+    fractional = tmp_path / "fractional.npy"
+    np.save(fractional, np.full((12, 10), 1.5))
+    negative = tmp_path / "negative.npy"
+    np.save(negative, -np.load(scenes / "tiny_gt.npy").astype(np.int16))
+    nan_cube = tmp_path / "nan_cube.npy"
+    cube = np.load(scenes / "tiny.npy").astype(np.float32)
+    cube[0, 0, :2] = np.nan
+    np.save(nan_cube, cube)
+    empty_train = tmp_path / "empty_train.npy"
+    np.save(empty_train, np.zeros((12, 10), dtype=np.uint8))
+    gt = ["--labels", scenes / "tiny_gt.npy"]
+    npy = ["--cube", scenes / "tiny.npy"]
+    return [
+        ("missing file", ["--cube", tmp_path / "nope.mat", *gt], r"cube file `.*nope.mat` does not exist"),
+        ("corrupt file", ["--cube", corrupt, *gt], r"cannot read cube `.*corrupt.mat`"),
+        ("several cubes", ["--cube", scenes / "two_cubes.mat", *gt], r"2 3-D arrays \(radiance, reflectance\): choose one with --key"),
+        ("no 3-D array", ["--cube", scenes / "tiny_gt.npy", *gt], r"shape \(12, 10\); expected 3 dimensions"),
+        ("label shape", [*npy, "--labels", wrong_shape], r"label map `.*wrong_shape.npy` has shape \(5, 5\) but the cube is 12x10"),
+        ("non-integer labels", [*npy, "--labels", fractional], r"non-integer values \(e.g. 1.5\)"),
+        ("negative labels", [*npy, "--labels", negative], r"negative values \(min -11\)"),
+        ("nan in cube", ["--cube", nan_cube, *gt], r"2 NaN/inf values in 1 pixels: pass `--nan-policy zero`"),
+        ("band index", [*npy, *gt, "--rgb-bands", "6,1,0"], r"`--rgb-bands` index 6 is out of range: the cube has 6 bands"),
+        ("overlapping masks", [*npy, "--train-mask", scenes / "tiny_gt.npy", "--test-mask", scenes / "tiny_gt.npy"], r"overlap in 110 pixels"),
+        ("empty train", [*npy, *gt, "--train-mask", empty_train, "--test-mask", scenes / "tiny_gt.npy"], r"train set is empty"),
+        ("too few per class", [*npy, *gt, "--per-class", 50], r"class 1 has only 44 labeled pixels, fewer than --per-class 50"),
+        ("no input", [*gt], r"give exactly one of `--cube PATH` and `--builtin NAME`"),
+        ("unknown builtin", ["--builtin", "pavia"], r"unknown built-in scene `pavia`"),
+        ("bad rgb-bands", [*npy, *gt, "--rgb-bands", "a,b,c"], r"`--rgb-bands` takes comma-separated integers"),
+    ]  # fmt: skip
+
+
+class TestPrepareBadInput:
+    def test_every_bad_input(self, runner, scenes, tmp_path):
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        for name, args, pattern in _bad_inputs(scenes, inputs):
+            outdir = tmp_path / name.replace(" ", "_")
+            outdir.mkdir()
+            result = _prepare(
+                runner, *args, "--out", outdir / "scene.zarr", "--preview", outdir / "p.png"
+            )
+            assert result.exit_code == 2, (name, result.output)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, (name, result.stderr)
+            assert lines[0].startswith("error: "), (name, lines)
+            assert "Traceback" not in result.output
+            assert re.search(pattern, lines[0]), (name, lines[0])
+            assert leftovers(outdir) == [], (name, leftovers(outdir))
+
+    def test_debug_shows_the_traceback(self, runner, tmp_path):
+        result = _prepare(
+            runner, "--cube", tmp_path / "nope.mat", "--out", tmp_path / "s.zarr", "--debug"
+        )
+        assert result.exit_code != 0
+        assert result.exception is not None
+        assert type(result.exception).__name__ == "SceneNotFoundError"
+
+    def test_nan_policy_fills(self, runner, scenes, tmp_path):
+        cube = np.load(scenes / "tiny.npy").astype(np.float32)
+        cube[0, 0, 1] = np.inf
+        np.save(tmp_path / "c.npy", cube)
+        out = tmp_path / "s.zarr"
+        result = _prepare(
+            runner, "--cube", tmp_path / "c.npy", "--labels", scenes / "tiny_gt.npy",
+            "--per-class", 2, "--nan-policy", "band-mean", "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        filled = open_scene(out).cube[0, 0, 1]
+        assert np.isfinite(filled)
+        np.testing.assert_allclose(filled, np.delete(cube[..., 1].ravel(), 0).mean(), rtol=1e-5)
+
+
+@pytest.mark.shared
+class TestPrepareRealData:
+    def test_salinas_a_end_to_end(self, runner, shared_data, tmp_path):
+        d = shared_data / "salinasA"
+        out = tmp_path / "salinasA.zarr"
+        result = _prepare(
+            runner, "--cube", d / "SalinasA_corrected.mat", "--labels", d / "SalinasA_gt.mat",
+            "--per-class", 5, "--rgb-mode", "bands", "--rgb-bands", "29,19,9", "--seed", 0,
+            "--out", out, "--preview", tmp_path / "salinasA.png",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        assert scene.cube.shape == (83, 86, 204)
+        assert list(scene.class_ids) == [1, 10, 11, 12, 13, 14]
+        assert int(scene.train.sum()) == 30 and int(scene.test.sum()) == 5348 - 30
+
+    def test_augsburg_official_counts(self, runner, shared_data, tmp_path):
+        d = shared_data / "augsburg_split"
+        out = tmp_path / "augsburg.zarr"
+        result = _prepare(
+            runner, "--builtin", "synthetic", "--train-mask", d / "TrainImage.mat",
+            "--test-mask", d / "TestImage.mat", "--out", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        scene = open_scene(out)
+        assert scene.shape == (332, 485)
+        assert list(np.bincount(scene.labels[scene.train])) == [146, 264, 21, 248, 52, 7, 23]
+        assert list(np.bincount(scene.labels[scene.test])) == [
+            13361, 30065, 3830, 26609, 523, 1638, 1507,
+        ]  # fmt: skip
+        assert int(scene.test.sum()) == 77533
+
+    def test_dfc2013_official_counts(self, shared_data):
+        from pipeline.readers import read_map
+
+        d = shared_data / "houston2013_split"
+        train = read_map(d / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").data
+        test = read_map(d / "2013_IEEE_GRSS_DF_Contest_Samples_VA.tif").data
+        assert train.shape == test.shape == (349, 1905)
+        assert int((train > 0).sum()) == 2832 and int((test > 0).sum()) == 12197
+        assert not ((train > 0) & (test > 0)).any()
+        assert len(np.unique(train[train > 0])) == 15

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import BandMismatchError, ConfigError
+from pipeline.render import render_rgb
+
+
+@pytest.fixture
+def cube() -> np.ndarray:
+    return np.random.default_rng(0).uniform(0, 1000, size=(20, 16, 10)).astype(np.float32)
+
+
+class TestRenderRgb:
+    def test_bands_mode_range_and_shape(self, cube):
+        rgb, info = render_rgb(cube, mode="bands", bands=(5, 3, 1))
+        assert rgb.shape == (20, 16, 3) and rgb.dtype == np.float32
+        assert rgb.min() == 0.0 and rgb.max() == 1.0
+        assert info.bands == (5, 3, 1)
+
+    def test_gamma_brightens(self, cube):
+        plain, _ = render_rgb(cube, mode="bands", bands=(5, 3, 1))
+        bright, info = render_rgb(cube, mode="bands", bands=(5, 3, 1), gamma=0.4)
+        assert bright.mean() > plain.mean()
+        np.testing.assert_allclose(bright, plain**0.4, rtol=1e-5)
+        assert info.gamma == 0.4
+
+    def test_wavelengths_picks_nearest(self, cube):
+        wl = np.linspace(400, 900, 10)  # 400, 455.6, 511, 566.7, 622, 677.8, ...
+        _, info = render_rgb(cube, mode="wavelengths", wavelengths=wl)
+        assert info.bands == (4, 3, 1)
+
+    def test_default_mode(self, cube):
+        assert render_rgb(cube)[1].mode == "pca"
+        assert render_rgb(cube, wavelengths=np.arange(10) * 50 + 400.0)[1].mode == "wavelengths"
+
+    def test_pca_deterministic(self, cube):
+        a, _ = render_rgb(cube, mode="pca")
+        b, _ = render_rgb(cube.copy(), mode="pca")
+        np.testing.assert_array_equal(a, b)
+
+    def test_band_out_of_range(self, cube):
+        with pytest.raises(BandMismatchError, match=r"index 10 is out of range: the cube has 10"):
+            render_rgb(cube, mode="bands", bands=(10, 3, 1))
+
+    def test_wavelengths_mode_needs_wavelengths(self, cube):
+        with pytest.raises(BandMismatchError, match=r"needs band wavelengths"):
+            render_rgb(cube, mode="wavelengths")
+
+    def test_bad_gamma(self, cube):
+        with pytest.raises(ConfigError, match=r"`--gamma` must be > 0, got 0"):
+            render_rgb(cube, mode="pca", gamma=0)
