@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import typer
 
-from pipeline.errors import HsicacheError
+from pipeline.errors import ConfigError, HsicacheError
 
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 
@@ -28,6 +30,66 @@ def user_errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(code=130) from None
 
 
+def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path | None:
+    """Eager ``--params`` callback: the command's section of a YAML file becomes its defaults.
+
+    Options given on the command line still win. Keys are the option names with ``_`` or ``-``;
+    an unknown key, or a file that is not a mapping, is a one-line error naming the key.
+    """
+    if value is None:
+        return value
+    section = ctx.info_name or ""
+    try:
+        table = load_params_section(value, section)
+        known = {p.name for p in ctx.command.params if p.name}
+        defaults: dict[str, Any] = {}
+        for key, val in table.items():
+            name = str(key).replace("-", "_")
+            if name not in known or name in ("params", "debug"):
+                raise ConfigError(
+                    f"unknown key `{section}.{key}` in `{value}`: `hsicache {section} --help` "
+                    "lists the options it can set"
+                )
+            if isinstance(val, list):  # R,G,B lists and the like: the CLI's comma form
+                val = ",".join(str(v) for v in val)
+            if val is not None:
+                defaults[name] = val
+    except HsicacheError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def load_params_section(path: Path, section: str) -> dict[str, Any]:
+    """The mapping under ``section`` in the YAML file ``path`` (empty when absent)."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"params file `{path}` does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"params file `{path}` is not valid YAML: {reason}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file `{path}` must hold a mapping of stage sections")
+    table = data.get(section) or {}
+    if not isinstance(table, dict):
+        raise ConfigError(f"`{section}` in `{path}` must be a mapping of option names to values")
+    return table
+
+
+PARAMS_OPTION = typer.Option(
+    None,
+    "--params",
+    is_eager=True,
+    callback=_load_params,
+    help="YAML file whose section named after this command gives defaults for its options "
+    "(e.g. params.yaml); options on the command line win.",
+)
+
+
 def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
     """``"21,11,6"`` -> ``[21, 11, 6]``; a clear error names ``option`` otherwise."""
     if value is None:
@@ -35,8 +97,6 @@ def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"`{option}` takes comma-separated integers, got `{value}`") from None
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from stages._common import DEBUG_OPTION, parse_csv_ints, run_app, user_errors
+from stages._common import DEBUG_OPTION, PARAMS_OPTION, parse_csv_ints, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -75,6 +75,7 @@ def prepare(
     preview: Path | None = typer.Option(
         None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."
     ),
+    params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Read a scene, check it, split its labels and write SCENE.zarr."""
