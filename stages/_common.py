@@ -100,6 +100,40 @@ def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
         raise ConfigError(f"`{option}` takes comma-separated integers, got `{value}`") from None
 
 
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator[Any]:
+    """A rich progress bar with items/s, yielded as a ``progress(done, total)`` callback."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    class _Rate(TextColumn):
+        def render(self, task: Any) -> Any:
+            from rich.text import Text
+
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f}/s" if speed else "-/s")
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _Rate(""),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
 def run_app(app: typer.Typer) -> None:
     """Entry point for ``python -m stages.<name>``."""
     app(prog_name=f"python -m {sys.modules['__main__'].__spec__.name}")  # type: ignore[union-attr]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import prepare
+from stages import extract, layers, prepare
 
 app = typer.Typer(
     add_completion=False,
@@ -12,6 +12,8 @@ app = typer.Typer(
     help="Precomputed diffusion-feature cache and cheap heads for hyperspectral classification.",
 )
 app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
+app.command("layers", help=layers.layers.__doc__)(layers.layers)
+app.command("extract", help=extract.extract.__doc__)(extract.extract)
 
 
 def _version(value: bool) -> None:

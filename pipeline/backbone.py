@@ -1,0 +1,350 @@
+"""The frozen diffusion backbone: loading, named feature sites, truncated forward passes.
+
+A backbone SPEC is one of:
+
+* ``builtin:tiny`` — a small random-init ``UNet2DModel`` (tests, demos);
+* ``builtin:adm64`` — the OpenAI ADM ImageNet-64 architecture (192 channels, mult 1-2-3-4, 3 res
+  blocks, attention at 32/16/8 with 64-channel heads, scale-shift norm, resnet up/down-sampling,
+  learned sigma, 1000 classes; about 296 M parameters) with random weights;
+* a local diffusers folder (``save_pretrained`` output, optionally with a ``unet/`` and
+  ``scheduler/`` sub-folder, as written by ``hsicache pretrain``);
+* a Hugging Face hub id (``google/ddpm-cifar10-32``); offline, a clear error says how to supply a
+  local copy.
+
+Feature sites have readable names in forward order: ``mid`` (the mid block), then for every
+decoder level ``i`` (0 = deepest): ``up{i}.res{j}``, ``up{i}.attn{j}`` and ``up{i}.upsample``.
+In ADM's own numbering the decoder ``output_blocks[k]`` is level ``k // (res_blocks + 1)``,
+position ``k % (res_blocks + 1)``: with ``adm64`` the paper's *block 10* (Augsburg) is
+``up2.attn2`` (32 x 32, 384 channels) and *block 11* (Berlin) is ``up2.upsample`` (64 x 64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError, SceneNotFoundError
+
+__all__ = [
+    "BUILTIN_BACKBONES",
+    "Backbone",
+    "Site",
+    "load_backbone",
+]
+
+BUILTIN_BACKBONES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "sample_size": 32,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32),
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "attention_head_dim": 8,
+    },
+    "adm64": {
+        "sample_size": 64,
+        "in_channels": 3,
+        "out_channels": 6,
+        "layers_per_block": 3,
+        "num_class_embeds": 1000,
+        "block_out_channels": (192, 384, 576, 768),
+        "attention_head_dim": 64,
+        "down_block_types": (
+            "ResnetDownsampleBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+            "AttnDownBlock2D",
+        ),
+        "up_block_types": (
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "AttnUpBlock2D",
+            "ResnetUpsampleBlock2D",
+        ),
+        "resnet_time_scale_shift": "scale_shift",
+        "upsample_type": "resnet",
+        "downsample_type": "resnet",
+        "norm_num_groups": 32,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named place in the decoder whose output is a feature map.
+
+    Attributes:
+        name: readable name (``up2.attn2``).
+        module: the dotted module path inside the UNet (``up_blocks.2.attentions.2``).
+        channels: feature channels.
+        resolution: spatial side of the feature map for a ``sample_size`` input.
+        order: position in the forward pass (0 = first computed).
+    """
+
+    name: str
+    module: str
+    channels: int
+    resolution: int
+    order: int
+
+
+class _Truncate(Exception):
+    """Raised by a hook once the deepest requested site has been computed."""
+
+
+@dataclass
+class Backbone:
+    """A frozen UNet with its scheduler and the feature sites it offers.
+
+    Attributes:
+        unet: the ``UNet2DModel`` in ``eval()`` mode, gradients off.
+        scheduler: the diffusers noise scheduler (its ``alphas_cumprod`` define x_t).
+        spec: what it was loaded from.
+        weights_sha256: SHA-256 over the state dict (names, dtypes, shapes, bytes).
+        sites: the feature sites in forward order.
+    """
+
+    unet: torch.nn.Module
+    scheduler: Any
+    spec: str
+    weights_sha256: str
+    sites: list[Site] = field(default_factory=list)
+
+    @property
+    def sample_size(self) -> int:
+        """Input side the UNet was built for (the patch size)."""
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def num_class_embeds(self) -> int | None:
+        """Number of classes of a class-conditional UNet, else ``None``."""
+        return self.unet.config.get("num_class_embeds")
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``; an unknown name lists the valid ones."""
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"unknown site `{name}` for backbone `{self.spec}`; valid sites: "
+            + ", ".join(s.name for s in self.sites)
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies this backbone in a cache's attributes."""
+        return {
+            "spec": self.spec,
+            "weights_sha256": self.weights_sha256,
+            "config": json.loads(json.dumps(dict(self.unet.config), default=str)),
+            "scheduler": json.loads(json.dumps(dict(self.scheduler.config), default=str)),
+        }
+
+    @torch.inference_mode()
+    def features(
+        self,
+        x: torch.Tensor,
+        timestep: int,
+        sites: list[str],
+        *,
+        class_labels: torch.Tensor | None = None,
+        truncate: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Run the UNet on ``x`` (already noised to ``timestep``) and return the sites' outputs.
+
+        Args:
+            x: ``(N, 3, S, S)`` input in [-1, 1] (noised).
+            timestep: the diffusion timestep fed to the UNet.
+            sites: names of the sites to return.
+            class_labels: ``(N,)`` class ids for a class-conditional UNet.
+            truncate: stop the forward pass once the deepest requested site is computed.
+
+        Returns:
+            ``{site: (N, C, r, r)}`` tensors.
+        """
+        wanted = [self.site(name) for name in sites]
+        last = max(s.order for s in wanted)
+        out: dict[str, torch.Tensor] = {}
+        modules = dict(self.unet.named_modules())
+        handles = []
+
+        def make_hook(site: Site):
+            def hook(_m: torch.nn.Module, _i: object, output: Any) -> None:
+                out[site.name] = output[0] if isinstance(output, tuple) else output
+                if truncate and site.order == last:
+                    raise _Truncate
+
+            return hook
+
+        for s in wanted:
+            handles.append(modules[s.module].register_forward_hook(make_hook(s)))
+        try:
+            t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+            self.unet(x, t, class_labels=class_labels)
+        except _Truncate:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return out
+
+
+def load_backbone(
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Backbone:
+    """Load a backbone from a SPEC (see the module docstring), frozen and in ``eval()`` mode.
+
+    Args:
+        spec: ``builtin:tiny``, ``builtin:adm64``, a local diffusers folder, or a hub id.
+        device: where to put it.
+        dtype: parameter dtype.
+        seed: initialisation seed of a ``builtin:`` backbone (its weights are random).
+
+    Raises:
+        ConfigError: an unknown built-in name, or a folder that is not a diffusers UNet.
+        SceneNotFoundError: a hub id that cannot be fetched (offline) and is not cached.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_BACKBONES:
+            raise ConfigError(
+                f"unknown built-in backbone `{name}`: choose one of "
+                + ", ".join(f"builtin:{n}" for n in BUILTIN_BACKBONES)
+            )
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            unet = UNet2DModel(**BUILTIN_BACKBONES[name])
+        finally:
+            torch.random.set_rng_state(gen_state)
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    else:
+        unet, scheduler = _load_pretrained(spec, UNet2DModel, DDPMScheduler)
+    unet.requires_grad_(False)
+    unet.eval()
+    unet.to(device=device)
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
+    backbone = Backbone(
+        unet=unet, scheduler=scheduler, spec=spec, weights_sha256=_weights_hash(unet)
+    )
+    backbone.sites = _discover_sites(unet)
+    return backbone
+
+
+def _load_pretrained(spec: str, unet_cls: Any, scheduler_cls: Any) -> tuple[Any, Any]:
+    path = Path(spec)
+    local = path.is_dir()
+    if not local and (spec.startswith((".", "/", "~")) or path.suffix):
+        raise SceneNotFoundError(f"backbone folder `{spec}` does not exist")
+    try:
+        root = path if local else spec
+        sub = "unet" if (local and (path / "unet").is_dir()) else None
+        if not local:
+            sub = _hub_subfolder(spec)
+        unet = unet_cls.from_pretrained(root, subfolder=sub)
+        try:
+            scheduler = scheduler_cls.from_pretrained(
+                root, subfolder="scheduler" if sub == "unet" else None
+            )
+        except Exception:  # a UNet folder without a scheduler: the DDPM default
+            scheduler = scheduler_cls(num_train_timesteps=1000)
+    except OSError as exc:
+        if local:
+            raise ConfigError(f"`{spec}` is not a diffusers UNet folder: {exc}") from exc
+        raise SceneNotFoundError(
+            f"cannot load hub backbone `{spec}` (offline or unknown id). Download it where the "
+            "hub is reachable (`huggingface-cli download "
+            f"{spec} --local-dir DIR`) and pass the folder DIR as --backbone"
+        ) from exc
+    return unet, scheduler
+
+
+def _hub_subfolder(spec: str) -> str | None:
+    """Pipelines on the hub keep the UNet in ``unet/``; bare UNet repos at the root."""
+    try:
+        from huggingface_hub import file_exists
+
+        return "unet" if file_exists(spec, "unet/config.json") else None
+    except Exception:
+        return None
+
+
+def _weights_hash(unet: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _discover_sites(unet: torch.nn.Module) -> list[Site]:
+    """Name every decoder output and record its channels/resolution with one dry forward."""
+    candidates: list[tuple[str, str]] = [("mid", "mid_block")]
+    for i, block in enumerate(unet.up_blocks):
+        attns = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            candidates.append((f"up{i}.res{j}", f"up_blocks.{i}.resnets.{j}"))
+            if attns is not None and j < len(attns):
+                candidates.append((f"up{i}.attn{j}", f"up_blocks.{i}.attentions.{j}"))
+        if getattr(block, "upsamplers", None):
+            candidates.append((f"up{i}.upsample", f"up_blocks.{i}.upsamplers.0"))
+    modules = dict(unet.named_modules())
+    seen: list[tuple[str, str, tuple[int, ...]]] = []
+    handles = []
+    for name, path in candidates:
+
+        def hook(_m: Any, _i: Any, output: Any, name: str = name, path: str = path) -> None:
+            o = output[0] if isinstance(output, tuple) else output
+            seen.append((name, path, tuple(o.shape)))
+
+        handles.append(modules[path].register_forward_hook(hook))
+    param = next(unet.parameters())
+    size = unet.config.sample_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    x = torch.zeros(1, unet.config.in_channels, size, size, device=param.device, dtype=param.dtype)
+    class_labels = (
+        torch.zeros(1, dtype=torch.long, device=param.device)
+        if unet.config.get("num_class_embeds")
+        else None
+    )
+    try:
+        with torch.inference_mode():
+            unet(
+                x, torch.zeros(1, dtype=torch.long, device=param.device), class_labels=class_labels
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return [
+        Site(name=n, module=p, channels=shape[1], resolution=shape[-1], order=k)
+        for k, (n, p, shape) in enumerate(seen)
+    ]
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The one ε shared by every patch: float32 standard normal from a CPU generator."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
+def noised(x0: torch.Tensor, eps: torch.Tensor, timestep: int, scheduler: Any) -> torch.Tensor:
+    """x_t = √ᾱ_t · x₀ + √(1 - ᾱ_t) · ε with the scheduler's own ᾱ."""
+    abar = float(np.asarray(scheduler.alphas_cumprod)[timestep])
+    return (abar**0.5) * x0 + ((1.0 - abar) ** 0.5) * eps.to(x0)

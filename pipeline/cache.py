@@ -1,0 +1,263 @@
+"""The feature cache: per-pixel backbone features in a chunked Zarr v3 store.
+
+Layout::
+
+    FEATURES.zarr/
+      zarr.json                 attributes: format, provenance, timesteps, sites, complete, ...
+      t0/up1.res1               (y, x, channel) float16, one array per (timestep, site)
+      t25/up1.res1
+      progress/done             (chunk_row, chunk_col) bool, one chunk per spatial chunk
+
+``xarray.open_zarr(path, group="t0")`` shows the sites of one timestep with named dimensions
+``y``, ``x`` and ``<site>.channel``. Spatial chunks are aligned to the extraction's stitch tiles,
+so parallel writers write disjoint chunk-aligned regions and a killed run resumes at the first
+chunk not marked done. Readers refuse a store that is not complete, of another format, or made
+from another scene (fingerprint) or backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SceneNotFoundError, StoreError
+
+__all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "create_or_resume"]
+
+CACHE_FORMAT = "hsicache-features/1"
+
+
+def array_path(timestep: int, site: str) -> str:
+    """The store path of one (timestep, site) feature array."""
+    return f"t{int(timestep)}/{site}"
+
+
+def _codecs() -> dict[str, Any]:
+    from zarr.codecs import BloscCodec, BloscShuffle
+
+    return {"compressors": BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)}
+
+
+def create_or_resume(
+    path: str | Path,
+    *,
+    shape: tuple[int, int],
+    chunk: int,
+    site_channels: dict[str, int],
+    timesteps: Sequence[int],
+    identity: dict[str, Any],
+    attrs: dict[str, Any],
+) -> tuple[Any, np.ndarray]:
+    """Create the store, or reopen an unfinished one made with the same ``identity``.
+
+    Args:
+        path: the store.
+        shape: ``(height, width)`` of the scene.
+        chunk: spatial chunk side (a multiple of the stitch tile).
+        site_channels: channels of each site.
+        timesteps: timesteps.
+        identity: everything that determines the content (scene fingerprint, backbone hash,
+            sites, timesteps, patch/stride, seeds, dtype); a store with another identity is
+            refused rather than mixed.
+        attrs: further provenance to store (package versions...).
+
+    Returns:
+        ``(root group, done)``: ``done[i, j]`` tells whether chunk ``(i, j)`` is written.
+    """
+    import zarr
+
+    p = Path(path)
+    h, w = shape
+    grid = (-(-h // chunk), -(-w // chunk))
+    if (p / "zarr.json").exists():
+        root = zarr.open_group(p, mode="r+")
+        if root.attrs.get("format") != CACHE_FORMAT:
+            raise StoreError(f"`{p}` exists and is not a hsicache feature cache: remove it first")
+        if root.attrs.get("identity") != _plain(identity):
+            raise StoreError(
+                f"feature cache `{p}` exists but was made with other inputs or parameters "
+                f"({_first_difference(root.attrs.get('identity') or {}, _plain(identity))}): "
+                "remove it, or choose another --out"
+            )
+        return root, np.asarray(root["progress/done"][...])
+    root = zarr.open_group(p, mode="w", zarr_format=3)
+    root.attrs.update(
+        _plain({"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs})
+    )
+    for t in timesteps:
+        for site, channels in site_channels.items():
+            root.create_array(
+                array_path(t, site),
+                shape=(h, w, channels),
+                chunks=(min(chunk, h), min(chunk, w), channels),
+                dtype="float16",
+                dimension_names=("y", "x", f"{site}.channel"),
+                fill_value=np.nan,
+                **_codecs(),
+            )
+    root.create_array("progress/done", shape=grid, chunks=(1, 1), dtype=bool, fill_value=False)
+    return root, np.zeros(grid, dtype=bool)
+
+
+@dataclass
+class FeatureCache:
+    """A complete feature cache opened for reading.
+
+    Attributes:
+        path: the store.
+        attrs: its attributes (provenance).
+    """
+
+    path: Path
+    attrs: dict[str, Any]
+    _root: Any
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        expect_fingerprint: str | None = None,
+        allow_incomplete: bool = False,
+    ) -> FeatureCache:
+        """Open a cache, refusing an incomplete one or one made from another scene.
+
+        Raises:
+            SceneNotFoundError: no store at ``path``.
+            StoreError: not a feature cache, incomplete, or another scene fingerprint.
+        """
+        import zarr
+
+        p = Path(path)
+        if not (p / "zarr.json").exists():
+            raise SceneNotFoundError(f"feature cache `{p}` does not exist: run `hsicache extract`")
+        root = zarr.open_group(p, mode="r")
+        attrs = dict(root.attrs)
+        if attrs.get("format") != CACHE_FORMAT:
+            raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")
+        if not attrs.get("complete") and not allow_incomplete:
+            done = np.asarray(root["progress/done"][...])
+            raise StoreError(
+                f"feature cache `{p}` is incomplete ({int(done.sum())}/{done.size} chunks): "
+                "re-run the same `hsicache extract` command to finish it"
+            )
+        fp = attrs["identity"]["scene_fingerprint"]
+        if expect_fingerprint is not None and fp != expect_fingerprint:
+            raise StoreError(
+                f"feature cache `{p}` was made from scene {fp[:12]}, not {expect_fingerprint[:12]}:"
+                " re-run `hsicache extract` on this scene"
+            )
+        return cls(path=p, attrs=attrs, _root=root)
+
+    @property
+    def timesteps(self) -> list[int]:
+        """Timesteps in the cache."""
+        return list(self.attrs["identity"]["timesteps"])
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites in the cache."""
+        return list(self.attrs["identity"]["sites"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return tuple(self.attrs["shape"])  # type: ignore[return-value]
+
+    @property
+    def fingerprint(self) -> str:
+        """The scene fingerprint the cache was made from."""
+        return str(self.attrs["identity"]["scene_fingerprint"])
+
+    def array(self, timestep: int, site: str) -> Any:
+        """The zarr array of one (timestep, site)."""
+        if timestep not in self.timesteps:
+            raise StoreError(
+                f"timestep {timestep} is not in cache `{self.path}` ({self.timesteps})"
+            )
+        if site not in self.sites:
+            raise StoreError(
+                f"site `{site}` is not in cache `{self.path}` ({', '.join(self.sites)})"
+            )
+        return self._root[array_path(timestep, site)]
+
+    def channels(
+        self, timesteps: Sequence[int] | None = None, sites: Sequence[str] | None = None
+    ) -> int:
+        """Total channels of a feature selection."""
+        return sum(
+            self.array(t, s).shape[-1]
+            for t in (timesteps or self.timesteps)
+            for s in (sites or self.sites)
+        )
+
+    def gather(
+        self,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        *,
+        timesteps: Sequence[int] | None = None,
+        sites: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Features of the pixels ``(rows[i], cols[i])``, reading only the chunks that hold them.
+
+        Returns:
+            ``(N, C)`` float32, the selected (timestep, site) arrays concatenated in order.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        parts = [
+            _gather_points(self.array(t, s), rows, cols)
+            for t in (timesteps or self.timesteps)
+            for s in (sites or self.sites)
+        ]
+        return np.concatenate(parts, axis=1) if parts else np.empty((rows.size, 0), np.float32)
+
+    def to_dask(
+        self, timesteps: Sequence[int] | None = None, sites: Sequence[str] | None = None
+    ) -> Any:
+        """The selected features of the whole scene: one lazy ``(H, W, C)`` dask array."""
+        import dask.array as da
+
+        arrays = [
+            da.from_zarr(self.array(t, s))
+            for t in (timesteps or self.timesteps)
+            for s in (sites or self.sites)
+        ]
+        return da.concatenate(arrays, axis=-1)
+
+
+def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``arr[rows[i], cols[i], :]`` reading each chunk that holds a requested pixel once."""
+    cy, cx = arr.chunks[0], arr.chunks[1]
+    out = np.empty((rows.size, arr.shape[-1]), dtype=np.float32)
+    key = (rows // cy) * (-(-arr.shape[1] // cx)) + cols // cx
+    order = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[order])) + 1
+    for group in np.split(order, bounds):
+        if group.size == 0:
+            continue
+        y0 = int(rows[group[0]] // cy) * cy
+        x0 = int(cols[group[0]] // cx) * cx
+        block = arr[y0 : y0 + cy, x0 : x0 + cx]
+        out[group] = block[rows[group] - y0, cols[group] - x0]
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    import json
+
+    return json.loads(
+        json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"`{key}`: {str(a.get(key))[:40]} vs {str(b.get(key))[:40]}"
+    return "no difference"

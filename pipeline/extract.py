@@ -1,0 +1,314 @@
+"""Stage one: run the frozen backbone once over every patch and write the feature cache.
+
+Tiling: the rendering is reflect-padded by ``(patch - stride) / 2`` and cut into ``patch`` x
+``patch`` windows every ``stride`` pixels. Each window *owns* its central ``stride`` x ``stride``
+square, so every pixel takes its features from the window in which it lies most central, is
+written exactly once, and windows write disjoint regions. Feature maps are resized to the patch
+size (bilinear) before the central square is cut out.
+
+Noise: x_t = √ᾱ_t·x₀ + √(1-ᾱ_t)·ε with the backbone's scheduler and one seeded ε shared by every
+patch; a class-conditional backbone gets a class id per patch drawn from ``class_seed`` and the
+patch's position, so results never depend on batch composition.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.backbone import Backbone, load_backbone, noised, seeded_noise
+from pipeline.cache import array_path, create_or_resume
+from pipeline.errors import ConfigError
+from pipeline.scene import open_scene
+from pipeline.store import package_versions
+
+__all__ = ["TileLayout", "extract_features", "resolve_device", "resolve_dtype"]
+
+_MIN_CHUNK_BYTES = 1 << 20
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where every patch lies and which pixels it owns.
+
+    Attributes:
+        height, width: scene size.
+        patch: window side.
+        stride: distance between windows = side of the owned square.
+        chunk_tiles: owned squares per cache chunk side.
+    """
+
+    height: int
+    width: int
+    patch: int
+    stride: int
+    chunk_tiles: int
+
+    @property
+    def pad(self) -> int:
+        """Reflect padding before the first window."""
+        return (self.patch - self.stride) // 2
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        """Windows per column and per row."""
+        return math.ceil(self.height / self.stride), math.ceil(self.width / self.stride)
+
+    @property
+    def chunk(self) -> int:
+        """Cache chunk side in pixels."""
+        return self.chunk_tiles * self.stride
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """Chunks per column and per row."""
+        return math.ceil(self.height / self.chunk), math.ceil(self.width / self.chunk)
+
+    def tiles_of_chunk(self, ci: int, cj: int) -> list[tuple[int, int]]:
+        """The windows ``(ti, tj)`` whose owned squares lie in chunk ``(ci, cj)``."""
+        ty, tx = self.tiles
+        k = self.chunk_tiles
+        return [
+            (ti, tj)
+            for ti in range(ci * k, min((ci + 1) * k, ty))
+            for tj in range(cj * k, min((cj + 1) * k, tx))
+        ]
+
+    def pad_image(self, image: np.ndarray) -> np.ndarray:
+        """Reflect-pad ``(H, W, C)`` so every window lies inside."""
+        ty, tx = self.tiles
+        after_y = ty * self.stride + self.patch - self.stride - self.pad - self.height
+        after_x = tx * self.stride + self.patch - self.stride - self.pad - self.width
+        return np.pad(image, ((self.pad, after_y), (self.pad, after_x), (0, 0)), mode="reflect")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → cuda, then mps, then cpu; anything else as given."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"unknown `--device` `{device}`: use auto, cpu, cuda, cuda:N or mps"
+        ) from exc
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on a GPU that has it (else fp16), fp32 on CPU."""
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in table:
+        raise ConfigError(f"unknown `--dtype` `{dtype}`: use auto, fp32, bf16 or fp16")
+    return table[dtype]
+
+
+def extract_features(
+    *,
+    scene: str | Path,
+    backbone: str | Backbone,
+    timesteps: Sequence[int],
+    sites: Sequence[str],
+    out: str | Path,
+    patch: int | None = None,
+    stride: int = 32,
+    batch_size: int = 16,
+    device: str = "auto",
+    dtype: str = "auto",
+    noise_seed: int = 0,
+    class_seed: int = 0,
+    truncate: bool = True,
+    chunk_tiles: int | None = None,
+    progress: ProgressFn | None = None,
+    stop_after_chunks: int | None = None,
+) -> Path:
+    """Extract per-pixel features of a prepared scene into a (resumable) Zarr cache.
+
+    Args:
+        scene: the scene store written by ``prepare``.
+        backbone: a backbone SPEC or an already loaded :class:`Backbone`.
+        timesteps: diffusion timesteps, each in ``[0, num_train_timesteps)``.
+        sites: feature site names (``hsicache layers`` lists them).
+        out: the cache store; an unfinished one with the same inputs is resumed, a finished one
+            is left as it is.
+        patch: window side (default: the backbone's sample size).
+        stride: window step = side of the square each window owns.
+        batch_size: windows per forward pass.
+        device, dtype: ``auto`` or an explicit torch device / ``fp32|bf16|fp16``.
+        noise_seed: seed of the one ε shared by all patches.
+        class_seed: seed of the per-patch class ids of a class-conditional backbone.
+        truncate: stop each forward pass after the deepest requested site.
+        chunk_tiles: owned squares per cache chunk side (default: the fewest that make chunks of
+            about 1 MB or more, capped at the scene size).
+        progress: called as ``progress(done_patches, total_patches)``.
+        stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
+
+    Returns:
+        ``out`` as a :class:`~pathlib.Path`.
+    """
+    if not timesteps:
+        raise ConfigError("give at least one timestep (`--timesteps 0`)")
+    if not sites:
+        raise ConfigError("give at least one site (`--sites NAME`; `hsicache layers` lists them)")
+    if batch_size < 1:
+        raise ConfigError(f"`--batch-size` must be at least 1, got {batch_size}")
+    sc = open_scene(scene)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    bb = (
+        backbone
+        if isinstance(backbone, Backbone)
+        else load_backbone(backbone, device=dev, dtype=dt)
+    )
+    chosen = [bb.site(s) for s in sites]
+    n_train_t = int(bb.scheduler.config.num_train_timesteps)
+    for t in timesteps:
+        if not 0 <= int(t) < n_train_t:
+            raise ConfigError(f"timestep {t} is out of range: the scheduler has 0..{n_train_t - 1}")
+    patch = patch or bb.sample_size
+    if not 0 < stride <= patch or (patch - stride) % 2:
+        raise ConfigError(
+            f"`--stride` {stride} must be in 1..{patch} (`--patch`) with patch - stride even"
+        )
+    levels = len(bb.unet.config.block_out_channels) - 1
+    if patch % (2**levels):
+        raise ConfigError(f"`--patch` {patch} must be a multiple of {2**levels} for this backbone")
+
+    h, w = sc.shape
+    min_channels = min(s.channels for s in chosen)
+    k = chunk_tiles or 1
+    while chunk_tiles is None and (k * stride) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
+        if k * stride >= max(h, w):
+            break
+        k += 1
+    if k < 1:
+        raise ConfigError(f"`chunk_tiles` must be at least 1, got {k}")
+    layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
+    identity = {
+        "scene_fingerprint": sc.fingerprint,
+        "backbone": bb.spec,
+        "weights_sha256": bb.weights_sha256,
+        "timesteps": [int(t) for t in timesteps],
+        "sites": list(sites),
+        "patch": patch,
+        "stride": stride,
+        "noise_seed": noise_seed,
+        "class_seed": class_seed,
+        "compute_dtype": str(dt).replace("torch.", ""),
+    }
+    root, done = create_or_resume(
+        out,
+        shape=(h, w),
+        chunk=layout.chunk,
+        site_channels={s.name: s.channels for s in chosen},
+        timesteps=timesteps,
+        identity=identity,
+        attrs={
+            "shape": [h, w],
+            "chunk": layout.chunk,
+            "site_info": {
+                s.name: {"channels": s.channels, "resolution": s.resolution} for s in chosen
+            },
+            "backbone": bb.provenance(),
+            "rendering": sc.attrs.get("rendering"),
+            "package_versions": package_versions(),
+            "truncated_forward": truncate,
+        },
+    )
+    if root.attrs.get("complete"):
+        return Path(out)
+
+    padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
+    eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
+    n_classes = bb.num_class_embeds
+    total = layout.tiles[0] * layout.tiles[1]
+    finished = sum(len(layout.tiles_of_chunk(i, j)) for i, j in zip(*np.nonzero(done), strict=True))
+    if progress:
+        progress(finished, total)
+    written = 0
+    for ci in range(layout.chunks[0]):
+        for cj in range(layout.chunks[1]):
+            if done[ci, cj]:
+                continue
+            tiles = layout.tiles_of_chunk(ci, cj)
+            y0, x0 = ci * layout.chunk, cj * layout.chunk
+            y1, x1 = min(y0 + layout.chunk, h), min(x0 + layout.chunk, w)
+            buffers = {
+                (t, s.name): np.empty((y1 - y0, x1 - x0, s.channels), dtype=np.float16)
+                for t in timesteps
+                for s in chosen
+            }
+            for b0 in range(0, len(tiles), batch_size):
+                batch = tiles[b0 : b0 + batch_size]
+                x0_batch = torch.from_numpy(
+                    np.stack(
+                        [
+                            padded[
+                                ti * stride : ti * stride + patch, tj * stride : tj * stride + patch
+                            ]
+                            for ti, tj in batch
+                        ]
+                    )
+                    .transpose(0, 3, 1, 2)
+                    .copy()
+                ).to(dev)
+                labels = None
+                if n_classes:
+                    labels = torch.tensor(
+                        [int(np.random.default_rng([class_seed, ti, tj]).integers(n_classes))
+                         for ti, tj in batch],
+                        device=dev,
+                    )  # fmt: skip
+                for t in timesteps:
+                    xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dt)
+                    feats = bb.features(
+                        xt, int(t), list(sites), class_labels=labels, truncate=truncate
+                    )
+                    for s in chosen:
+                        f = feats[s.name].float()
+                        if f.shape[-1] != patch:
+                            f = torch.nn.functional.interpolate(
+                                f, size=(patch, patch), mode="bilinear", align_corners=False
+                            )
+                        p0 = layout.pad
+                        core = f[:, :, p0 : p0 + stride, p0 : p0 + stride]
+                        core = core.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+                        buf = buffers[(t, s.name)]
+                        for n, (ti, tj) in enumerate(batch):
+                            ry, rx = ti * stride - y0, tj * stride - x0
+                            hh = min(stride, buf.shape[0] - ry)
+                            ww = min(stride, buf.shape[1] - rx)
+                            buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
+                if progress:
+                    finished += len(batch)
+                    progress(finished, total)
+            for (t, name), buf in buffers.items():
+                root[array_path(t, name)][y0:y1, x0:x1] = buf
+            root["progress/done"][ci, cj] = True
+            written += 1
+            if stop_after_chunks is not None and written >= stop_after_chunks:
+                return Path(out)
+    root.attrs["complete"] = True
+    return Path(out)

@@ -1,0 +1,69 @@
+"""``hsicache extract``: run the frozen backbone once over every patch into a feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages._common import (
+    DEBUG_OPTION,
+    PARAMS_OPTION,
+    parse_csv_ints,
+    progress_bar,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def extract(
+    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    backbone: str = typer.Option(
+        ..., "--backbone", help="builtin:tiny | builtin:adm64 | diffusers folder | hub id."
+    ),
+    timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps, e.g. 0,25."),
+    sites: str = typer.Option(
+        ..., "--sites", help="Comma-separated site names (`hsicache layers` lists them)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Feature cache to write (FEATURES.zarr)."),
+    patch: int | None = typer.Option(
+        None, "--patch", help="Patch side (default: the backbone's sample size)."
+    ),
+    stride: int = typer.Option(32, "--stride", help="Patch step = side of the square it owns."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Patches per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) or a device."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16."),
+    noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the shared noise."),
+    class_seed: int = typer.Option(
+        0, "--class-seed", help="Seed of per-patch class ids (class-conditional backbones)."
+    ),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Extract per-pixel multi-layer, multi-timestep features; resumes an unfinished cache."""
+    from pipeline.extract import extract_features
+
+    with user_errors(debug), progress_bar("extract") as progress:
+        extract_features(
+            scene=scene,
+            backbone=backbone,
+            timesteps=parse_csv_ints(timesteps, "--timesteps") or [],
+            sites=[s.strip() for s in sites.split(",") if s.strip()],
+            out=out,
+            patch=patch,
+            stride=stride,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            noise_seed=noise_seed,
+            class_seed=class_seed,
+            progress=progress,
+        )
+    typer.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -1,0 +1,298 @@
+"""Stage one: backbone sites, stitching, truncation, determinism, resume and the cache API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbone import Backbone, Site, load_backbone, seeded_noise
+from pipeline.cache import FeatureCache
+from pipeline.errors import ConfigError, StoreError
+from pipeline.extract import TileLayout, extract_features
+from pipeline.prepare import prepare
+from stages.cli import app
+
+SITES = ["up0.upsample", "up1.res1"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Backbone:
+    return load_backbone("builtin:tiny")
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> str:
+    """A 40 x 37 synthetic scene: odd sizes exercise edge tiles and partial chunks."""
+    from pipeline.scene import write_scene
+
+    path = tmp_path_factory.mktemp("scene") / "scene.zarr"
+    sc = prepare(out=path, builtin="synthetic", per_class=2, seed=0)
+    sc.cube, sc.rgb, sc.labels = sc.cube[:40, :37], sc.rgb[:40, :37], sc.labels[:40, :37]
+    sc.train, sc.test = sc.train[:40, :37], sc.test[:40, :37]
+    sc.attrs["fingerprint"] = "f" * 64
+    write_scene(sc, path)
+    return str(path)
+
+
+def _read_all(path, timesteps=(0,), sites=SITES) -> np.ndarray:
+    return np.asarray(FeatureCache.open(path).to_dask(timesteps, sites).compute())
+
+
+class _ProbeBackbone(Backbone):
+    """Its one site returns the noised input itself: each cached value reveals its patch."""
+
+    def features(self, x, timestep, sites, *, class_labels=None, truncate=True):
+        return {"probe": x.clone()}
+
+
+class TestBackbone:
+    def test_sites_in_forward_order(self, tiny):
+        names = [s.name for s in tiny.sites]
+        assert names[0] == "mid" and names[-1] == "up1.res1"
+        assert tiny.site("up0.upsample").resolution == 32
+        assert [s.order for s in tiny.sites] == list(range(len(names)))
+
+    def test_adm64_architecture(self):
+        bb = load_backbone("builtin:adm64")
+        assert 290e6 < sum(p.numel() for p in bb.unet.parameters()) < 300e6
+        assert bb.site("up2.attn2").channels == 384 and bb.site("up2.attn2").resolution == 32
+        assert bb.site("up2.upsample").resolution == 64
+        assert bb.num_class_embeds == 1000
+
+    def test_unknown_site_lists_valid_ones(self, tiny):
+        with pytest.raises(ConfigError, match=r"unknown site `nope`.*valid sites: mid, up0.res0"):
+            tiny.site("nope")
+
+    def test_truncation_does_not_change_features(self, tiny):
+        x = seeded_noise((2, 3, 32, 32), 1)
+        full = tiny.features(x, 0, ["up0.res0", "up1.res1"], truncate=False)
+        cut = tiny.features(x, 0, ["up0.res0"], truncate=True)
+        torch.testing.assert_close(cut["up0.res0"], full["up0.res0"], rtol=0, atol=0)
+
+    def test_same_weights_same_hash(self):
+        assert (
+            load_backbone("builtin:tiny").weights_sha256
+            == load_backbone("builtin:tiny").weights_sha256
+        )
+        assert (
+            load_backbone("builtin:tiny", seed=1).weights_sha256
+            != load_backbone("builtin:tiny").weights_sha256
+        )
+
+    def test_diffusers_folder_round_trip(self, tiny, tmp_path):
+        tiny.unet.save_pretrained(tmp_path / "unet")
+        tiny.scheduler.save_pretrained(tmp_path / "scheduler")
+        again = load_backbone(str(tmp_path))
+        assert again.weights_sha256 == tiny.weights_sha256
+        assert not again.unet.training
+
+    def test_offline_hub_id_says_how_to_supply_a_copy(self, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(FileNotFoundError, match=r"huggingface-cli download"):
+            load_backbone("nobody/no-such-diffusion-model")
+
+
+class TestTileLayout:
+    def test_every_pixel_owned_exactly_once(self):
+        layout = TileLayout(height=40, width=37, patch=32, stride=16, chunk_tiles=2)
+        owned = np.zeros((40, 37), dtype=int)
+        for ci in range(layout.chunks[0]):
+            for cj in range(layout.chunks[1]):
+                for ti, tj in layout.tiles_of_chunk(ci, cj):
+                    owned[ti * 16 : ti * 16 + 16, tj * 16 : tj * 16 + 16] += 1
+        assert (owned == 1).all()
+
+
+class TestExtract:
+    def test_stitching_takes_each_pixel_from_its_most_central_patch(self, tiny, scene, tmp_path):
+        probe = _ProbeBackbone(tiny.unet, tiny.scheduler, "probe", "0" * 64)
+        probe.sites = [Site("probe", "", 3, 32, 0)]
+        out = tmp_path / "probe.zarr"
+        extract_features(
+            scene=scene,
+            backbone=probe,
+            timesteps=[10],
+            sites=["probe"],
+            out=out,
+            stride=16,
+            noise_seed=3,
+        )
+        got = _read_all(out, (10,), ["probe"]).astype(np.float32)
+        from pipeline.scene import open_scene
+
+        rgb = open_scene(scene).rgb * 2 - 1
+        eps = seeded_noise((3, 32, 32), 3).numpy()
+        abar = float(tiny.scheduler.alphas_cumprod[10])
+        ys, xs = np.mgrid[0:40, 0:37]
+        pad = (32 - 16) // 2  # each pixel sits at (pad + y % stride, pad + x % stride) of its patch
+        noise = eps[:, pad + ys % 16, pad + xs % 16].transpose(1, 2, 0)
+        expected = np.sqrt(abar) * rgb + np.sqrt(1 - abar) * noise
+        np.testing.assert_allclose(got, expected, atol=2e-3)  # float16 storage
+
+    def test_deterministic_bit_identical(self, scene, tmp_path):
+        for name in ("a.zarr", "b.zarr"):
+            extract_features(
+                scene=scene,
+                backbone="builtin:tiny",
+                timesteps=[0, 25],
+                sites=SITES,
+                out=tmp_path / name,
+                stride=16,
+            )
+        a = _read_all(tmp_path / "a.zarr", (0, 25))
+        b = _read_all(tmp_path / "b.zarr", (0, 25))
+        assert np.isfinite(a).all()
+        assert a.tobytes() == b.tobytes()
+
+    def test_truncated_equals_full_forward(self, tiny, scene, tmp_path):
+        kw = dict(scene=scene, backbone=tiny, timesteps=[0], sites=["up0.res1"], stride=16)
+        extract_features(out=tmp_path / "t.zarr", truncate=True, **kw)
+        extract_features(out=tmp_path / "f.zarr", truncate=False, **kw)
+        assert (
+            _read_all(tmp_path / "t.zarr", sites=["up0.res1"]).tobytes()
+            == _read_all(tmp_path / "f.zarr", sites=["up0.res1"]).tobytes()
+        )
+
+    @pytest.mark.parametrize("stop_after", [1, 2, 3])
+    def test_resume_after_interruption_is_bit_identical(self, tiny, scene, tmp_path, stop_after):
+        # 16-px chunks of 2x2 tiles: the 40x37 scene has 3x3 chunks, cut after 1, 2 or 3 of them
+        kw = dict(
+            scene=scene, backbone=tiny, timesteps=[0], sites=["up1.res1"], stride=8, chunk_tiles=2
+        )
+        extract_features(out=tmp_path / "ref.zarr", **kw)
+        extract_features(out=tmp_path / "cut.zarr", stop_after_chunks=stop_after, **kw)
+        with pytest.raises(StoreError, match=r"is incomplete \(\d+/\d+ chunks\)"):
+            FeatureCache.open(tmp_path / "cut.zarr")
+        extract_features(out=tmp_path / "cut.zarr", **kw)
+        ref = _read_all(tmp_path / "ref.zarr", sites=["up1.res1"])
+        assert _read_all(tmp_path / "cut.zarr", sites=["up1.res1"]).tobytes() == ref.tobytes()
+
+    def test_other_parameters_refuse_to_mix(self, tiny, scene, tmp_path):
+        kw = dict(scene=scene, backbone=tiny, sites=SITES, out=tmp_path / "c.zarr", stride=16)
+        extract_features(timesteps=[0], stop_after_chunks=1, **kw)
+        with pytest.raises(StoreError, match=r"made with other inputs or parameters \(`timesteps`"):
+            extract_features(timesteps=[25], **kw)
+
+    def test_reader_refuses_another_scene(self, tiny, scene, tmp_path):
+        extract_features(
+            scene=scene,
+            backbone=tiny,
+            timesteps=[0],
+            sites=SITES,
+            out=tmp_path / "c.zarr",
+            stride=16,
+        )
+        with pytest.raises(StoreError, match=r"was made from scene ffffffffffff, not 000000000000"):
+            FeatureCache.open(tmp_path / "c.zarr", expect_fingerprint="0" * 64)
+
+    def test_gather_matches_the_full_array(self, tiny, scene, tmp_path):
+        extract_features(
+            scene=scene,
+            backbone=tiny,
+            timesteps=[0, 25],
+            sites=SITES,
+            out=tmp_path / "c.zarr",
+            stride=16,
+        )
+        cache = FeatureCache.open(tmp_path / "c.zarr")
+        rows, cols = np.array([0, 39, 17, 3]), np.array([0, 36, 20, 30])
+        got = cache.gather(rows, cols)
+        full = _read_all(tmp_path / "c.zarr", (0, 25)).astype(np.float32)
+        np.testing.assert_array_equal(got, full[rows, cols])
+        assert got.shape == (4, cache.channels())
+
+    def test_bad_parameters(self, tiny, scene, tmp_path):
+        with pytest.raises(ConfigError, match=r"timestep 1000 is out of range"):
+            extract_features(
+                scene=scene, backbone=tiny, timesteps=[1000], sites=SITES, out=tmp_path / "x.zarr"
+            )
+        with pytest.raises(ConfigError, match=r"`--stride` 33 must be in 1..32"):
+            extract_features(
+                scene=scene,
+                backbone=tiny,
+                timesteps=[0],
+                sites=SITES,
+                out=tmp_path / "x.zarr",
+                stride=33,
+            )
+        assert not (tmp_path / "x.zarr").exists()
+
+
+class TestExtractCli:
+    def test_layers_json(self, runner):
+        result = runner.invoke(app, ["layers", "--backbone", "builtin:tiny", "--json"])
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout)
+        assert rows[0] == {"name": "mid", "channels": 32, "resolution": 16}
+
+    def test_extract_end_to_end(self, runner, scene, tmp_path):
+        out = tmp_path / "f.zarr"
+        args = ["extract", "--scene", scene, "--backbone", "builtin:tiny", "--timesteps", "0,25",
+                "--sites", ",".join(SITES), "--stride", "16", "--out", str(out)]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert FeatureCache.open(out).timesteps == [0, 25]
+        again = runner.invoke(app, args)  # a finished cache: a no-op
+        assert again.exit_code == 0
+
+    def test_unknown_site_is_one_line(self, runner, scene, tmp_path):
+        result = runner.invoke(
+            app,
+            [
+                "extract",
+                "--scene",
+                scene,
+                "--backbone",
+                "builtin:tiny",
+                "--sites",
+                "up9",
+                "--out",
+                str(tmp_path / "f.zarr"),
+            ],
+        )
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert "unknown site `up9`" in result.stderr
+
+    @pytest.mark.shared
+    def test_salinas_a_end_to_end(self, runner, shared_data, tmp_path):
+        d = shared_data / "salinasA"
+        scene_path = tmp_path / "salinasA.zarr"
+        prepare(
+            out=scene_path,
+            cube=d / "SalinasA_corrected.mat",
+            labels=d / "SalinasA_gt.mat",
+            rgb_mode="bands",
+            rgb_bands=(29, 19, 9),
+        )
+        out = tmp_path / "f.zarr"
+        result = runner.invoke(
+            app,
+            [
+                "extract",
+                "--scene",
+                str(scene_path),
+                "--backbone",
+                "builtin:tiny",
+                "--timesteps",
+                "0",
+                "--sites",
+                "up1.res1",
+                "--stride",
+                "16",
+                "--out",
+                str(out),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        cache = FeatureCache.open(
+            out,
+            expect_fingerprint=__import__("pipeline.scene", fromlist=["open_scene"])
+            .open_scene(scene_path)
+            .fingerprint,
+        )
+        assert cache.shape == (83, 86)
+        assert np.isfinite(cache.to_dask().compute()).all()
