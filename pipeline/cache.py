@@ -261,3 +261,72 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
         if a.get(key) != b.get(key):
             return f"`{key}`: {str(a.get(key))[:40]} vs {str(b.get(key))[:40]}"
     return "no difference"
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not)."""
+    cache = FeatureCache.open(path, allow_incomplete=True)
+    arrays = {}
+    raw = stored = 0
+    for t in cache.timesteps:
+        for s in cache.sites:
+            arr = cache.array(t, s)
+            folder = cache.path / array_path(t, s)
+            nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            arrays[array_path(t, s)] = {"shape": list(arr.shape), "chunks": list(arr.chunks),
+                                        "bytes_on_disk": nbytes}  # fmt: skip
+            raw += int(np.prod(arr.shape)) * 4
+            stored += nbytes
+    return {
+        "path": str(cache.path),
+        "complete": bool(cache.attrs.get("complete")),
+        "shape": list(cache.shape),
+        "timesteps": cache.timesteps,
+        "sites": cache.sites,
+        "arrays": arrays,
+        "bytes_on_disk": stored,
+        "raw_fp32_bytes": raw,
+        "cache_to_raw": stored / raw if raw else 0.0,
+        "identity": cache.attrs["identity"],
+        "package_versions": cache.attrs.get("package_versions"),
+    }
+
+
+def verify_cache(path: str | Path, *, scene_fingerprint: str | None = None) -> list[str]:
+    """Every problem found: unfinished chunks, missing or non-finite values, another scene.
+
+    Returns:
+        One line per problem; empty when the cache is sound.
+    """
+    cache = FeatureCache.open(path, allow_incomplete=True)
+    problems = []
+    done = np.asarray(cache._root["progress/done"][...])
+    if not done.all():
+        problems.append(f"{int((~done).sum())} of {done.size} chunks not written")
+    if not cache.attrs.get("complete"):
+        problems.append("the store is not marked complete")
+    if scene_fingerprint is not None and cache.fingerprint != scene_fingerprint:
+        problems.append(
+            f"scene fingerprint {cache.fingerprint[:12]} differs from the scene's "
+            f"{scene_fingerprint[:12]}"
+        )
+    for t in cache.timesteps:
+        for s in cache.sites:
+            arr = cache.array(t, s)
+            cy, cx = arr.chunks[0], arr.chunks[1]
+            for y0 in range(0, arr.shape[0], cy):
+                for x0 in range(0, arr.shape[1], cx):
+                    try:
+                        block = arr[y0 : y0 + cy, x0 : x0 + cx]
+                    except Exception as exc:  # a corrupt chunk fails to decode
+                        problems.append(
+                            f"{array_path(t, s)} chunk at ({y0}, {x0}) unreadable: {exc}"
+                        )
+                        continue
+                    bad = int((~np.isfinite(block)).sum())
+                    if bad:
+                        problems.append(
+                            f"{array_path(t, s)} chunk at ({y0}, {x0}): {bad} missing or "
+                            "non-finite values"
+                        )
+    return problems

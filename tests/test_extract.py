@@ -296,3 +296,49 @@ class TestExtractCli:
         )
         assert cache.shape == (83, 86)
         assert np.isfinite(cache.to_dask().compute()).all()
+
+
+class TestCacheCommands:
+    def test_info_and_verify(self, runner, scene, tmp_path):
+        out = tmp_path / "c.zarr"
+        extract_features(
+            scene=scene, backbone="builtin:tiny", timesteps=[0], sites=SITES, out=out, stride=16
+        )
+        info = runner.invoke(app, ["cache", "info", str(out), "--json"])
+        assert info.exit_code == 0, info.output
+        rep = json.loads(info.stdout)
+        assert rep["complete"] and rep["sites"] == SITES and 0 < rep["cache_to_raw"] < 0.5
+        ok = runner.invoke(app, ["cache", "verify", str(out), "--scene", scene])
+        assert ok.exit_code == 0 and "ok" in ok.stdout
+
+    def test_verify_finds_a_missing_chunk(self, runner, scene, tmp_path):
+        out = tmp_path / "c.zarr"
+        extract_features(
+            scene=scene,
+            backbone="builtin:tiny",
+            timesteps=[0],
+            sites=["up1.res1"],
+            out=out,
+            stride=8,
+            chunk_tiles=2,
+        )
+        chunk = next(p for p in (out / "t0" / "up1.res1" / "c").rglob("*") if p.is_file())
+        chunk.unlink()
+        result = runner.invoke(app, ["cache", "verify", str(out)])
+        assert result.exit_code == 1
+        assert "missing or non-finite values" in result.stderr
+
+    def test_unfinished_cache_fails_verify(self, runner, scene, tmp_path):
+        out = tmp_path / "c.zarr"
+        extract_features(
+            scene=scene,
+            backbone="builtin:tiny",
+            timesteps=[0],
+            sites=["up1.res1"],
+            out=out,
+            stride=8,
+            chunk_tiles=2,
+            stop_after_chunks=1,
+        )
+        result = runner.invoke(app, ["cache", "verify", str(out)])
+        assert result.exit_code == 1 and "8 of 9 chunks not written" in result.stderr

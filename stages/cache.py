@@ -1,0 +1,63 @@
+"""``hsicache cache info|verify``: inspect and check a feature cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from stages._common import DEBUG_OPTION, run_app, user_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def info(
+    store: Path = typer.Argument(..., help="The feature cache (FEATURES.zarr)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Sites, shapes, bytes on disk, compression ratio and provenance."""
+    from pipeline.cache import cache_info
+
+    with user_errors(debug):
+        rep = cache_info(store)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    ident = rep["identity"]
+    typer.echo(f"{rep['path']}: {'complete' if rep['complete'] else 'UNFINISHED'}, "
+               f"{rep['shape'][0]}x{rep['shape'][1]} px")  # fmt: skip
+    typer.echo(f"backbone {ident['backbone']} (weights {ident['weights_sha256'][:12]}), "
+               f"patch {ident['patch']}, stride {ident['stride']}, "
+               f"noise seed {ident['noise_seed']}")  # fmt: skip
+    typer.echo(f"scene fingerprint {ident['scene_fingerprint'][:12]}")
+    for name, a in rep["arrays"].items():
+        typer.echo(f"  {name:<24} {tuple(a['shape'])!s:<18} {a['bytes_on_disk'] / 1e6:8.2f} MB")
+    typer.echo(
+        f"{rep['bytes_on_disk'] / 1e6:.2f} MB on disk = {rep['cache_to_raw']:.3f} of raw fp32"
+    )
+
+
+@app.command()
+def verify(
+    store: Path = typer.Argument(..., help="The feature cache (FEATURES.zarr)."),
+    scene: Path | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Check every chunk is present, readable and finite, and the scene fingerprint matches."""
+    from pipeline.cache import verify_cache
+    from pipeline.scene import open_scene
+
+    with user_errors(debug):
+        fp = open_scene(scene).fingerprint if scene is not None else None
+        problems = verify_cache(store, scene_fingerprint=fp)
+    if problems:
+        typer.echo(f"error: cache `{store}` failed verification: {'; '.join(problems)}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"{store}: ok")
+
+
+if __name__ == "__main__":
+    run_app(app)
