@@ -298,6 +298,16 @@ class TestExtractCli:
         assert np.isfinite(cache.to_dask().compute()).all()
 
 
+def _small_chunked_cache(scene, tmp_path, **kw):
+    """A tiny-backbone cache of 3 x 3 chunks (16-px chunks of 8-px tiles) at ``tmp_path/c.zarr``."""
+    out = tmp_path / "c.zarr"
+    extract_features(
+        scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"], out=out,
+        stride=8, chunk_tiles=2, **kw,
+    )  # fmt: skip
+    return out
+
+
 class TestCacheCommands:
     def test_info_and_verify(self, runner, scene, tmp_path):
         out = tmp_path / "c.zarr"
@@ -312,16 +322,7 @@ class TestCacheCommands:
         assert ok.exit_code == 0 and "ok" in ok.stdout
 
     def test_verify_finds_a_missing_chunk(self, runner, scene, tmp_path):
-        out = tmp_path / "c.zarr"
-        extract_features(
-            scene=scene,
-            backbone="builtin:tiny",
-            timesteps=[0],
-            sites=["up1.res1"],
-            out=out,
-            stride=8,
-            chunk_tiles=2,
-        )
+        out = _small_chunked_cache(scene, tmp_path)
         chunk = next(p for p in (out / "t0" / "up1.res1" / "c").rglob("*") if p.is_file())
         chunk.unlink()
         result = runner.invoke(app, ["cache", "verify", str(out)])
@@ -329,16 +330,6 @@ class TestCacheCommands:
         assert "missing or non-finite values" in result.stderr
 
     def test_unfinished_cache_fails_verify(self, runner, scene, tmp_path):
-        out = tmp_path / "c.zarr"
-        extract_features(
-            scene=scene,
-            backbone="builtin:tiny",
-            timesteps=[0],
-            sites=["up1.res1"],
-            out=out,
-            stride=8,
-            chunk_tiles=2,
-            stop_after_chunks=1,
-        )
+        out = _small_chunked_cache(scene, tmp_path, stop_after_chunks=1)
         result = runner.invoke(app, ["cache", "verify", str(out)])
         assert result.exit_code == 1 and "8 of 9 chunks not written" in result.stderr
