@@ -21,7 +21,6 @@ position ``k % (res_blocks + 1)``: with ``adm64`` the paper's *block 10* (Augsbu
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError, SceneNotFoundError
+from pipeline.store import jsonable
 
 __all__ = [
     "BUILTIN_BACKBONES",
@@ -145,8 +145,8 @@ class Backbone:
         return {
             "spec": self.spec,
             "weights_sha256": self.weights_sha256,
-            "config": json.loads(json.dumps(dict(self.unet.config), default=str)),
-            "scheduler": json.loads(json.dumps(dict(self.scheduler.config), default=str)),
+            "config": jsonable(dict(self.unet.config)),
+            "scheduler": jsonable(dict(self.scheduler.config)),
         }
 
     @torch.inference_mode()

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SceneNotFoundError, StoreError
+from pipeline.store import jsonable
 
 __all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "create_or_resume"]
 
@@ -77,16 +78,16 @@ def create_or_resume(
         root = zarr.open_group(p, mode="r+")
         if root.attrs.get("format") != CACHE_FORMAT:
             raise StoreError(f"`{p}` exists and is not a hsicache feature cache: remove it first")
-        if root.attrs.get("identity") != _plain(identity):
+        if root.attrs.get("identity") != jsonable(identity):
             raise StoreError(
                 f"feature cache `{p}` exists but was made with other inputs or parameters "
-                f"({_first_difference(root.attrs.get('identity') or {}, _plain(identity))}): "
+                f"({_first_difference(root.attrs.get('identity') or {}, jsonable(identity))}): "
                 "remove it, or choose another --out"
             )
         return root, np.asarray(root["progress/done"][...])
     root = zarr.open_group(p, mode="w", zarr_format=3)
     root.attrs.update(
-        _plain({"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs})
+        jsonable({"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs})
     )
     for t in timesteps:
         for site, channels in site_channels.items():
@@ -246,14 +247,6 @@ def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         block = arr[y0 : y0 + cy, x0 : x0 + cx]
         out[group] = block[rows[group] - y0, cols[group] - x0]
     return out
-
-
-def _plain(obj: Any) -> Any:
-    import json
-
-    return json.loads(
-        json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-    )
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:

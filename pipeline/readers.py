@@ -29,7 +29,6 @@ from pipeline.errors import (
 )
 
 __all__ = [
-    "CUBE_SUFFIXES",
     "ENVI_DATA_SUFFIXES",
     "Raster",
     "read_cube",
@@ -37,7 +36,6 @@ __all__ = [
 ]
 
 ENVI_DATA_SUFFIXES = (".img", ".dat", ".raw", ".bsq", ".bil", ".bip", "")
-CUBE_SUFFIXES = (".mat", ".npy", ".npz", ".hdr", ".tif", ".tiff", *ENVI_DATA_SUFFIXES[:-1])
 _MATLAB_INTERNAL = ("#refs#", "#subsystem#")
 
 

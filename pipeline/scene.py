@@ -21,7 +21,6 @@ SHA-256 over cube, labels, masks and rendering parameters.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SceneNotFoundError, StoreError
-from pipeline.store import atomic_output, package_versions, sha256_arrays
+from pipeline.store import atomic_output, jsonable, package_versions, sha256_arrays
 
 __all__ = ["SCENE_FORMAT", "Scene", "open_scene", "scene_fingerprint", "write_scene"]
 
@@ -139,7 +138,7 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
             "wavelength": (("band",), wl.astype(np.float64)),
             "color": np.asarray(["r", "g", "b"], dtype=object),
         },
-        attrs={k: _jsonable(v) for k, v in attrs.items()},
+        attrs=jsonable(attrs),
     )
     cy, cx = min(chunk, h), min(chunk, w)
     encoding = {
@@ -201,18 +200,3 @@ def open_scene(path: str | Path, *, expect_fingerprint: str | None = None) -> Sc
         transform=tuple(transform) if transform is not None else None,
         attrs=dict(ds.attrs),
     )
-
-
-def _jsonable(value: Any) -> Any:
-    """Zarr attributes must be JSON; convert numpy scalars/arrays and tuples."""
-    return json.loads(json.dumps(value, default=_default))
-
-
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store {type(obj).__name__} in attributes")

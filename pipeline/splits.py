@@ -133,8 +133,6 @@ def make_split(
         )
     if not train.any():
         raise SplitError("the train set is empty: no labeled pixel falls in the train mask")
-    if (train & test).any():  # pragma: no cover - guarded by construction
-        raise SplitError("internal error: train and test overlap")
     return train, test
 
 

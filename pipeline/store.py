@@ -11,10 +11,11 @@ import uuid
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "package_versions", "sha256_arrays"]
+__all__ = ["atomic_output", "jsonable", "package_versions", "sha256_arrays"]
 
 _VERSIONED = ("hsicache", "numpy", "zarr", "xarray", "torch", "diffusers", "scikit-learn")
 
@@ -57,6 +58,18 @@ def sha256_arrays(*parts: np.ndarray | dict | str) -> str:
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (Zarr attributes must be JSON): numpy scalars and arrays
+    become numbers and lists, tuples lists, paths strings, anything else its ``str``."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    return str(obj)
 
 
 def package_versions() -> dict[str, str]:
