@@ -115,7 +115,7 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
         elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
-            name = _choose_key(arrays, key, ndim, path, role, key_option)
+            name = _choose_key(_layouts(arrays), key, ndim, path, role, key_option)
             raster = Raster(arrays[name], key=name)
         elif suffix in (".tif", ".tiff"):
             raster = _read_geotiff(path, ndim, role)
@@ -146,32 +146,42 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
     return raster
 
 
+Layout = tuple[tuple[int, ...], np.dtype]
+
+
+def _layouts(arrays: dict[str, np.ndarray]) -> dict[str, Layout]:
+    return {name: (np.shape(arr), np.asarray(arr).dtype) for name, arr in arrays.items()}
+
+
 def _choose_key(
-    arrays: dict[str, np.ndarray],
+    layouts: dict[str, Layout],
     key: str | None,
     ndim: int,
     path: Path,
     role: str,
     key_option: str,
 ) -> str:
-    """Pick the array named ``key``, or the only array of rank ``ndim``."""
+    """Pick the variable named ``key``, or the only numeric one of rank ``ndim``.
+
+    ``layouts`` maps each variable to its (shape, dtype), so a caller can choose before reading.
+    """
     if key is not None:
-        if key not in arrays:
+        if key not in layouts:
             raise KeyAmbiguityError(
                 f"{role} `{path}` has no variable `{key}` ({key_option}); it holds: "
-                f"{_describe(arrays)}"
+                f"{_describe(layouts)}"
             )
         return key
     candidates = [
         name
-        for name, arr in arrays.items()
-        if np.ndim(arr) == ndim and np.issubdtype(np.asarray(arr).dtype, np.number)
+        for name, (shape, dtype) in layouts.items()
+        if len(shape) == ndim and np.issubdtype(dtype, np.number)
     ]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
         raise KeyAmbiguityError(
-            f"{role} `{path}` holds no {ndim}-D numeric array; it holds: {_describe(arrays)}"
+            f"{role} `{path}` holds no {ndim}-D numeric array; it holds: {_describe(layouts)}"
         )
     raise KeyAmbiguityError(
         f"{role} `{path}` holds {len(candidates)} {ndim}-D arrays "
@@ -179,10 +189,10 @@ def _choose_key(
     )
 
 
-def _describe(arrays: dict[str, np.ndarray]) -> str:
-    if not arrays:
+def _describe(layouts: dict[str, Layout]) -> str:
+    if not layouts:
         return "nothing"
-    return ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in arrays.items())
+    return ", ".join(f"{k} {tuple(shape)}" for k, (shape, _) in layouts.items())
 
 
 def _read_mat(path: Path, key: str | None, ndim: int, role: str, key_option: str) -> Raster:
@@ -191,27 +201,22 @@ def _read_mat(path: Path, key: str | None, ndim: int, role: str, key_option: str
 
     if h5py.is_hdf5(path):  # MATLAB v7.3 is HDF5 with a 512-byte user block
         with h5py.File(path, "r") as f:
-            shapes = {
-                name: np.empty(tuple(reversed(obj.shape)), dtype=np.uint8)
+            # MATLAB writes column-major, so h5py sees every axis reversed; choose from the
+            # shapes alone, then read just the chosen variable.
+            layouts = {
+                name: (tuple(reversed(obj.shape)), obj.dtype)
                 for name, obj in f.items()
                 if isinstance(obj, h5py.Dataset) and name not in _MATLAB_INTERNAL
             }
-            # Only shapes are needed to choose; read the chosen array alone.
-            name = _choose_key(shapes, key, ndim, path, role, key_option)
-            dset = f[name]
-            if dset.dtype.kind not in "iufb":
-                raise SceneFormatError(
-                    f"{role} `{path}` variable `{name}` is not numeric (dtype {dset.dtype})"
-                )
-            # MATLAB writes column-major: h5py sees the axes reversed.
-            data = np.ascontiguousarray(dset[()].T)
+            name = _choose_key(layouts, key, ndim, path, role, key_option)
+            data = np.ascontiguousarray(f[name][()].T)
         return Raster(data, key=name)
     try:
         contents = scipy.io.loadmat(path)
     except NotImplementedError as exc:  # pragma: no cover - v7.3 without HDF5 signature
         raise SceneFormatError(f"cannot read {role} `{path}`: {exc}") from exc
     arrays = {k: v for k, v in contents.items() if not k.startswith("__")}
-    name = _choose_key(arrays, key, ndim, path, role, key_option)
+    name = _choose_key(_layouts(arrays), key, ndim, path, role, key_option)
     return Raster(np.asarray(arrays[name]), key=name)
 
 
