@@ -21,6 +21,7 @@ position ``k % (res_blocks + 1)``: with ``adm64`` the paper's *block 10* (Augsbu
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,7 @@ class Backbone:
     @property
     def sample_size(self) -> int:
         """Input side the UNet was built for (the patch size)."""
-        size = self.unet.config.sample_size
-        return int(size[0] if isinstance(size, (tuple, list)) else size)
+        return _sample_size(self.unet)
 
     @property
     def num_class_embeds(self) -> int | None:
@@ -174,27 +174,16 @@ class Backbone:
         wanted = [self.site(name) for name in sites]
         last = max(s.order for s in wanted)
         out: dict[str, torch.Tensor] = {}
-        modules = dict(self.unet.named_modules())
-        handles = []
 
-        def make_hook(site: Site):
-            def hook(_m: torch.nn.Module, _i: object, output: Any) -> None:
-                out[site.name] = output[0] if isinstance(output, tuple) else output
+        def tap(site: Site) -> Callable[[torch.Tensor], None]:
+            def keep(output: torch.Tensor) -> None:
+                out[site.name] = output
                 if truncate and site.order == last:
                     raise _Truncate
 
-            return hook
+            return keep
 
-        for s in wanted:
-            handles.append(modules[s.module].register_forward_hook(make_hook(s)))
-        try:
-            t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
-            self.unet(x, t, class_labels=class_labels)
-        except _Truncate:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(self.unet, x, timestep, class_labels, {s.module: tap(s) for s in wanted})
         return out
 
 
@@ -226,12 +215,9 @@ def load_backbone(
                 f"unknown built-in backbone `{name}`: choose one of "
                 + ", ".join(f"builtin:{n}" for n in BUILTIN_BACKBONES)
             )
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
+            torch.manual_seed(seed)
             unet = UNet2DModel(**BUILTIN_BACKBONES[name])
-        finally:
-            torch.random.set_rng_state(gen_state)
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     else:
         unet, scheduler = _load_pretrained(spec, UNet2DModel, DDPMScheduler)
@@ -305,37 +291,60 @@ def _discover_sites(unet: torch.nn.Module) -> list[Site]:
                 candidates.append((f"up{i}.attn{j}", f"up_blocks.{i}.attentions.{j}"))
         if getattr(block, "upsamplers", None):
             candidates.append((f"up{i}.upsample", f"up_blocks.{i}.upsamplers.0"))
-    modules = dict(unet.named_modules())
     seen: list[tuple[str, str, tuple[int, ...]]] = []
-    handles = []
-    for name, path in candidates:
 
-        def hook(_m: Any, _i: Any, output: Any, name: str = name, path: str = path) -> None:
-            o = output[0] if isinstance(output, tuple) else output
-            seen.append((name, path, tuple(o.shape)))
+    def tap(name: str, path: str) -> Callable[[torch.Tensor], None]:
+        return lambda output: seen.append((name, path, tuple(output.shape)))
 
-        handles.append(modules[path].register_forward_hook(hook))
     param = next(unet.parameters())
-    size = unet.config.sample_size
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    size = _sample_size(unet)
     x = torch.zeros(1, unet.config.in_channels, size, size, device=param.device, dtype=param.dtype)
     class_labels = (
         torch.zeros(1, dtype=torch.long, device=param.device)
         if unet.config.get("num_class_embeds")
         else None
     )
-    try:
-        with torch.inference_mode():
-            unet(
-                x, torch.zeros(1, dtype=torch.long, device=param.device), class_labels=class_labels
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.inference_mode():
+        _run_hooked(unet, x, 0, class_labels, {path: tap(n, path) for n, path in candidates})
     return [
         Site(name=n, module=p, channels=shape[1], resolution=shape[-1], order=k)
         for k, (n, p, shape) in enumerate(seen)
     ]
+
+
+def _run_hooked(
+    unet: torch.nn.Module,
+    x: torch.Tensor,
+    timestep: int,
+    class_labels: torch.Tensor | None,
+    taps: dict[str, Callable[[torch.Tensor], None]],
+) -> None:
+    """Forward ``x`` with each module path in ``taps`` handing its output to its callback.
+
+    A callback may raise :class:`_Truncate` to stop the forward pass there; hooks are removed
+    whatever happens.
+    """
+
+    def hook(callback: Callable[[torch.Tensor], None]) -> Callable[..., None]:
+        def run(_m: torch.nn.Module, _i: object, output: Any) -> None:
+            callback(output[0] if isinstance(output, tuple) else output)
+
+        return run
+
+    handles = [unet.get_submodule(p).register_forward_hook(hook(cb)) for p, cb in taps.items()]
+    try:
+        t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
+        unet(x, t, class_labels=class_labels)
+    except _Truncate:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _sample_size(unet: torch.nn.Module) -> int:
+    size = unet.config.sample_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
