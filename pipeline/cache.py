@@ -17,6 +17,7 @@ from another scene (fingerprint) or backbone.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def create_or_resume(
                 f"({_first_difference(root.attrs.get('identity') or {}, jsonable(identity))}): "
                 "remove it, or choose another --out"
             )
-        return root, np.asarray(root["progress/done"][...])
+        return root, _done_chunks(root)
     root = zarr.open_group(p, mode="w", zarr_format=3)
     root.attrs.update(
         jsonable({"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs})
@@ -141,7 +142,7 @@ class FeatureCache:
         if attrs.get("format") != CACHE_FORMAT:
             raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")
         if not attrs.get("complete") and not allow_incomplete:
-            done = np.asarray(root["progress/done"][...])
+            done = _done_chunks(root)
             raise StoreError(
                 f"feature cache `{p}` is incomplete ({int(done.sum())}/{done.size} chunks): "
                 "re-run the same `hsicache extract` command to finish it"
@@ -190,11 +191,15 @@ class FeatureCache:
         self, timesteps: Sequence[int] | None = None, sites: Sequence[str] | None = None
     ) -> int:
         """Total channels of a feature selection."""
-        return sum(
-            self.array(t, s).shape[-1]
-            for t in (timesteps or self.timesteps)
-            for s in (sites or self.sites)
-        )
+        return sum(arr.shape[-1] for arr in self.selection(timesteps, sites))
+
+    def selection(
+        self, timesteps: Sequence[int] | None = None, sites: Sequence[str] | None = None
+    ) -> list[Any]:
+        """The zarr arrays of a selection (default: all), timestep-major, in feature order."""
+        return [
+            self.array(t, s) for t in (timesteps or self.timesteps) for s in (sites or self.sites)
+        ]
 
     def gather(
         self,
@@ -211,11 +216,7 @@ class FeatureCache:
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
-        parts = [
-            _gather_points(self.array(t, s), rows, cols)
-            for t in (timesteps or self.timesteps)
-            for s in (sites or self.sites)
-        ]
+        parts = [_gather_points(arr, rows, cols) for arr in self.selection(timesteps, sites)]
         return np.concatenate(parts, axis=1) if parts else np.empty((rows.size, 0), np.float32)
 
     def to_dask(
@@ -224,12 +225,9 @@ class FeatureCache:
         """The selected features of the whole scene: one lazy ``(H, W, C)`` dask array."""
         import dask.array as da
 
-        arrays = [
-            da.from_zarr(self.array(t, s))
-            for t in (timesteps or self.timesteps)
-            for s in (sites or self.sites)
-        ]
-        return da.concatenate(arrays, axis=-1)
+        return da.concatenate(
+            [da.from_zarr(arr) for arr in self.selection(timesteps, sites)], axis=-1
+        )
 
 
 def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -260,16 +258,15 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not)."""
     cache = FeatureCache.open(path, allow_incomplete=True)
     arrays = {}
-    raw = stored = 0
-    for t in cache.timesteps:
-        for s in cache.sites:
-            arr = cache.array(t, s)
-            folder = cache.path / array_path(t, s)
-            nbytes = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-            arrays[array_path(t, s)] = {"shape": list(arr.shape), "chunks": list(arr.chunks),
-                                        "bytes_on_disk": nbytes}  # fmt: skip
-            raw += int(np.prod(arr.shape)) * 4
-            stored += nbytes
+    for arr in cache.selection():
+        nbytes = sum(f.stat().st_size for f in (cache.path / arr.path).rglob("*") if f.is_file())
+        arrays[arr.path] = {
+            "shape": list(arr.shape),
+            "chunks": list(arr.chunks),
+            "bytes_on_disk": nbytes,
+        }
+    stored = sum(a["bytes_on_disk"] for a in arrays.values())
+    raw = sum(int(np.prod(a["shape"])) * 4 for a in arrays.values())
     return {
         "path": str(cache.path),
         "complete": bool(cache.attrs.get("complete")),
@@ -293,7 +290,7 @@ def verify_cache(path: str | Path, *, scene_fingerprint: str | None = None) -> l
     """
     cache = FeatureCache.open(path, allow_incomplete=True)
     problems = []
-    done = np.asarray(cache._root["progress/done"][...])
+    done = _done_chunks(cache._root)
     if not done.all():
         problems.append(f"{int((~done).sum())} of {done.size} chunks not written")
     if not cache.attrs.get("complete"):
@@ -303,23 +300,27 @@ def verify_cache(path: str | Path, *, scene_fingerprint: str | None = None) -> l
             f"scene fingerprint {cache.fingerprint[:12]} differs from the scene's "
             f"{scene_fingerprint[:12]}"
         )
-    for t in cache.timesteps:
-        for s in cache.sites:
-            arr = cache.array(t, s)
-            cy, cx = arr.chunks[0], arr.chunks[1]
-            for y0 in range(0, arr.shape[0], cy):
-                for x0 in range(0, arr.shape[1], cx):
-                    try:
-                        block = arr[y0 : y0 + cy, x0 : x0 + cx]
-                    except Exception as exc:  # a corrupt chunk fails to decode
-                        problems.append(
-                            f"{array_path(t, s)} chunk at ({y0}, {x0}) unreadable: {exc}"
-                        )
-                        continue
-                    bad = int((~np.isfinite(block)).sum())
-                    if bad:
-                        problems.append(
-                            f"{array_path(t, s)} chunk at ({y0}, {x0}): {bad} missing or "
-                            "non-finite values"
-                        )
+    for arr in cache.selection():
+        problems.extend(_chunk_problems(arr))
     return problems
+
+
+def _chunk_problems(arr: Any) -> list[str]:
+    """Unreadable chunks and chunks holding missing (fill value) or non-finite values."""
+    cy, cx = arr.chunks[0], arr.chunks[1]
+    problems = []
+    for y0, x0 in itertools.product(range(0, arr.shape[0], cy), range(0, arr.shape[1], cx)):
+        try:
+            block = arr[y0 : y0 + cy, x0 : x0 + cx]
+        except Exception as exc:  # a corrupt chunk fails to decode
+            problems.append(f"{arr.path} chunk at ({y0}, {x0}) unreadable: {exc}")
+            continue
+        bad = int((~np.isfinite(block)).sum())
+        if bad:
+            problems.append(f"{arr.path} chunk at ({y0}, {x0}): {bad} missing or non-finite values")
+    return problems
+
+
+def _done_chunks(root: Any) -> np.ndarray:
+    """``done[i, j]``: chunk ``(i, j)`` has been written."""
+    return np.asarray(root["progress/done"][...])
