@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, load_backbone, noised, seeded_noise
+from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
 from pipeline.cache import array_path, create_or_resume
 from pipeline.errors import ConfigError
 from pipeline.scene import open_scene
@@ -79,6 +79,30 @@ class TileLayout:
             for ti in range(ci * k, min((ci + 1) * k, ty))
             for tj in range(cj * k, min((cj + 1) * k, tx))
         ]
+
+    def chunk_bounds(self, ci: int, cj: int) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of chunk ``(ci, cj)`` in scene pixels, clipped to the scene."""
+        y0, x0 = ci * self.chunk, cj * self.chunk
+        return y0, min(y0 + self.chunk, self.height), x0, min(x0 + self.chunk, self.width)
+
+    def window(self, padded: np.ndarray, ti: int, tj: int) -> np.ndarray:
+        """Window ``(ti, tj)`` of the padded image, ``(patch, patch, C)``."""
+        y, x = ti * self.stride, tj * self.stride
+        return padded[y : y + self.patch, x : x + self.patch]
+
+    def owned_squares(self, features: torch.Tensor) -> np.ndarray:
+        """``(N, C, r, r)`` feature maps → the owned squares, ``(N, stride, stride, C)`` float16.
+
+        Maps coarser than the patch are first resized to it (bilinear).
+        """
+        f = features.float()
+        if f.shape[-1] != self.patch:
+            f = torch.nn.functional.interpolate(
+                f, size=(self.patch, self.patch), mode="bilinear", align_corners=False
+            )
+        p0 = self.pad
+        core = f[:, :, p0 : p0 + self.stride, p0 : p0 + self.stride]
+        return core.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
 
     def pad_image(self, image: np.ndarray) -> np.ndarray:
         """Reflect-pad ``(H, W, C)`` so every window lies inside."""
@@ -242,73 +266,85 @@ def extract_features(
 
     padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
     eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
-    n_classes = bb.num_class_embeds
     total = layout.tiles[0] * layout.tiles[1]
     finished = sum(len(layout.tiles_of_chunk(i, j)) for i, j in zip(*np.nonzero(done), strict=True))
     if progress:
         progress(finished, total)
-    written = 0
-    for ci in range(layout.chunks[0]):
-        for cj in range(layout.chunks[1]):
-            if done[ci, cj]:
-                continue
-            tiles = layout.tiles_of_chunk(ci, cj)
-            y0, x0 = ci * layout.chunk, cj * layout.chunk
-            y1, x1 = min(y0 + layout.chunk, h), min(x0 + layout.chunk, w)
-            buffers = {
-                (t, s.name): np.empty((y1 - y0, x1 - x0, s.channels), dtype=np.float16)
-                for t in timesteps
-                for s in chosen
-            }
-            for b0 in range(0, len(tiles), batch_size):
-                batch = tiles[b0 : b0 + batch_size]
-                x0_batch = torch.from_numpy(
-                    np.stack(
-                        [
-                            padded[
-                                ti * stride : ti * stride + patch, tj * stride : tj * stride + patch
-                            ]
-                            for ti, tj in batch
-                        ]
-                    )
-                    .transpose(0, 3, 1, 2)
-                    .copy()
-                ).to(dev)
-                labels = None
-                if n_classes:
-                    labels = torch.tensor(
-                        [int(np.random.default_rng([class_seed, ti, tj]).integers(n_classes))
-                         for ti, tj in batch],
-                        device=dev,
-                    )  # fmt: skip
-                for t in timesteps:
-                    xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dt)
-                    feats = bb.features(
-                        xt, int(t), list(sites), class_labels=labels, truncate=truncate
-                    )
-                    for s in chosen:
-                        f = feats[s.name].float()
-                        if f.shape[-1] != patch:
-                            f = torch.nn.functional.interpolate(
-                                f, size=(patch, patch), mode="bilinear", align_corners=False
-                            )
-                        p0 = layout.pad
-                        core = f[:, :, p0 : p0 + stride, p0 : p0 + stride]
-                        core = core.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
-                        buf = buffers[(t, s.name)]
-                        for n, (ti, tj) in enumerate(batch):
-                            ry, rx = ti * stride - y0, tj * stride - x0
-                            hh = min(stride, buf.shape[0] - ry)
-                            ww = min(stride, buf.shape[1] - rx)
-                            buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
-                if progress:
-                    finished += len(batch)
-                    progress(finished, total)
-            for (t, name), buf in buffers.items():
-                root[array_path(t, name)][y0:y1, x0:x1] = buf
-            root["progress/done"][ci, cj] = True
-            written += 1
-            if stop_after_chunks is not None and written >= stop_after_chunks:
-                return Path(out)
+
+    def advance(n: int) -> None:
+        nonlocal finished
+        finished += n
+        if progress:
+            progress(finished, total)
+
+    for written, (ci, cj) in enumerate(zip(*np.nonzero(~done), strict=True), start=1):
+        y0, y1, x0, x1 = layout.chunk_bounds(ci, cj)
+        buffers = _extract_chunk(
+            bb, layout, padded, eps, layout.tiles_of_chunk(ci, cj), (y0, y1, x0, x1), timesteps,
+            chosen, batch_size=batch_size, dtype=dt, class_seed=class_seed, truncate=truncate,
+            on_batch=advance,
+        )  # fmt: skip
+        for (t, name), buf in buffers.items():
+            root[array_path(t, name)][y0:y1, x0:x1] = buf
+        root["progress/done"][ci, cj] = True
+        if stop_after_chunks is not None and written >= stop_after_chunks:
+            return Path(out)
     root.attrs["complete"] = True
     return Path(out)
+
+
+def _extract_chunk(
+    bb: Backbone,
+    layout: TileLayout,
+    padded: np.ndarray,
+    eps: torch.Tensor,
+    tiles: list[tuple[int, int]],
+    bounds: tuple[int, int, int, int],
+    timesteps: Sequence[int],
+    chosen: list[Site],
+    *,
+    batch_size: int,
+    dtype: torch.dtype,
+    class_seed: int,
+    truncate: bool,
+    on_batch: Callable[[int], None],
+) -> dict[tuple[int, str], np.ndarray]:
+    """Features of one cache chunk: ``{(timestep, site): (y1 - y0, x1 - x0, C) float16}``."""
+    y0, y1, x0, x1 = bounds
+    stride = layout.stride
+    buffers = {
+        (t, s.name): np.empty((y1 - y0, x1 - x0, s.channels), dtype=np.float16)
+        for t in timesteps
+        for s in chosen
+    }
+    names = [s.name for s in chosen]
+    for b0 in range(0, len(tiles), batch_size):
+        batch = tiles[b0 : b0 + batch_size]
+        windows = np.stack([layout.window(padded, ti, tj) for ti, tj in batch])
+        x0_batch = torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()).to(eps.device)
+        labels = _class_labels(bb, batch, class_seed, eps.device)
+        for t in timesteps:
+            xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
+            feats = bb.features(xt, int(t), names, class_labels=labels, truncate=truncate)
+            for name in names:
+                core = layout.owned_squares(feats[name])
+                buf = buffers[(t, name)]
+                for n, (ti, tj) in enumerate(batch):  # edge squares are clipped to the scene
+                    ry, rx = ti * stride - y0, tj * stride - x0
+                    hh, ww = min(stride, buf.shape[0] - ry), min(stride, buf.shape[1] - rx)
+                    buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
+        on_batch(len(batch))
+    return buffers
+
+
+def _class_labels(
+    bb: Backbone, batch: list[tuple[int, int]], class_seed: int, device: torch.device
+) -> torch.Tensor | None:
+    """Per-patch class ids of a class-conditional backbone, from the seed and patch position."""
+    if not bb.num_class_embeds:
+        return None
+    return torch.tensor(
+        [int(np.random.default_rng([class_seed, ti, tj]).integers(bb.num_class_embeds))
+         for ti, tj in batch],
+        device=device,
+    )  # fmt: skip
