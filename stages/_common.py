@@ -39,11 +39,10 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
     if value is None:
         return value
     section = ctx.info_name or ""
-    try:
-        table = load_params_section(value, section)
-        known = {p.name for p in ctx.command.params if p.name}
-        defaults: dict[str, Any] = {}
-        for key, val in table.items():
+    known = {p.name for p in ctx.command.params if p.name}
+    defaults: dict[str, Any] = {}
+    with user_errors(debug=False):  # --debug is not parsed yet: eager options come first
+        for key, val in load_params_section(value, section).items():
             name = str(key).replace("-", "_")
             if name not in known or name in ("params", "debug"):
                 raise ConfigError(
@@ -54,9 +53,6 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
                 val = ",".join(str(v) for v in val)
             if val is not None:
                 defaults[name] = val
-    except HsicacheError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
