@@ -7,7 +7,10 @@ A backbone SPEC is one of:
   blocks, attention at 32/16/8 with 64-channel heads, scale-shift norm, resnet up/down-sampling,
   learned sigma, 1000 classes; about 296 M parameters) with random weights;
 * a local diffusers folder (``save_pretrained`` output, optionally with a ``unet/`` and
-  ``scheduler/`` sub-folder, as written by ``hsicache pretrain``);
+  ``scheduler/`` sub-folder, as written by ``hsicache pretrain``) holding a ``UNet2DModel`` or
+  a pixel-space ``UNet2DConditionModel`` (run with an empty conditioning: one all-zero token);
+* an original OpenAI guided-diffusion / ADM checkpoint (``64x64_diffusion.pt``,
+  ``256x256_diffusion_uncond.pt``), converted in-process (see :mod:`pipeline.adm`);
 * a Hugging Face hub id (``google/ddpm-cifar10-32``); offline, a clear error says how to supply a
   local copy.
 
@@ -75,6 +78,7 @@ BUILTIN_BACKBONES: dict[str, dict[str, Any]] = {
         "upsample_type": "resnet",
         "downsample_type": "resnet",
         "norm_num_groups": 32,
+        "attn_norm_num_groups": 32,
     },
 }
 
@@ -120,6 +124,10 @@ class Backbone:
     weights_sha256: str
     sites: list[Site] = field(default_factory=list)
 
+    def forward_kwargs(self, n: int, class_labels: torch.Tensor | None) -> dict[str, Any]:
+        """Extra UNet arguments for a batch of ``n``: class labels, empty text conditioning."""
+        return _forward_kwargs(self.unet, n, class_labels)
+
     @property
     def sample_size(self) -> int:
         """Input side the UNet was built for (the patch size)."""
@@ -142,9 +150,13 @@ class Backbone:
 
     def provenance(self) -> dict[str, Any]:
         """What identifies this backbone in a cache's attributes."""
+        conditioning = "none"
+        if self.unet.config.get("cross_attention_dim") is not None:
+            conditioning = "empty (one all-zero token)"
         return {
             "spec": self.spec,
             "weights_sha256": self.weights_sha256,
+            "conditioning": conditioning,
             "config": jsonable(dict(self.unet.config)),
             "scheduler": jsonable(dict(self.scheduler.config)),
         }
@@ -183,7 +195,8 @@ class Backbone:
 
             return keep
 
-        _run_hooked(self.unet, x, timestep, class_labels, {s.module: tap(s) for s in wanted})
+        kwargs = self.forward_kwargs(x.shape[0], class_labels)
+        _run_hooked(self.unet, x, timestep, kwargs, {s.module: tap(s) for s in wanted})
         return out
 
 
@@ -197,17 +210,20 @@ def load_backbone(
     """Load a backbone from a SPEC (see the module docstring), frozen and in ``eval()`` mode.
 
     Args:
-        spec: ``builtin:tiny``, ``builtin:adm64``, a local diffusers folder, or a hub id.
+        spec: ``builtin:tiny``, ``builtin:adm64``, a local diffusers folder, an ADM ``.pt``
+            checkpoint, or a hub id.
         device: where to put it.
         dtype: parameter dtype.
         seed: initialisation seed of a ``builtin:`` backbone (its weights are random).
 
     Raises:
-        ConfigError: an unknown built-in name, or a folder that is not a diffusers UNet.
+        ConfigError: an unknown built-in name, a folder that is not a diffusers UNet, a latent
+            UNet (it would need a VAE), or an ADM checkpoint that cannot be converted exactly.
         SceneNotFoundError: a hub id that cannot be fetched (offline) and is not cached.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
+    path = Path(spec).expanduser()
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_BACKBONES:
@@ -219,8 +235,17 @@ def load_backbone(
             torch.manual_seed(seed)
             unet = UNet2DModel(**BUILTIN_BACKBONES[name])
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    elif path.suffix in ADM_SUFFIXES and not path.is_dir():
+        from pipeline.adm import load_adm_checkpoint
+
+        unet, scheduler = load_adm_checkpoint(path)
     else:
-        unet, scheduler = _load_pretrained(spec, UNet2DModel, DDPMScheduler)
+        unet, scheduler = _load_pretrained(spec, DDPMScheduler)
+    if unet.config.in_channels != 3:
+        raise ConfigError(
+            f"backbone `{spec}` takes {unet.config.in_channels}-channel input: a latent-space "
+            "UNet needs its VAE, which hsicache does not run; use a pixel-space UNet"
+        )
     unet.requires_grad_(False)
     unet.eval()
     unet.to(device=device)
@@ -233,8 +258,11 @@ def load_backbone(
     return backbone
 
 
-def _load_pretrained(spec: str, unet_cls: Any, scheduler_cls: Any) -> tuple[Any, Any]:
-    path = Path(spec)
+ADM_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
+    path = Path(spec).expanduser()
     local = path.is_dir()
     if not local and (spec.startswith((".", "/", "~")) or path.suffix):
         raise SceneNotFoundError(f"backbone folder `{spec}` does not exist")
@@ -243,6 +271,7 @@ def _load_pretrained(spec: str, unet_cls: Any, scheduler_cls: Any) -> tuple[Any,
         sub = "unet" if (local and (path / "unet").is_dir()) else None
         if not local:
             sub = _hub_subfolder(spec)
+        unet_cls = _unet_class(root, sub)
         unet = unet_cls.from_pretrained(root, subfolder=sub)
         try:
             scheduler = scheduler_cls.from_pretrained(
@@ -259,6 +288,18 @@ def _load_pretrained(spec: str, unet_cls: Any, scheduler_cls: Any) -> tuple[Any,
             f"{spec} --local-dir DIR`) and pass the folder DIR as --backbone"
         ) from exc
     return unet, scheduler
+
+
+def _unet_class(root: str | Path, sub: str | None) -> Any:
+    """``UNet2DModel`` or ``UNet2DConditionModel``, as the folder's ``config.json`` names it."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config = UNet2DModel.load_config(root, subfolder=sub)
+    name = config.get("_class_name", "UNet2DModel")
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    if name not in classes:
+        raise ConfigError(f"backbone `{root}` is a {name}; expected one of " + ", ".join(classes))
+    return classes[name]
 
 
 def _hub_subfolder(spec: str) -> str | None:
@@ -304,19 +345,34 @@ def _discover_sites(unet: torch.nn.Module) -> list[Site]:
         if unet.config.get("num_class_embeds")
         else None
     )
+    kwargs = _forward_kwargs(unet, 1, class_labels)
     with torch.inference_mode():
-        _run_hooked(unet, x, 0, class_labels, {path: tap(n, path) for n, path in candidates})
+        _run_hooked(unet, x, 0, kwargs, {path: tap(n, path) for n, path in candidates})
     return [
         Site(name=n, module=p, channels=shape[1], resolution=shape[-1], order=k)
         for k, (n, p, shape) in enumerate(seen)
     ]
 
 
+def _forward_kwargs(
+    unet: torch.nn.Module, n: int, class_labels: torch.Tensor | None
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"class_labels": class_labels}
+    cross = unet.config.get("cross_attention_dim")
+    if cross is not None:  # UNet2DConditionModel: the empty conditioning, one all-zero token
+        param = next(unet.parameters())
+        width = cross[0] if isinstance(cross, (tuple, list)) else cross
+        kwargs["encoder_hidden_states"] = torch.zeros(
+            n, 1, int(width), device=param.device, dtype=param.dtype
+        )
+    return kwargs
+
+
 def _run_hooked(
     unet: torch.nn.Module,
     x: torch.Tensor,
     timestep: int,
-    class_labels: torch.Tensor | None,
+    kwargs: dict[str, Any],
     taps: dict[str, Callable[[torch.Tensor], None]],
 ) -> None:
     """Forward ``x`` with each module path in ``taps`` handing its output to its callback.
@@ -334,7 +390,7 @@ def _run_hooked(
     handles = [unet.get_submodule(p).register_forward_hook(hook(cb)) for p, cb in taps.items()]
     try:
         t = torch.full((x.shape[0],), timestep, device=x.device, dtype=torch.long)
-        unet(x, t, class_labels=class_labels)
+        unet(x, t, **kwargs)
     except _Truncate:
         pass
     finally:
