@@ -124,6 +124,23 @@ class Backbone:
     weights_sha256: str
     sites: list[Site] = field(default_factory=list)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the UNet."""
+        return next(self.unet.parameters()).dtype
+
+    def cast(self, dtype: torch.dtype) -> Backbone:
+        """Cast the UNet in place (without diffusers' warning about fp32-only modules)."""
+        from diffusers.utils import logging as dlogging
+
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            self.unet.to(dtype=dtype)
+        finally:
+            dlogging.set_verbosity(level)
+        return self
+
     def forward_kwargs(self, n: int, class_labels: torch.Tensor | None) -> dict[str, Any]:
         """Extra UNet arguments for a batch of ``n``: class labels, empty text conditioning."""
         return _forward_kwargs(self.unet, n, class_labels)
@@ -249,11 +266,11 @@ def load_backbone(
     unet.requires_grad_(False)
     unet.eval()
     unet.to(device=device)
-    if dtype != torch.float32:
-        unet.to(dtype=dtype)
     backbone = Backbone(
         unet=unet, scheduler=scheduler, spec=spec, weights_sha256=_weights_hash(unet)
     )
+    if dtype != torch.float32:
+        backbone.cast(dtype)
     backbone.sites = _discover_sites(unet)
     return backbone
 

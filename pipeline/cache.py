@@ -105,6 +105,17 @@ def create_or_resume(
     return root, np.zeros(grid, dtype=bool)
 
 
+def read_identity(path: str | Path) -> dict[str, Any]:
+    """The identity an existing (possibly unfinished) cache was created with; ``{}`` if none."""
+    import zarr
+
+    p = Path(path)
+    if not (p / "zarr.json").exists():
+        return {}
+    attrs = zarr.open_group(p, mode="r").attrs
+    return dict(attrs.get("identity") or {}) if attrs.get("format") == CACHE_FORMAT else {}
+
+
 @dataclass
 class FeatureCache:
     """A complete feature cache opened for reading.

@@ -14,15 +14,17 @@ patch's position, so results never depend on batch composition.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
-from pipeline.cache import array_path, create_or_resume
+from pipeline.cache import array_path, create_or_resume, read_identity
 from pipeline.errors import ConfigError
 from pipeline.scene import open_scene
 from pipeline.store import package_versions
@@ -167,6 +169,7 @@ def extract_features(
     chunk_tiles: int | None = None,
     progress: ProgressFn | None = None,
     stop_after_chunks: int | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> Path:
     """Extract per-pixel features of a prepared scene into a (resumable) Zarr cache.
 
@@ -180,7 +183,10 @@ def extract_features(
         patch: window side (default: the backbone's sample size).
         stride: window step = side of the square each window owns.
         batch_size: windows per forward pass.
-        device, dtype: ``auto`` or an explicit torch device / ``fp32|bf16|fp16``.
+        device, dtype: ``auto`` or an explicit torch device / ``fp32|bf16|fp16``. On CPU,
+            ``auto`` is the faster of fp32/bf16 as measured on the first patches (see
+            :mod:`pipeline.autotune`); a resumed cache keeps the dtype it was started with; an
+            already loaded backbone keeps its own dtype.
         noise_seed: seed of the one ε shared by all patches.
         class_seed: seed of the per-patch class ids of a class-conditional backbone.
         truncate: stop each forward pass after the deepest requested site.
@@ -188,6 +194,8 @@ def extract_features(
             about 1 MB or more, capped at the scene size).
         progress: called as ``progress(done_patches, total_patches)``.
         stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
+        stats: if given, filled with ``patches``, ``forward_s`` (forward passes and stitching),
+            ``write_s`` and ``written_bytes`` (uncompressed) of this call, and the dtype report.
 
     Returns:
         ``out`` as a :class:`~pathlib.Path`.
@@ -201,11 +209,12 @@ def extract_features(
     sc = open_scene(scene)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    bb = (
-        backbone
-        if isinstance(backbone, Backbone)
-        else load_backbone(backbone, device=dev, dtype=dt)
-    )
+    if isinstance(backbone, Backbone):
+        bb = backbone
+        dev = next(bb.unet.parameters()).device
+        dt = bb.dtype if dtype == "auto" else dt
+    else:
+        bb = load_backbone(backbone, device=dev, dtype=dt)
     chosen = [bb.site(s) for s in sites]
     n_train_t = int(bb.scheduler.config.num_train_timesteps)
     for t in timesteps:
@@ -230,6 +239,11 @@ def extract_features(
     if k < 1:
         raise ConfigError(f"`chunk_tiles` must be at least 1, got {k}")
     layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
+    padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
+    eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
+    report: dict[str, Any] = {}
+    if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
+        dt, report = _auto_cpu_dtype(bb, out, layout, padded, eps, timesteps[0], chosen, batch_size)
     identity = {
         "scene_fingerprint": sc.fingerprint,
         "backbone": bb.spec,
@@ -259,13 +273,14 @@ def extract_features(
             "rendering": sc.attrs.get("rendering"),
             "package_versions": package_versions(),
             "truncated_forward": truncate,
+            "compute_dtype_choice": report or {"choice": str(dt).replace("torch.", "")},
         },
     )
     if root.attrs.get("complete"):
         return Path(out)
 
-    padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
-    eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
+    tally = stats if stats is not None else {}
+    tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report)
     total = layout.tiles[0] * layout.tiles[1]
     finished = sum(len(layout.tiles_of_chunk(i, j)) for i, j in zip(*np.nonzero(done), strict=True))
     if progress:
@@ -274,23 +289,58 @@ def extract_features(
     def advance(n: int) -> None:
         nonlocal finished
         finished += n
+        tally["patches"] += n
         if progress:
             progress(finished, total)
 
-    for written, (ci, cj) in enumerate(zip(*np.nonzero(~done), strict=True), start=1):
+    for n_chunks, (ci, cj) in enumerate(zip(*np.nonzero(~done), strict=True), start=1):
         y0, y1, x0, x1 = layout.chunk_bounds(ci, cj)
+        started = time.perf_counter()
         buffers = _extract_chunk(
             bb, layout, padded, eps, layout.tiles_of_chunk(ci, cj), (y0, y1, x0, x1), timesteps,
             chosen, batch_size=batch_size, dtype=dt, class_seed=class_seed, truncate=truncate,
             on_batch=advance,
         )  # fmt: skip
+        written = time.perf_counter()
         for (t, name), buf in buffers.items():
             root[array_path(t, name)][y0:y1, x0:x1] = buf
+            tally["written_bytes"] += buf.nbytes
         root["progress/done"][ci, cj] = True
-        if stop_after_chunks is not None and written >= stop_after_chunks:
+        tally["forward_s"] += written - started
+        tally["write_s"] += time.perf_counter() - written
+        if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
             return Path(out)
     root.attrs["complete"] = True
     return Path(out)
+
+
+def _auto_cpu_dtype(
+    bb: Backbone,
+    out: str | Path,
+    layout: TileLayout,
+    padded: np.ndarray,
+    eps: torch.Tensor,
+    timestep: int,
+    chosen: list[Site],
+    batch_size: int,
+) -> tuple[torch.dtype, dict[str, Any]]:
+    """``dtype=auto`` on CPU: the dtype an unfinished cache was started with, else measured."""
+    from pipeline.autotune import choose_cpu_dtype
+
+    started = read_identity(out).get("compute_dtype")
+    if started:
+        dt = getattr(torch, started)
+        report: dict[str, Any] = {"choice": started, "resumed": True}
+    else:
+        tiles = layout.tiles_of_chunk(0, 0)[: min(batch_size, 2)]
+        windows = np.stack([layout.window(padded, ti, tj) for ti, tj in tiles])
+        x = noised(torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()), eps, timestep,
+                   bb.scheduler)  # fmt: skip
+        labels = _class_labels(bb, tiles, 0, eps.device)
+        dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels)
+    if dt != bb.dtype:
+        bb.cast(dt)
+    return dt, report
 
 
 def _extract_chunk(

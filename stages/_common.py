@@ -12,6 +12,10 @@ import typer
 
 from pipeline.errors import ConfigError, HsicacheError
 
+BACKBONE_HELP = (
+    "builtin:tiny | builtin:adm64 | diffusers folder | hub id | guided-diffusion .pt checkpoint."
+)
+DTYPE_HELP = "auto (GPU: bf16/fp16; CPU: the faster of fp32/bf16, measured) | fp32 | bf16 | fp16."
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 
 
@@ -98,7 +102,12 @@ def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
 
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[Any]:
-    """A rich progress bar with items/s, yielded as a ``progress(done, total)`` callback."""
+    """A rich progress bar with items/s on stderr, yielded as a ``progress(done, total)`` callback.
+
+    On stderr so that stdout stays clean for ``--json`` output and pipes; it appears with the
+    first update, so an input error found before any work is the only line printed.
+    """
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -114,20 +123,27 @@ def progress_bar(description: str) -> Iterator[Any]:
             speed = task.finished_speed or task.speed
             return Text(f"{speed:.1f}/s" if speed else "-/s")
 
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         _Rate(""),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    )
+    task = bar.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:  # shown once work starts: input errors come first, alone
+            bar.start()
+        bar.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def run_app(app: typer.Typer) -> None:

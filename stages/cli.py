@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache, extract, layers, prepare
+from stages import bench, cache, extract, layers, prepare
 
 app = typer.Typer(
     add_completion=False,
@@ -15,6 +15,7 @@ app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
 app.command("layers", help=layers.layers.__doc__)(layers.layers)
 app.command("extract", help=extract.extract.__doc__)(extract.extract)
 app.add_typer(cache.app, name="cache", help=cache.__doc__)
+app.add_typer(bench.app, name="bench", help=bench.__doc__)
 
 
 def _version(value: bool) -> None:

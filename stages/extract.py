@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 
 from stages._common import (
+    BACKBONE_HELP,
     DEBUG_OPTION,
+    DTYPE_HELP,
     PARAMS_OPTION,
     parse_csv_ints,
     progress_bar,
@@ -21,9 +23,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def extract(
     scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
-    backbone: str = typer.Option(
-        ..., "--backbone", help="builtin:tiny | builtin:adm64 | diffusers folder | hub id."
-    ),
+    backbone: str = typer.Option(..., "--backbone", help=BACKBONE_HELP),
     timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps, e.g. 0,25."),
     sites: str = typer.Option(
         ..., "--sites", help="Comma-separated site names (`hsicache layers` lists them)."
@@ -35,7 +35,7 @@ def extract(
     stride: int = typer.Option(32, "--stride", help="Patch step = side of the square it owns."),
     batch_size: int = typer.Option(16, "--batch-size", help="Patches per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) or a device."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | fp32 | bf16 | fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
     noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the shared noise."),
     class_seed: int = typer.Option(
         0, "--class-seed", help="Seed of per-patch class ids (class-conditional backbones)."

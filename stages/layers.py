@@ -6,16 +6,14 @@ import json
 
 import typer
 
-from stages._common import DEBUG_OPTION, run_app, user_errors
+from stages._common import BACKBONE_HELP, DEBUG_OPTION, run_app, user_errors
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
 def layers(
-    backbone: str = typer.Option(
-        ..., "--backbone", help="builtin:tiny | builtin:adm64 | diffusers folder | hub id."
-    ),
+    backbone: str = typer.Option(..., "--backbone", help=BACKBONE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
     debug: bool = DEBUG_OPTION,
 ) -> None:

@@ -43,3 +43,9 @@ def runner() -> CliRunner:
 def leftovers(folder: Path) -> list[str]:
     """Names in ``folder`` (temporary files of atomic writes included)."""
     return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_user_cache(tmp_path_factory) -> None:
+    """Measured choices (pipeline.autotune) go to a throw-away cache, not the user's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, Site, load_backbone, seeded_noise
+from pipeline.backbone import Backbone, Site, _weights_hash, load_backbone, seeded_noise
 from pipeline.cache import FeatureCache
 from pipeline.errors import ConfigError, StoreError
 from pipeline.extract import TileLayout, extract_features
@@ -95,6 +95,21 @@ class TestBackbone:
             load_backbone("nobody/no-such-diffusion-model")
 
 
+class TestAutoDtype:
+    def test_measures_once_and_leaves_the_weights_exact(self, tiny):
+        from pipeline.autotune import choose_cpu_dtype
+
+        before = tiny.weights_sha256
+        x = torch.randn(2, 3, 32, 32)
+        dtype, report = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None)
+        assert dtype in (torch.float32, torch.bfloat16)
+        assert report["choice"] in ("fp32", "bf16") and 0 < report["rel_error"] < 0.1
+        assert report["fp32_s"] > 0 and report["bf16_s"] > 0
+        assert _weights_hash(tiny.unet) == before and tiny.dtype == torch.float32
+        again_dtype, again = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None)
+        assert again["cached"] and again_dtype == dtype
+
+
 class TestTileLayout:
     def test_every_pixel_owned_exactly_once(self):
         layout = TileLayout(height=40, width=37, patch=32, stride=16, chunk_tiles=2)
@@ -169,6 +184,14 @@ class TestExtract:
         extract_features(out=tmp_path / "cut.zarr", **kw)
         ref = _read_all(tmp_path / "ref.zarr", sites=["up1.res1"])
         assert _read_all(tmp_path / "cut.zarr", sites=["up1.res1"]).tobytes() == ref.tobytes()
+
+    def test_auto_dtype_resumes_with_the_dtype_it_started_with(self, scene, tmp_path):
+        kw = dict(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"],
+                  out=tmp_path / "c.zarr", stride=8, chunk_tiles=2)  # fmt: skip
+        extract_features(dtype="bf16", stop_after_chunks=1, **kw)
+        extract_features(dtype="auto", **kw)  # not measured afresh: no identity mismatch
+        cache = FeatureCache.open(tmp_path / "c.zarr")
+        assert cache.attrs["identity"]["compute_dtype"] == "bfloat16"
 
     def test_other_parameters_refuse_to_mix(self, tiny, scene, tmp_path):
         kw = dict(scene=scene, backbone=tiny, sites=SITES, out=tmp_path / "c.zarr", stride=16)
@@ -333,3 +356,27 @@ class TestCacheCommands:
         out = _small_chunked_cache(scene, tmp_path, stop_after_chunks=1)
         result = runner.invoke(app, ["cache", "verify", str(out)])
         assert result.exit_code == 1 and "8 of 9 chunks not written" in result.stderr
+
+
+class TestBenchExtract:
+    def test_json_figures(self, runner):
+        result = runner.invoke(
+            app,
+            ["bench", "extract", "--backbone", "builtin:tiny", "--naive-patches", "2", "--json"],
+        )
+        assert result.exit_code == 0, result.output
+        figures = json.loads(result.stdout)
+        assert list(figures) == [
+            "patches_per_s", "gflops", "matmul_gflops", "ratio_to_matmul", "write_mb_per_s",
+            "cache_to_raw", "naive_speedup",
+        ]  # fmt: skip
+        assert all(v > 0 for v in figures.values())
+        assert figures["ratio_to_matmul"] == pytest.approx(
+            figures["gflops"] / figures["matmul_gflops"]
+        )
+        assert figures["cache_to_raw"] < 1  # float16 + compression beat raw fp32
+
+    def test_unknown_site_is_one_line(self, runner):
+        result = runner.invoke(app, ["bench", "extract", "--backbone", "builtin:tiny",
+                                     "--sites", "up9.res9"])  # fmt: skip
+        assert result.exit_code == 2 and "unknown site `up9.res9`" in result.stderr

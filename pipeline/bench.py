@@ -1,0 +1,219 @@
+"""Benchmarks that print figures (never timed tests): stage one's extraction throughput.
+
+``bench_extract`` runs the real extraction on a scene (a synthetic one by default) and reports
+
+* ``patches_per_s`` — whole pipeline: noising, truncated forward, stitching, compressed writes;
+* ``gflops`` — achieved GFLOP/s of the truncated forward alone (FLOPs counted by
+  ``torch.utils.flop_counter``), ``matmul_gflops`` — a large matmul in the same process, device
+  and dtype, and ``ratio_to_matmul`` between them;
+* ``write_mb_per_s`` — uncompressed feature bytes the cache writer absorbs per second;
+* ``cache_to_raw`` — cache bytes on disk ÷ the same features as raw fp32;
+* ``naive_speedup`` — seconds per patch of the naive approach (fp32, one patch at a time, full
+  forward, every overlapping patch's full feature maps kept as fp32), measured in the same run on
+  the first ``naive_patches`` windows, ÷ our seconds per patch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.autotune import choose_cpu_dtype, time_call
+from pipeline.backbone import Backbone, load_backbone, noised, seeded_noise
+from pipeline.errors import ConfigError
+
+__all__ = ["EXTRACT_KEYS", "bench_extract", "default_site", "matmul_gflops"]
+
+EXTRACT_KEYS = (
+    "patches_per_s",
+    "gflops",
+    "matmul_gflops",
+    "ratio_to_matmul",
+    "write_mb_per_s",
+    "cache_to_raw",
+    "naive_speedup",
+)
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device) -> float:
+    """GFLOP/s of a square matmul large enough to reach the device's practical peak."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = time_call(lambda: a @ b, repeats=5, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def forward_flops(bb: Backbone, x: torch.Tensor, timestep: int, sites: Sequence[str],
+                  labels: torch.Tensor | None, truncate: bool) -> int:  # fmt: skip
+    """FLOPs of one (truncated) forward of the batch ``x``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        bb.features(x, timestep, list(sites), class_labels=labels, truncate=truncate)
+    return int(counter.get_total_flops())
+
+
+def default_site(bb: Backbone) -> str:
+    """The paper's *block 10* (``up2.attn2``) where the backbone has it, else its last site."""
+    names = [s.name for s in bb.sites]
+    return "up2.attn2" if "up2.attn2" in names else names[-1]
+
+
+def _store_bytes(path: Path) -> int:
+    files = [f for f in path.rglob("*") if f.is_file() and "progress" not in f.parts]
+    return sum(f.stat().st_size for f in files)
+
+
+def bench_extract(
+    backbone: str,
+    *,
+    scene: str | Path | None = None,
+    sites: Sequence[str] | None = None,
+    timesteps: Sequence[int] = (0,),
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 16,
+    stride: int | None = None,
+    naive_patches: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure stage one for one backbone / scene / dtype (see the module docstring).
+
+    Returns:
+        The :data:`EXTRACT_KEYS` figures plus a ``details`` mapping (device, dtype, patches,
+        FLOPs per patch, seconds, the naive figures and the CPU dtype measurement).
+    """
+    from pipeline.extract import TileLayout, _class_labels, extract_features, resolve_device
+    from pipeline.extract import resolve_dtype as _resolve
+    from pipeline.prepare import prepare
+    from pipeline.scene import open_scene
+
+    if naive_patches < 1:
+        raise ConfigError(f"`--naive-patches` must be at least 1, got {naive_patches}")
+    dev = resolve_device(device)
+    bb = load_backbone(backbone, device=dev)
+    names = list(sites) if sites else [default_site(bb)]
+    for name in names:
+        bb.site(name)
+    patch = bb.sample_size
+    stride = stride or patch // 2
+    with tempfile.TemporaryDirectory(prefix="hsicache-bench-") as tmp:
+        work = Path(tmp)
+        if scene is None:
+            scene = work / "scene.zarr"
+            prepare(out=scene, builtin="synthetic", per_class=5, seed=0)
+        sc = open_scene(scene)
+        layout = TileLayout(height=sc.shape[0], width=sc.shape[1], patch=patch, stride=stride,
+                            chunk_tiles=1)  # fmt: skip
+        padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
+        eps = seeded_noise((3, patch, patch), 0).to(dev)
+        tiles = [(i, j) for i in range(layout.tiles[0]) for j in range(layout.tiles[1])]
+        t0 = int(timesteps[0])
+
+        def batch_of(sel: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            win = np.stack([layout.window(padded, i, j) for i, j in sel]).transpose(0, 3, 1, 2)
+            x = noised(torch.from_numpy(win.copy()).to(dev), eps, t0, bb.scheduler)
+            return x, _class_labels(bb, sel, 0, dev)
+
+        naive = _naive(bb, layout, tiles[:naive_patches], batch_of, t0, names, work)
+
+        report: dict[str, Any] = {}
+        if dtype == "auto" and dev.type == "cpu":
+            x, labels = batch_of(tiles[:2])
+            dt, report = choose_cpu_dtype(bb, x, t0, names, labels)
+        else:
+            dt = _resolve(dtype, dev)
+        bb.cast(dt)
+
+        stats: dict[str, Any] = {}
+        started = time.perf_counter()
+        out = extract_features(scene=scene, backbone=bb, timesteps=timesteps, sites=names,
+                               out=work / "features.zarr", stride=stride, batch_size=batch_size,
+                               progress=progress, stats=stats)  # fmt: skip
+        wall = time.perf_counter() - started
+        patches = stats["patches"]
+        channels = sum(bb.site(n).channels for n in names) * len(timesteps)
+        raw = sc.shape[0] * sc.shape[1] * channels * 4
+        cache_to_raw = _store_bytes(out) / raw
+
+        x, labels = batch_of(tiles[: min(batch_size, len(tiles))])
+        x = x.to(dt)
+        flops = forward_flops(bb, x, t0, names, labels, truncate=True)
+        fwd_s = time_call(lambda: bb.features(x, t0, names, class_labels=labels), repeats=3)
+    gflops = flops / fwd_s / 1e9
+    mm = matmul_gflops(dt, dev)
+    ours_s = wall / patches
+    figures = {
+        "patches_per_s": patches / wall,
+        "gflops": gflops,
+        "matmul_gflops": mm,
+        "ratio_to_matmul": gflops / mm,
+        "write_mb_per_s": stats["written_bytes"] / max(stats["write_s"], 1e-9) / 1e6,
+        "cache_to_raw": cache_to_raw,
+        "naive_speedup": naive["s_per_patch"] / ours_s,
+    }
+    figures["details"] = {
+        "backbone": backbone,
+        "device": str(dev),
+        "dtype": str(dt).replace("torch.", ""),
+        "sites": names,
+        "timesteps": [int(t) for t in timesteps],
+        "scene_shape": list(sc.shape),
+        "patches": patches,
+        "batch_size": batch_size,
+        "gflop_per_patch_truncated": flops / x.shape[0] / 1e9,
+        "seconds": wall,
+        "naive": naive,
+        "cpu_dtype_measurement": report,
+    }
+    return figures
+
+
+def _naive(
+    bb: Backbone,
+    layout: Any,
+    tiles: list[tuple[int, int]],
+    batch_of: Callable[[list[tuple[int, int]]], tuple[torch.Tensor, torch.Tensor | None]],
+    timestep: int,
+    names: list[str],
+    work: Path,
+) -> dict[str, Any]:
+    """fp32, one patch per forward, full forward, every patch's full feature maps kept (fp32)."""
+    channels = sum(bb.site(n).channels for n in names)
+    patch = layout.patch
+    kept = np.lib.format.open_memmap(
+        work / "naive.npy", mode="w+", dtype=np.float32,
+        shape=(len(tiles), patch, patch, channels),
+    )  # fmt: skip
+    was = bb.dtype
+    bb.cast(torch.float32)
+
+    def one(k: int, tile: tuple[int, int]) -> None:
+        x, labels = batch_of([tile])
+        feats = bb.features(x, timestep, names, class_labels=labels, truncate=False)
+        maps = [
+            torch.nn.functional.interpolate(feats[n].float(), size=(patch, patch), mode="bilinear")
+            for n in names
+        ]
+        kept[k] = torch.cat(maps, dim=1)[0].permute(1, 2, 0).cpu().numpy()
+
+    one(0, tiles[0])  # warm-up
+    started = time.perf_counter()
+    for k, tile in enumerate(tiles):
+        one(k, tile)
+    kept.flush()
+    seconds = time.perf_counter() - started
+    bb.cast(was)
+    return {
+        "patches": len(tiles),
+        "s_per_patch": seconds / len(tiles),
+        "bytes_per_patch": int(kept[0].nbytes),
+    }

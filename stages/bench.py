@@ -1,0 +1,77 @@
+"""``hsicache bench``: benchmarks that print figures (speed targets live here, not in tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from stages._common import (
+    BACKBONE_HELP,
+    DEBUG_OPTION,
+    DTYPE_HELP,
+    parse_csv_ints,
+    progress_bar,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def extract(
+    backbone: str = typer.Option("builtin:adm64", "--backbone", help=BACKBONE_HELP),
+    scene: Path | None = typer.Option(
+        None, "--scene", help="Scene store (default: a synthetic 96 x 96 scene)."
+    ),
+    sites: str | None = typer.Option(
+        None, "--sites", help="Comma-separated sites (default: up2.attn2 where it exists)."
+    ),
+    timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) or a device."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Patches per forward pass."),
+    naive_patches: int = typer.Option(
+        4, "--naive-patches", help="Windows the naive baseline is timed on."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Patches/s, achieved vs matmul GFLOP/s, write MB/s, cache size and speed-up over naive."""
+    from pipeline.bench import EXTRACT_KEYS, bench_extract
+
+    with user_errors(debug), progress_bar("bench extract") as progress:
+        rep = bench_extract(
+            backbone,
+            scene=scene,
+            sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+            timesteps=parse_csv_ints(timesteps, "--timesteps") or [0],
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            naive_patches=naive_patches,
+            progress=progress,
+        )
+    if as_json:
+        typer.echo(json.dumps({k: rep[k] for k in EXTRACT_KEYS}))
+        return
+    d = rep["details"]
+    typer.echo(f"{d['backbone']} on {d['device']} ({d['dtype']}), sites {','.join(d['sites'])}, "
+               f"t={d['timesteps']}, scene {d['scene_shape'][0]}x{d['scene_shape'][1]}, "
+               f"{d['patches']} patches")  # fmt: skip
+    typer.echo(f"  patches/s          {rep['patches_per_s']:10.2f}")
+    typer.echo(f"  GFLOP/s (forward)  {rep['gflops']:10.1f}   "
+               f"({d['gflop_per_patch_truncated']:.2f} GFLOP per patch, truncated)")  # fmt: skip
+    typer.echo(f"  matmul GFLOP/s     {rep['matmul_gflops']:10.1f}")
+    typer.echo(f"  ratio to matmul    {rep['ratio_to_matmul']:10.2f}   (target >= 0.6)")
+    typer.echo(f"  cache write MB/s   {rep['write_mb_per_s']:10.1f}")
+    typer.echo(f"  cache / raw fp32   {rep['cache_to_raw']:10.3f}   (target <= 0.5)")
+    naive = d["naive"]
+    typer.echo(f"  naive speed-up     {rep['naive_speedup']:10.1f}x  "
+               f"(naive {naive['s_per_patch']:.2f} s/patch on {naive['patches']})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_app(app)
