@@ -12,7 +12,8 @@ Layout::
 ``y``, ``x`` and ``<site>.channel``. Spatial chunks are aligned to the extraction's stitch tiles,
 so parallel writers write disjoint chunk-aligned regions and a killed run resumes at the first
 chunk not marked done. Readers refuse a store that is not complete, of another format, or made
-from another scene (fingerprint) or backbone.
+from another image (the scene's ``image_fingerprint``: cube + rendering, so a new split of the
+same image reuses the cache) or backbone.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def create_or_resume(
         chunk: spatial chunk side (a multiple of the stitch tile).
         site_channels: channels of each site.
         timesteps: timesteps.
-        identity: everything that determines the content (scene fingerprint, backbone hash,
+        identity: everything that determines the content (image fingerprint, backbone hash,
             sites, timesteps, patch/stride, seeds, dtype); a store with another identity is
             refused rather than mixed.
         attrs: further provenance to store (package versions...).
@@ -141,7 +142,8 @@ class FeatureCache:
 
         Raises:
             SceneNotFoundError: no store at ``path``.
-            StoreError: not a feature cache, incomplete, or another scene fingerprint.
+            StoreError: not a feature cache, incomplete, or another image fingerprint
+                (``expect_fingerprint`` is the scene's ``image_fingerprint``).
         """
         import zarr
 
@@ -158,7 +160,7 @@ class FeatureCache:
                 f"feature cache `{p}` is incomplete ({int(done.sum())}/{done.size} chunks): "
                 "re-run the same `hsicache extract` command to finish it"
             )
-        fp = attrs["identity"]["scene_fingerprint"]
+        fp = attrs["identity"]["image_fingerprint"]
         if expect_fingerprint is not None and fp != expect_fingerprint:
             raise StoreError(
                 f"feature cache `{p}` was made from scene {fp[:12]}, not {expect_fingerprint[:12]}:"
@@ -183,8 +185,8 @@ class FeatureCache:
 
     @property
     def fingerprint(self) -> str:
-        """The scene fingerprint the cache was made from."""
-        return str(self.attrs["identity"]["scene_fingerprint"])
+        """The image fingerprint of the scene the cache was made from."""
+        return str(self.attrs["identity"]["image_fingerprint"])
 
     def array(self, timestep: int, site: str) -> Any:
         """The zarr array of one (timestep, site)."""
@@ -308,7 +310,7 @@ def verify_cache(path: str | Path, *, scene_fingerprint: str | None = None) -> l
         problems.append("the store is not marked complete")
     if scene_fingerprint is not None and cache.fingerprint != scene_fingerprint:
         problems.append(
-            f"scene fingerprint {cache.fingerprint[:12]} differs from the scene's "
+            f"image fingerprint {cache.fingerprint[:12]} differs from the scene's "
             f"{scene_fingerprint[:12]}"
         )
     for arr in cache.selection():

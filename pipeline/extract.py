@@ -245,7 +245,7 @@ def extract_features(
     if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
         dt, report = _auto_cpu_dtype(bb, out, layout, padded, eps, timesteps[0], chosen, batch_size)
     identity = {
-        "scene_fingerprint": sc.fingerprint,
+        "image_fingerprint": sc.image_fingerprint,
         "backbone": bb.spec,
         "weights_sha256": bb.weights_sha256,
         "timesteps": [int(t) for t in timesteps],

@@ -12,7 +12,7 @@ from pipeline.builtin import load_builtin
 from pipeline.errors import ConfigError, LabelError, NonFiniteError, ShapeMismatchError
 from pipeline.readers import read_cube, read_map
 from pipeline.render import render_rgb
-from pipeline.scene import Scene, scene_fingerprint, write_scene
+from pipeline.scene import Scene, image_fingerprint, scene_fingerprint, write_scene
 from pipeline.splits import encode_labels, make_split
 from pipeline.store import atomic_output
 
@@ -160,6 +160,7 @@ def build_scene(
         n_train=int(train.sum()),
         n_test=int(test.sum()),
         fingerprint=scene_fingerprint(cube_f, index_map, train, test, rendering.to_dict()),
+        image_fingerprint=image_fingerprint(cube_f, rendering.to_dict()),
     )
     return Scene(
         cube=cube_f,

@@ -30,7 +30,14 @@ import numpy as np
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.store import atomic_output, jsonable, package_versions, sha256_arrays
 
-__all__ = ["SCENE_FORMAT", "Scene", "open_scene", "scene_fingerprint", "write_scene"]
+__all__ = [
+    "SCENE_FORMAT",
+    "Scene",
+    "image_fingerprint",
+    "open_scene",
+    "scene_fingerprint",
+    "write_scene",
+]
 
 SCENE_FORMAT = "hsicache-scene/1"
 
@@ -78,6 +85,15 @@ class Scene:
         """The fingerprint stored with the scene (computed when it was prepared)."""
         return str(self.attrs["fingerprint"])
 
+    @property
+    def image_fingerprint(self) -> str:
+        """Fingerprint of what the backbone sees (cube + rendering), independent of the split.
+
+        Feature caches are keyed on it, so a new split (another seed, other masks) of the same
+        image reuses stage one.
+        """
+        return str(self.attrs.get("image_fingerprint") or self.attrs["fingerprint"])
+
 
 def scene_fingerprint(
     cube: np.ndarray,
@@ -94,6 +110,11 @@ def scene_fingerprint(
         np.asarray(test, dtype=bool),
         rendering,
     )
+
+
+def image_fingerprint(cube: np.ndarray, rendering: dict[str, Any]) -> str:
+    """SHA-256 over the cube and rendering parameters: what the feature cache depends on."""
+    return sha256_arrays(np.asarray(cube, dtype=np.float32), rendering)
 
 
 def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:

@@ -32,7 +32,7 @@ def info(
     typer.echo(f"backbone {ident['backbone']} (weights {ident['weights_sha256'][:12]}), "
                f"patch {ident['patch']}, stride {ident['stride']}, "
                f"noise seed {ident['noise_seed']}")  # fmt: skip
-    typer.echo(f"scene fingerprint {ident['scene_fingerprint'][:12]}")
+    typer.echo(f"image fingerprint {ident['image_fingerprint'][:12]}")
     for name, a in rep["arrays"].items():
         typer.echo(f"  {name:<24} {tuple(a['shape'])!s:<18} {a['bytes_on_disk'] / 1e6:8.2f} MB")
     typer.echo(
@@ -46,12 +46,12 @@ def verify(
     scene: Path | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Check every chunk is present, readable and finite, and the scene fingerprint matches."""
+    """Check every chunk is present, readable and finite, and made from this scene's image."""
     from pipeline.cache import verify_cache
     from pipeline.scene import open_scene
 
     with user_errors(debug):
-        fp = open_scene(scene).fingerprint if scene is not None else None
+        fp = open_scene(scene).image_fingerprint if scene is not None else None
         problems = verify_cache(store, scene_fingerprint=fp)
     if problems:
         typer.echo(f"error: cache `{store}` failed verification: {'; '.join(problems)}", err=True)

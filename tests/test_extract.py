@@ -32,7 +32,7 @@ def scene(tmp_path_factory) -> str:
     sc = prepare(out=path, builtin="synthetic", per_class=2, seed=0)
     sc.cube, sc.rgb, sc.labels = sc.cube[:40, :37], sc.rgb[:40, :37], sc.labels[:40, :37]
     sc.train, sc.test = sc.train[:40, :37], sc.test[:40, :37]
-    sc.attrs["fingerprint"] = "f" * 64
+    sc.attrs["fingerprint"] = sc.attrs["image_fingerprint"] = "f" * 64
     write_scene(sc, path)
     return str(path)
 
@@ -315,7 +315,7 @@ class TestExtractCli:
             out,
             expect_fingerprint=__import__("pipeline.scene", fromlist=["open_scene"])
             .open_scene(scene_path)
-            .fingerprint,
+            .image_fingerprint,
         )
         assert cache.shape == (83, 86)
         assert np.isfinite(cache.to_dask().compute()).all()

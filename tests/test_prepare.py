@@ -77,15 +77,19 @@ class TestPrepareCli:
         np.testing.assert_array_equal(scene.train, train_ref > 0)
         assert scene.attrs["split"]["protocol"] == "official"
 
-    def test_fingerprint_follows_the_split(self, runner, scenes, tmp_path):
-        fps = []
+    def test_fingerprint_follows_the_split_image_fingerprint_does_not(
+        self, runner, scenes, tmp_path
+    ):
+        fps, image_fps = [], []
         for seed in (0, 0, 1):
             out = tmp_path / f"s{len(fps)}.zarr"
             args = ["--cube", scenes / "tiny.npy", "--labels", scenes / "tiny_gt.npy"]
             result = _prepare(runner, *args, "--per-class", 2, "--seed", seed, "--out", out)
             assert result.exit_code == 0, result.output
             fps.append(open_scene(out).fingerprint)
+            image_fps.append(open_scene(out).image_fingerprint)
         assert fps[0] == fps[1] != fps[2]
+        assert len(set(image_fps)) == 1  # a new split reuses the feature cache
 
     def test_rewrite_replaces_the_store(self, runner, scenes, tmp_path):
         out = tmp_path / "s.zarr"
