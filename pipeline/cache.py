@@ -31,7 +31,7 @@ from pipeline.store import jsonable
 
 __all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "create_or_resume"]
 
-CACHE_FORMAT = "hsicache-features/1"
+CACHE_FORMAT = "hsicache-features/2"  # 2: keyed on the image fingerprint
 
 
 def array_path(timestep: int, site: str) -> str:

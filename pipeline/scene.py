@@ -174,12 +174,16 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
     return Path(path)
 
 
-def open_scene(path: str | Path, *, expect_fingerprint: str | None = None) -> Scene:
+def open_scene(
+    path: str | Path, *, expect_fingerprint: str | None = None, lazy: bool = False
+) -> Scene:
     """Read a scene store written by :func:`write_scene`.
 
     Args:
         path: the store.
         expect_fingerprint: when given, refuse a store whose fingerprint differs.
+        lazy: leave ``cube`` and ``rgb`` as dask arrays read chunk by chunk on demand (for
+            streaming over scenes larger than memory); the label maps are always read.
 
     Raises:
         SceneNotFoundError: no store at ``path``.
@@ -209,8 +213,8 @@ def open_scene(path: str | Path, *, expect_fingerprint: str | None = None) -> Sc
     wl = ds["wavelength"].values
     transform = ds.attrs.get("transform")
     return Scene(
-        cube=ds["cube"].values,
-        rgb=ds["rgb"].values,
+        cube=ds["cube"].data if lazy else ds["cube"].values,
+        rgb=ds["rgb"].data if lazy else ds["rgb"].values,
         labels=ds["labels"].values,
         train=ds["train"].values,
         test=ds["test"].values,

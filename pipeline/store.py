@@ -17,7 +17,9 @@ import numpy as np
 
 __all__ = ["atomic_output", "jsonable", "package_versions", "sha256_arrays"]
 
-_VERSIONED = ("hsicache", "numpy", "zarr", "xarray", "torch", "diffusers", "scikit-learn")
+_VERSIONED = (
+    "hsicache", "numpy", "zarr", "xarray", "torch", "diffusers", "scikit-learn", "xgboost", "skops",
+)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import bench, cache, extract, layers, prepare
+from stages import bench, cache, evaluate, extract, layers, predict, prepare, train
 
 app = typer.Typer(
     add_completion=False,
@@ -14,6 +14,9 @@ app = typer.Typer(
 app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
 app.command("layers", help=layers.layers.__doc__)(layers.layers)
 app.command("extract", help=extract.extract.__doc__)(extract.extract)
+app.command("train", help=train.train.__doc__)(train.train)
+app.command("evaluate", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
+app.command("predict", help=predict.predict.__doc__)(predict.predict)
 app.add_typer(cache.app, name="cache", help=cache.__doc__)
 app.add_typer(bench.app, name="bench", help=bench.__doc__)
 

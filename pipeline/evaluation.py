@@ -1,0 +1,265 @@
+"""Evaluate a trained head on the test pixels, over several seeds, and predict full-scene maps.
+
+Prediction streams the cache chunk by chunk (spectra are read from the scene store block by
+block too), writing into memory-mapped ``.npy`` outputs: peak memory depends on the chunk size,
+not the scene size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cache import FeatureCache
+from pipeline.errors import ConfigError
+from pipeline.metrics import (
+    classification_metrics,
+    plot_confusion,
+    summarise_seeds,
+    write_confusion_csv,
+)
+from pipeline.scene import Scene
+from pipeline.splits import make_split
+from pipeline.store import atomic_output, jsonable
+from pipeline.training import TrainedHead, assemble, fit_head, load_head, open_inputs
+
+__all__ = ["evaluate", "evaluate_seeds", "predict_map", "resplit", "write_evaluation"]
+
+
+def _test_predictions(
+    trained: TrainedHead, scene: Scene, cache: FeatureCache | None, test: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = np.nonzero(test)
+    if rows.size == 0:
+        raise ConfigError("the scene has no test pixels to evaluate on")
+    X, _ = assemble(scene, cache, rows, cols, trained.selection)
+    return scene.labels[rows, cols], np.asarray(trained.estimator.predict(X), dtype=np.int64)
+
+
+def evaluate(
+    *, scene: str | Path, cache: str | Path | None, head: str | Path
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics of a saved head on the scene's test pixels, with the actual/predicted indices."""
+    sc, fc = open_inputs(scene, cache)
+    trained = load_head(head)
+    trained.check_inputs(sc, fc, same_split=True)
+    actual, predicted = _test_predictions(trained, sc, fc, sc.test)
+    metrics = classification_metrics(actual, predicted, sc.class_names)
+    metrics["head"] = trained.meta["name"]
+    return metrics, actual, predicted
+
+
+def resplit(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's own split protocol drawn again with ``seed`` (``official``: unchanged)."""
+    split = scene.attrs.get("split") or {}
+    protocol = split.get("protocol", "per-class")
+    if protocol == "official":
+        return scene.train, scene.test
+    return make_split(
+        protocol,
+        scene.labels,
+        scene.class_ids,
+        seed=seed,
+        per_class=split.get("per_class"),
+        fraction=split.get("fraction"),
+        small_classes=split.get("small_classes", "error"),
+        block_size=split.get("block_size") or 16,
+        margin=split.get("margin") or 0,
+    )
+
+
+def evaluate_seeds(
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    head: str | Path,
+    seeds: list[int],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Refit the saved head's recipe on the split re-drawn with each seed; mean ± std.
+
+    The head's name, parameters and feature selection are reused; each seed draws the scene's
+    split protocol again (an ``official`` split stays fixed and only the head's seed changes)
+    and seeds the head. The cache is reused as is: the backbone never runs.
+    """
+    if not seeds:
+        raise ConfigError("`--seeds` needs at least one seed")
+    sc, fc = open_inputs(scene, cache)
+    recipe = load_head(head)
+    recipe.check_inputs(sc, fc, same_split=False)
+    sel = recipe.selection
+    runs = []
+    for k, seed in enumerate(seeds):
+        train, test = resplit(sc, seed)
+        trained = fit_head(recipe.meta["name"], recipe.meta["params"], sc, fc, train_mask=train,
+                           seed=seed, timesteps=list(sel.timesteps) or None,
+                           sites=list(sel.sites) or None)  # fmt: skip
+        actual, predicted = _test_predictions(trained, sc, fc, test)
+        run = classification_metrics(actual, predicted, sc.class_names)
+        runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
+                     "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
+        if progress:
+            progress(k + 1, len(seeds))
+    return {"head": recipe.meta["name"], **summarise_seeds(runs), "seeds": runs}
+
+
+def write_evaluation(
+    metrics: dict[str, Any],
+    out: str | Path,
+    *,
+    actual: np.ndarray | None = None,
+    predicted: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+    plot: str | Path | None = None,
+    png: str | Path | None = None,
+) -> None:
+    """``metrics.json``, the DVC confusion plot CSV and the confusion-matrix PNG, atomically."""
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(jsonable(metrics), indent=2))
+    if plot is not None and actual is not None and predicted is not None and class_names:
+        with atomic_output(plot) as tmp:
+            write_confusion_csv(tmp, actual, predicted, class_names)
+    if png is not None and "confusion_matrix" in metrics and class_names:
+        import matplotlib.pyplot as plt
+
+        title = (f"{metrics.get('head', '')}: OA {metrics['oa']:.3f}, AA {metrics['aa']:.3f}, "
+                 f"kappa {metrics['kappa']:.3f}")  # fmt: skip
+        fig = plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, title)
+        with atomic_output(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+
+
+def predict_map(
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    head: str | Path,
+    out: str | Path,
+    png: str | Path | None = None,
+    geotiff: str | Path | None = None,
+    confidence: str | Path | None = None,
+    block: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Predict every pixel, streaming block by block; the map holds the scene's class ids.
+
+    Args:
+        scene, cache, head: inputs (the head must have been trained on this scene image/cache).
+        out: ``.npy`` map of original class ids (``int32``).
+        png: a colour map with a legend of class names.
+        geotiff: a GeoTIFF of the map with the scene's CRS/transform (the scene must have them).
+        confidence: ``.npy`` of the winning class probability (``float32``).
+        block: block side (default: the cache's chunk side, else 256).
+        progress: ``progress(done_blocks, total_blocks)``.
+
+    Returns:
+        A summary: shape, blocks, class pixel counts, outputs written.
+    """
+    sc, fc = open_inputs(scene, cache, lazy=True)
+    trained = load_head(head)
+    trained.check_inputs(sc, fc, same_split=False)
+    if geotiff is not None and not sc.crs:
+        raise ConfigError(f"scene `{scene}` has no CRS/transform, so no GeoTIFF can be written; "
+                          "drop --geotiff")  # fmt: skip
+    est = trained.estimator
+    if confidence is not None and not hasattr(est, "predict_proba"):
+        raise ConfigError(
+            f"head `{trained.meta['name']}` gives no class probabilities, so no --confidence "
+            "map; drop it (an svm head predicts labels only)"
+        )
+    sel = trained.selection
+    h, w = sc.shape
+    if block is None:
+        block = fc.selection(sel.timesteps, sel.sites)[0].chunks[0] if sel.spatial and fc else 256
+    class_ids = np.asarray(sc.class_ids)
+    arrays = fc.selection(sel.timesteps, sel.sites) if sel.spatial and fc else []
+    grid = [(y, x) for y in range(0, h, block) for x in range(0, w, block)]
+    with atomic_output(out) as tmp_map, _maybe(confidence) as tmp_conf:
+        labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
+        conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
+                if tmp_conf is not None else None)  # fmt: skip
+        for k, (y0, x0) in enumerate(grid):
+            y1, x1 = min(y0 + block, h), min(x0 + block, w)
+            parts = []
+            if sel.spectral:
+                parts.append(np.asarray(sc.cube[y0:y1, x0:x1], dtype=np.float32))
+            parts += [np.asarray(a[y0:y1, x0:x1], dtype=np.float32) for a in arrays]
+            X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
+            if conf is not None:
+                proba = est.predict_proba(X)
+                best = np.argmax(proba, axis=1)
+                conf[y0:y1, x0:x1] = proba[np.arange(len(best)), best].reshape(y1 - y0, x1 - x0)
+                pred = np.asarray(est.classes_, dtype=np.int64)[best]
+            else:
+                pred = np.asarray(est.predict(X), dtype=np.int64)
+            labels[y0:y1, x0:x1] = class_ids[pred].reshape(y1 - y0, x1 - x0)
+            if progress:
+                progress(k + 1, len(grid))
+        labels.flush()
+        del labels, conf
+    result = np.load(out, mmap_mode="r")
+    if png is not None:
+        _write_png(result, sc, png, title=f"{trained.meta['name']} map")
+    if geotiff is not None:
+        _write_geotiff(result, sc, geotiff)
+    counts = {name: int((result == cid).sum()) for cid, name in zip(class_ids, sc.class_names,
+                                                                    strict=True)}  # fmt: skip
+    return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
+
+
+class _maybe:
+    """``atomic_output(path)`` when a path is given, else a context yielding ``None``."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self._ctx = atomic_output(path) if path is not None else None
+
+    def __enter__(self) -> Path | None:
+        return self._ctx.__enter__() if self._ctx else None
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._ctx.__exit__(*exc) if self._ctx else False
+
+
+def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from pipeline.plots import class_colors
+
+    colors = class_colors(len(sc.class_ids))
+    index = np.zeros(result.shape, dtype=np.int32)
+    for i, cid in enumerate(sc.class_ids):
+        index[np.asarray(result) == cid] = i
+    h, w = result.shape
+    fig, ax = plt.subplots(figsize=(min(12, 3 + w / 60), min(12, 1 + h / 60)))
+    ax.imshow(index, cmap=ListedColormap(colors), vmin=0, vmax=len(colors) - 1,
+              interpolation="nearest")  # fmt: skip
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, sc.class_names,
+                                                                 strict=True)],
+              loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)  # fmt: skip
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
+    import rasterio
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    h, w = result.shape
+    transform = Affine(*sc.transform[:6]) if sc.transform else Affine.identity()
+    profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "int32",
+               "crs": CRS.from_wkt(sc.crs), "transform": transform, "nodata": -1,
+               "compress": "deflate"}  # fmt: skip
+    with atomic_output(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(np.asarray(result), 1)

@@ -1,0 +1,468 @@
+"""Stage two heads: scikit-learn-contract classifiers trained on cached features.
+
+Every head takes ``X = [spectrum | spatial features]`` (the first ``n_spectral`` columns are the
+pixel's spectrum, the rest its cached backbone features) or just one of the two parts, and is a
+scikit-learn classifier (``fit``/``predict``/``predict_proba``/``get_params``, ``classes_``,
+``n_features_in_``). Normalisation (and PCA) statistics are fitted inside ``fit``, i.e. on the
+train pixels only.
+
+* :class:`FiLMClassifier` — the paper's spectral FiLM fusion: an encoder turns the (normalised,
+  optionally PCA-reduced) spectrum into per-channel ``gamma`` and ``beta``; the projected spatial
+  features ``h`` become ``(1 + gamma) * h + beta``; an MLP classifies.
+* :class:`MLPHead` — an MLP on whatever columns it is given (the ``concat``, ``spatial`` and
+  ``spectral`` heads are MLPs on both parts, the spatial part, the spectrum).
+
+Both train with AdamW on a class-balanced cross-entropy, optional mixup, and early stopping on a
+stratified validation part of the train labels when every class has enough of them; seeded.
+:func:`make_head` builds any registered head by name (also ``svm``, ``rf``, ``logreg``,
+``xgboost`` and scikit-learn classifiers by import path).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from pipeline.errors import ConfigError
+
+__all__ = ["FEATURE_MODES", "HEADS", "FiLMClassifier", "MLPHead", "make_head"]
+
+#: Which part of ``[spectrum | spatial]`` each built-in head reads; classic heads take ``use``.
+HEADS: dict[str, str | None] = {
+    "film": "both",
+    "concat": "both",
+    "spatial": "spatial",
+    "spectral": "spectral",
+    "svm": None,
+    "rf": None,
+    "logreg": None,
+    "xgboost": None,
+}
+FEATURE_MODES = ("spectral", "spatial", "both")
+
+
+class _TorchHead(ClassifierMixin, BaseEstimator):
+    """Shared training loop, preprocessing and prediction of the torch heads."""
+
+    def _split_sizes(self, n_features: int) -> tuple[int, int]:
+        n_spec = self.n_spectral if self.n_spectral is not None else max(1, n_features // 2)
+        if not 0 <= n_spec <= n_features:
+            raise ValueError(f"n_spectral={n_spec} does not fit X with {n_features} features")
+        return n_spec, n_features - n_spec
+
+    def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def _prepare_stats(self, X: np.ndarray, n_spec: int) -> None:
+        mean, std = X.mean(axis=0), X.std(axis=0)
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        self.components_ = None
+        k = getattr(self, "spectral_pca", None)
+        if k and n_spec > k:
+            z = (X[:, :n_spec] - self.mean_[:n_spec]) / self.scale_[:n_spec]
+            _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+            self.components_ = vt[: min(k, vt.shape[0])].T.astype(np.float32)  # (n_spec, k)
+
+    def _inputs(self, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
+        n_spec = self.n_spec_
+        spec, spat = z[:, :n_spec], z[:, n_spec:]
+        if self.components_ is not None:
+            spec = spec @ self.components_
+        return torch.from_numpy(np.ascontiguousarray(spec)), torch.from_numpy(
+            np.ascontiguousarray(spat)
+        )
+
+    def fit(self, X: Any, y: Any) -> _TorchHead:
+        """Fit on ``X`` (``[spectrum | spatial]`` rows) and class labels ``y``."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        n_spec, _ = self._split_sizes(X.shape[1])
+        self.n_spec_ = n_spec
+        self._prepare_stats(X, n_spec)
+        spec, spat = self._inputs(X)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            self.module_ = self._build(spec.shape[1], spat.shape[1], len(self.classes_))
+            self.n_epochs_, self.best_val_ = _train(self, self.module_, spec, spat, codes)
+        self.module_.eval()
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities, ``(n, n_classes)`` in the order of ``classes_``."""
+        check_is_fitted(self, "module_")
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        spec, spat = self._inputs(X)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, max(len(X), 1), 65536):
+                logits = self.module_(spec[i : i + 65536], spat[i : i + 65536])
+                out.append(torch.softmax(logits.float(), dim=1).numpy())
+        return np.concatenate(out)[: len(X)]
+
+    def predict(self, X: Any) -> np.ndarray:
+        """The most probable class of each row."""
+        proba = self.predict_proba(X)  # checks fitted first
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything fitted, as tensors (for safetensors)."""
+        state = {f"module.{k}": v.detach().cpu() for k, v in self.module_.state_dict().items()}
+        state["prep.mean"] = torch.from_numpy(self.mean_)
+        state["prep.scale"] = torch.from_numpy(self.scale_)
+        if self.components_ is not None:
+            state["prep.components"] = torch.from_numpy(self.components_)
+        return state
+
+    def fitted_config(self) -> dict[str, Any]:
+        """The fitted sizes needed to rebuild the module before loading its weights."""
+        return {
+            "n_features_in": int(self.n_features_in_),
+            "n_spec": int(self.n_spec_),
+            "classes": self.classes_.tolist(),
+            "n_epochs": int(self.n_epochs_),
+        }
+
+    @classmethod
+    def from_state(
+        cls, params: dict[str, Any], fitted: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> _TorchHead:
+        """Rebuild a fitted head from :meth:`get_params`, :meth:`fitted_config` and tensors."""
+        head = cls(**params)
+        head.n_features_in_ = fitted["n_features_in"]
+        head.n_spec_ = fitted["n_spec"]
+        head.classes_ = np.asarray(fitted["classes"])
+        head.n_epochs_ = fitted["n_epochs"]
+        head.best_val_ = None
+        head.mean_ = state["prep.mean"].numpy()
+        head.scale_ = state["prep.scale"].numpy()
+        comp = state.get("prep.components")
+        head.components_ = comp.numpy() if comp is not None else None
+        n_spec = head.components_.shape[1] if head.components_ is not None else head.n_spec_
+        n_spat = head.n_features_in_ - head.n_spec_
+        head.module_ = head._build(n_spec, n_spat, len(head.classes_))
+        head.module_.load_state_dict(
+            {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
+        )
+        head.module_.eval()
+        return head
+
+
+def _train(
+    head: _TorchHead, module: nn.Module, spec: torch.Tensor, spat: torch.Tensor, codes: np.ndarray
+) -> tuple[int, float | None]:
+    """AdamW, class-balanced CE, optional mixup, early stopping when a validation part fits."""
+    rng = np.random.default_rng(head.random_state)
+    n_classes = int(codes.max()) + 1
+    counts = np.bincount(codes, minlength=n_classes)
+    train_idx, val_idx = np.arange(len(codes)), np.array([], dtype=int)
+    frac = head.validation_fraction
+    if frac and counts.min() >= head.min_val_per_class / frac:
+        val = [
+            rng.choice(np.flatnonzero(codes == k), round(c * frac), replace=False)
+            for k, c in enumerate(counts)
+        ]
+        val_idx = np.concatenate(val)
+        train_idx = np.setdiff1d(train_idx, val_idx)
+    fit_counts = np.bincount(codes[train_idx], minlength=n_classes).astype(np.float64)
+    weights = np.where(fit_counts > 0, len(train_idx) / (n_classes * np.maximum(fit_counts, 1)), 0)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32) if head.class_balanced else None
+    )
+    target = torch.from_numpy(codes.astype(np.int64))
+    opt = torch.optim.AdamW(module.parameters(), lr=head.learning_rate,
+                            weight_decay=head.weight_decay)  # fmt: skip
+    best, best_state, since, epochs = math.inf, None, 0, 0
+    for epoch in range(head.max_epochs):
+        module.train()
+        order = train_idx[rng.permutation(len(train_idx))]
+        for b0 in range(0, len(order), head.batch_size):
+            idx = torch.from_numpy(order[b0 : b0 + head.batch_size])
+            xs, xf, yt = spec[idx], spat[idx], target[idx]
+            if head.mixup_alpha and len(idx) > 1:
+                lam = float(rng.beta(head.mixup_alpha, head.mixup_alpha))
+                perm = torch.from_numpy(rng.permutation(len(idx)))
+                xs = lam * xs + (1 - lam) * xs[perm]
+                xf = lam * xf + (1 - lam) * xf[perm]
+                logits = module(xs, xf)
+                loss = lam * loss_fn(logits, yt) + (1 - lam) * loss_fn(logits, yt[perm])
+            else:
+                loss = loss_fn(module(xs, xf), yt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs = epoch + 1
+        if len(val_idx):
+            module.eval()
+            with torch.inference_mode():
+                vi = torch.from_numpy(val_idx)
+                val_loss = float(loss_fn(module(spec[vi], spat[vi]), target[vi]))
+            if val_loss < best - 1e-4:
+                best, since = val_loss, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                since += 1
+                if since >= head.patience:
+                    break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return epochs, (best if best_state is not None else None)
+
+
+_TRAIN_DOC = """
+    Training args:
+        hidden: width of the hidden layers.
+        dropout: dropout before each hidden and the output layer.
+        learning_rate, weight_decay: AdamW.
+        max_epochs, batch_size: epochs (upper bound with early stopping) and mini-batch size.
+        mixup_alpha: Beta(alpha, alpha) mixup of inputs and targets; 0 turns it off.
+        class_balanced: weight the loss by inverse class frequency.
+        validation_fraction: part of each class held out for early stopping, used only when
+            every class then has at least ``min_val_per_class`` validation pixels.
+        patience: epochs without validation improvement before stopping.
+        random_state: seed of initialisation, shuffling, mixup and the validation part.
+"""
+
+
+class FiLMClassifier(_TorchHead):
+    """Spectral FiLM fusion of cached spatial features (Hu, Banerjee & Prasad, GeoDiffNet-F).
+
+    Args:
+        n_spectral: the first ``n_spectral`` columns of ``X`` are the spectrum, the rest spatial
+            features (``None``: half of the columns, for generic use).
+        spectral_pca: reduce the normalised spectrum to this many principal components first.
+        width: channels of the projected spatial features that ``gamma``/``beta`` modulate.
+    """
+
+    __doc__ = (__doc__ or "") + _TRAIN_DOC
+
+    def __init__(
+        self,
+        n_spectral: int | None = None,
+        *,
+        spectral_pca: int | None = None,
+        width: int = 128,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 300,
+        batch_size: int = 256,
+        mixup_alpha: float = 0.2,
+        class_balanced: bool = True,
+        validation_fraction: float = 0.2,
+        min_val_per_class: int = 2,
+        patience: int = 40,
+        random_state: int = 0,
+    ) -> None:
+        self.n_spectral = n_spectral
+        self.spectral_pca = spectral_pca
+        self.width = width
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.mixup_alpha = mixup_alpha
+        self.class_balanced = class_balanced
+        self.validation_fraction = validation_fraction
+        self.min_val_per_class = min_val_per_class
+        self.patience = patience
+        self.random_state = random_state
+
+    def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
+        return _FiLMNet(n_spec, n_spat, n_classes, self.width, self.hidden, self.dropout)
+
+
+class MLPHead(_TorchHead):
+    """An MLP on all columns of ``X`` (``concat``/``spatial``/``spectral`` heads).
+
+    Args:
+        n_spectral: kept for a uniform interface; the MLP reads every column (``None``).
+        spectral_pca: with ``n_spectral``, reduce that many leading columns by PCA first.
+    """
+
+    __doc__ = (__doc__ or "") + _TRAIN_DOC
+
+    def __init__(
+        self,
+        n_spectral: int | None = 0,
+        *,
+        spectral_pca: int | None = None,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 1e-4,
+        max_epochs: int = 300,
+        batch_size: int = 256,
+        mixup_alpha: float = 0.0,
+        class_balanced: bool = True,
+        validation_fraction: float = 0.2,
+        min_val_per_class: int = 2,
+        patience: int = 40,
+        random_state: int = 0,
+    ) -> None:
+        self.n_spectral = n_spectral
+        self.spectral_pca = spectral_pca
+        self.hidden = hidden
+        self.dropout = dropout
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.mixup_alpha = mixup_alpha
+        self.class_balanced = class_balanced
+        self.validation_fraction = validation_fraction
+        self.min_val_per_class = min_val_per_class
+        self.patience = patience
+        self.random_state = random_state
+
+    def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
+        return _MLPNet(n_spec + n_spat, n_classes, self.hidden, self.dropout)
+
+
+class _FiLMNet(nn.Module):
+    def __init__(self, n_spec: int, n_spat: int, n_classes: int, width: int, hidden: int,
+                 dropout: float) -> None:  # fmt: skip
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(n_spec, hidden), nn.GELU(),
+                                     nn.Linear(hidden, 2 * width))  # fmt: skip
+        nn.init.zeros_(self.encoder[-1].weight)  # start as the identity modulation
+        nn.init.zeros_(self.encoder[-1].bias)
+        self.project = nn.Sequential(nn.Linear(n_spat, width), nn.LayerNorm(width))
+        self.classify = nn.Sequential(
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(),
+            nn.Dropout(dropout), nn.Linear(hidden, n_classes),
+        )  # fmt: skip
+
+    def forward(self, spec: torch.Tensor, spat: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.encoder(spec).chunk(2, dim=1)
+        return self.classify((1 + gamma) * self.project(spat) + beta)
+
+
+class _MLPNet(nn.Module):
+    def __init__(self, n_in: int, n_classes: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, n_classes),
+        )  # fmt: skip
+
+    def forward(self, spec: torch.Tensor, spat: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([spec, spat], dim=1))
+
+
+def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: Any) -> Any:
+    """Build the head called ``name`` (see :data:`HEADS`) or a classifier by import path.
+
+    Args:
+        name: a :data:`HEADS` key, or ``package.module.Class`` of a scikit-learn classifier.
+        n_spectral: spectral columns at the front of ``X`` (for ``film``).
+        random_state: seed.
+        **params: the head's keyword arguments; classic heads also take ``pca`` (components
+            fitted on the train pixels; ``None`` = none). ``use`` is consumed by the caller.
+
+    Raises:
+        ConfigError: unknown name or parameter.
+    """
+    params = dict(params)
+    try:
+        if name == "film":
+            return FiLMClassifier(n_spectral=n_spectral, random_state=random_state, **params)
+        if name in ("concat", "spatial", "spectral"):
+            return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
+        pca = params.pop("pca", None)
+        if name == "svm":
+            from sklearn.svm import SVC
+
+            params.setdefault("C", 100.0)
+            params.setdefault("gamma", "scale")
+            est = SVC(class_weight="balanced", random_state=random_state, **params)
+        elif name == "rf":
+            from sklearn.ensemble import RandomForestClassifier
+
+            params.setdefault("n_estimators", 300)
+            est = RandomForestClassifier(random_state=random_state, n_jobs=-1, **params)
+        elif name == "logreg":
+            from sklearn.linear_model import LogisticRegression
+
+            params.setdefault("max_iter", 2000)
+            est = LogisticRegression(class_weight="balanced", **params)
+        elif name == "xgboost":
+            from xgboost import XGBClassifier
+
+            params.setdefault("n_estimators", 300)
+            params.setdefault("max_depth", 4)
+            params.setdefault("learning_rate", 0.1)
+            est = _EncodedXGB(XGBClassifier(random_state=random_state, n_jobs=-1, **params))
+        elif "." in name:
+            est = _by_import_path(name, random_state, params)
+        else:
+            raise ConfigError(
+                f"unknown head `{name}`: choose one of {', '.join(HEADS)} or give a "
+                "scikit-learn classifier's import path (sklearn.ensemble.ExtraTreesClassifier)"
+            )
+    except TypeError as exc:
+        raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    steps: list[Any] = [StandardScaler()]
+    if pca:
+        steps.append(PCA(n_components=int(pca), random_state=random_state))
+    return make_pipeline(*steps, est)
+
+
+def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any:
+    module_name, _, cls_name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"cannot import head `{path}`") from None
+    if not (isinstance(cls, type) and issubclass(cls, BaseEstimator) and hasattr(cls, "predict")):
+        raise ConfigError(f"`{path}` is not a scikit-learn estimator class")
+    est = cls(**params)
+    if "random_state" in est.get_params() and "random_state" not in params:
+        est.set_params(random_state=random_state)
+    return est
+
+
+class _EncodedXGB(ClassifierMixin, BaseEstimator):
+    """XGBoost with any class labels (it wants 0..K-1), as a scikit-learn classifier."""
+
+    def __init__(self, model: Any = None) -> None:
+        self.model = model
+
+    def fit(self, X: Any, y: Any) -> _EncodedXGB:
+        X, y = validate_data(self, X, y)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        self.model_ = copy.deepcopy(self.model)
+        self.model_.fit(X, codes)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False)
+        proba = self.model_.predict_proba(X)
+        if proba.shape[1] != len(self.classes_):  # one class: xgboost returns one column
+            proba = np.ones((len(X), 1))
+        return proba
+
+    def predict(self, X: Any) -> np.ndarray:
+        proba = self.predict_proba(X)  # checks fitted first
+        return self.classes_[np.argmax(proba, axis=1)]

@@ -1,0 +1,68 @@
+"""``hsicache evaluate``: a head's accuracy on the test pixels (or over several seeds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages._common import (
+    DEBUG_OPTION,
+    PARAMS_OPTION,
+    parse_csv_ints,
+    progress_bar,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def evaluate(
+    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    features: Path | None = typer.Option(
+        None, "--features", help="Feature cache the head was trained on."
+    ),
+    head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
+    metrics: Path = typer.Option(..., "--metrics", help="metrics.json to write (DVC metrics)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="CSV of actual,predicted per test pixel (DVC confusion plot)."
+    ),
+    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG."),
+    seeds: str | None = typer.Option(
+        None,
+        "--seeds",
+        help="Comma-separated seeds: refit the head's recipe on the split re-drawn with each "
+        "seed and report mean ± std (the cache is reused).",
+    ),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """OA, AA, kappa, per-class precision/recall/F1/IoU, mIoU and the confusion matrix."""
+    from pipeline.evaluation import evaluate as run_evaluate
+    from pipeline.evaluation import evaluate_seeds, write_evaluation
+    from pipeline.scene import open_scene
+
+    with user_errors(debug):
+        seed_list = parse_csv_ints(seeds, "--seeds")
+        if seed_list:
+            with progress_bar("seeds") as progress:
+                summary = evaluate_seeds(scene=scene, cache=features, head=head,
+                                         seeds=seed_list, progress=progress)  # fmt: skip
+            write_evaluation(summary, metrics)
+            typer.echo(f"{summary['head']} over {len(seed_list)} seeds: "
+                       + ", ".join(f"{k.upper()} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}"
+                                   for k in ("oa", "aa", "kappa")))  # fmt: skip
+            return
+        result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head)
+        names = open_scene(scene).class_names
+        write_evaluation(result, metrics, actual=actual, predicted=predicted, class_names=names,
+                         plot=plot, png=png)  # fmt: skip
+    typer.echo(f"{result['head']}: OA {result['oa']:.4f}, AA {result['aa']:.4f}, "
+               f"kappa {result['kappa']:.4f}, mIoU {result['miou']:.4f} "
+               f"on {result['n_test']} test pixels -> {metrics}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -1,0 +1,44 @@
+"""``hsicache predict``: the full-scene land-cover map, streamed block by block from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages._common import DEBUG_OPTION, PARAMS_OPTION, progress_bar, run_app, user_errors
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def predict(
+    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    features: Path | None = typer.Option(
+        None, "--features", help="Feature cache the head was trained on."
+    ),
+    head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
+    out: Path = typer.Option(..., "--out", help="Map to write (.npy of the scene's class ids)."),
+    png: Path | None = typer.Option(None, "--png", help="Colour map PNG with a class legend."),
+    geotiff: Path | None = typer.Option(
+        None, "--geotiff", help="GeoTIFF with the scene's CRS/transform (georeferenced scenes)."
+    ),
+    confidence: Path | None = typer.Option(
+        None, "--confidence", help="Per-pixel confidence (.npy, winning class probability)."
+    ),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Predict every pixel without loading all features into memory."""
+    from pipeline.evaluation import predict_map
+
+    with user_errors(debug), progress_bar("predict") as progress:
+        summary = predict_map(scene=scene, cache=features, head=head, out=out, png=png,
+                              geotiff=geotiff, confidence=confidence,
+                              progress=progress)  # fmt: skip
+    h, w = summary["shape"]
+    typer.echo(f"wrote {out} ({h}x{w}, {summary['blocks']} blocks)")
+
+
+if __name__ == "__main__":
+    run_app(app)

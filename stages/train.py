@@ -1,0 +1,90 @@
+"""``hsicache train``: fit one head on the train pixels of a scene and its feature cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from stages._common import (
+    DEBUG_OPTION,
+    PARAMS_OPTION,
+    load_params_section,
+    parse_csv_ints,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+HEAD_HELP = (
+    "film | concat | spatial | spectral | svm | rf | logreg | xgboost | an import path such as "
+    "sklearn.ensemble.ExtraTreesClassifier."
+)
+
+
+def head_params_for(head: str, given: str | None, params_file: Path | None) -> dict[str, Any]:
+    """``--head-params`` JSON, else the ``heads.<head>`` section of the params file, else {}."""
+    from pipeline.errors import ConfigError
+
+    if given:
+        try:
+            value = json.loads(given)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"`--head-params` is not valid JSON: {exc.msg}") from None
+        if not isinstance(value, dict):
+            raise ConfigError("`--head-params` must be a JSON object of keyword arguments")
+        return value
+    if params_file is not None:
+        section = load_params_section(params_file, "heads").get(head) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"`heads.{head}` in `{params_file}` must be a mapping")
+        return dict(section)
+    return {}
+
+
+@app.command()
+def train(
+    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    features: Path | None = typer.Option(
+        None, "--features", help="Feature cache from `hsicache extract` (not needed: spectral)."
+    ),
+    head: str = typer.Option(..., "--head", help=HEAD_HELP),
+    head_params: str | None = typer.Option(
+        None,
+        "--head-params",
+        help="JSON keyword arguments of the head (default: `heads.<head>` in --params); classic "
+        'heads also take "use": spectral|spatial|both and "pca": N.',
+    ),
+    timesteps: str | None = typer.Option(
+        None, "--timesteps", help="Cached timesteps to use (default: all)."
+    ),
+    sites: str | None = typer.Option(None, "--sites", help="Cached sites to use (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the head's training."),
+    out: Path = typer.Option(..., "--out", help="Head folder to write."),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Fit a head on the train pixels (the backbone never runs) and save it."""
+    from pipeline.training import train_head
+
+    with user_errors(debug):
+        trained = train_head(
+            scene=scene,
+            cache=features,
+            head=head,
+            out=out,
+            params=head_params_for(head, head_params, params),
+            timesteps=parse_csv_ints(timesteps, "--timesteps"),
+            sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+            seed=seed,
+        )
+    meta = trained.meta
+    typer.echo(f"wrote {out}: {meta['name']} on {meta['n_train']} pixels x "
+               f"{meta['n_features']} features in {meta['train_seconds']:.1f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -1,0 +1,251 @@
+"""Stage two: the heads' estimator contract, FiLM fusion, metrics, saved heads and the CLI."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from xgboost import XGBClassifier
+
+from pipeline.errors import StoreError
+from pipeline.evaluation import predict_map
+from pipeline.extract import extract_features
+from pipeline.heads import FiLMClassifier, MLPHead, _EncodedXGB, make_head
+from pipeline.metrics import classification_metrics, confusion_matrix
+from pipeline.prepare import prepare
+from pipeline.training import load_head, train_head
+from stages.cli import app
+
+
+@parametrize_with_checks(
+    [
+        FiLMClassifier(max_epochs=60),
+        MLPHead(max_epochs=60),
+        _EncodedXGB(XGBClassifier(n_estimators=10)),
+    ]
+)
+def test_sklearn_estimator_contract(estimator, check):
+    check(estimator)
+
+
+def _twins(n: int, *, separable_by: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes; only the ``spectral`` or only the ``spatial`` block tells them apart."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    spec = rng.normal(size=(n, 16))
+    spat = rng.normal(size=(n, 32))
+    signal = np.where(y == 1, 1.5, -1.5)[:, None]
+    if separable_by == "spectral":
+        spec[:, :4] += signal
+    else:
+        spat[:, :4] += signal
+    return np.hstack([spec, spat]).astype(np.float32), y
+
+
+class TestFiLM:
+    @pytest.mark.parametrize("separable_by", ["spatial", "spectral"])
+    def test_learns_from_whichever_part_separates(self, separable_by):
+        X, y = _twins(400, separable_by=separable_by)
+        Xt, yt = _twins(400, separable_by=separable_by, seed=1)
+        film = FiLMClassifier(n_spectral=16, max_epochs=150).fit(X, y)
+        assert film.score(Xt, yt) > 0.9
+        # the part that does not separate really does not: an MLP on it alone is at chance
+        other = slice(16, None) if separable_by == "spectral" else slice(0, 16)
+        mlp = MLPHead(max_epochs=150).fit(X[:, other], y)
+        assert mlp.score(Xt[:, other], yt) < 0.65
+
+    def test_seeded(self):
+        X, y = _twins(100, separable_by="spatial")
+        a = FiLMClassifier(n_spectral=16, max_epochs=20, random_state=3).fit(X, y)
+        b = FiLMClassifier(n_spectral=16, max_epochs=20, random_state=3).fit(X, y)
+        np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+
+    def test_spectral_pca_and_early_stopping(self):
+        X, y = _twins(200, separable_by="spectral")
+        film = FiLMClassifier(n_spectral=16, spectral_pca=4, max_epochs=400, patience=5)
+        film.fit(X, y)
+        assert film.components_.shape == (16, 4)
+        assert film.n_epochs_ < 400 and film.best_val_ is not None
+
+
+class TestMetrics:
+    def test_against_a_hand_computed_confusion_matrix(self):
+        actual = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+        predicted = np.array([0, 0, 1, 2, 1, 1, 2, 2, 0, 2])
+        np.testing.assert_array_equal(
+            confusion_matrix(actual, predicted, 3), [[2, 1, 1], [0, 2, 0], [1, 0, 3]]
+        )
+        m = classification_metrics(actual, predicted, ["a", "b", "c"])
+        assert m["oa"] == pytest.approx(0.7)
+        assert m["aa"] == pytest.approx((2 / 4 + 2 / 2 + 3 / 4) / 3)
+        # kappa: pe = (4*3 + 2*3 + 4*4) / 100 = 0.34
+        assert m["kappa"] == pytest.approx((0.7 - 0.34) / (1 - 0.34))
+        assert m["per_class"]["a"]["precision"] == pytest.approx(2 / 3)
+        assert m["per_class"]["b"]["f1"] == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+        assert m["per_class"]["c"]["iou"] == pytest.approx(3 / (4 + 4 - 3))
+        ious = [2 / (4 + 3 - 2), 2 / (2 + 3 - 2), 3 / 5]
+        assert m["miou"] == pytest.approx(np.mean(ious))
+
+    def test_absent_class_is_left_out_of_averages(self):
+        m = classification_metrics(np.array([0, 0, 1]), np.array([0, 0, 1]), ["a", "b", "c"])
+        assert m["aa"] == 1.0 and m["miou"] == 1.0 and m["per_class"]["c"]["support"] == 0
+
+    def test_perfect_and_chance_kappa(self):
+        y = np.array([0, 1, 0, 1])
+        assert classification_metrics(y, y, ["a", "b"])["kappa"] == 1.0
+        assert classification_metrics(y, np.array([0, 0, 1, 1]), ["a", "b"])["kappa"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory):
+    """A synthetic scene and two tiny-backbone caches (different noise seeds)."""
+    root = tmp_path_factory.mktemp("stage1")
+    scene = root / "scene.zarr"
+    prepare(out=scene, builtin="synthetic", per_class=10, seed=0)
+    caches = []
+    for noise_seed in (0, 1):
+        out = root / f"features{noise_seed}.zarr"
+        extract_features(scene=scene, backbone="builtin:tiny", timesteps=[0],
+                         sites=["up0.upsample", "up1.res1"], out=out, stride=16,
+                         noise_seed=noise_seed)  # fmt: skip
+        caches.append(out)
+    return scene, caches
+
+
+class TestSavedHeads:
+    @pytest.mark.parametrize(
+        ("head", "params"),
+        [("film", {"max_epochs": 30}), ("xgboost", {"use": "both", "n_estimators": 20}),
+         ("logreg", {"use": "spatial", "pca": 8})],
+    )  # fmt: skip
+    def test_round_trip_predicts_the_same(self, stage_one, tmp_path, head, params):
+        scene, (cache, _) = stage_one
+        trained = train_head(scene=scene, cache=cache, head=head, out=tmp_path / head,
+                             params=params)  # fmt: skip
+        again = load_head(tmp_path / head)
+        assert again.meta["name"] == head and again.meta["cache_identity_sha256"]
+        X = np.random.default_rng(0).normal(size=(50, trained.meta["n_features"]))
+        np.testing.assert_array_equal(
+            again.estimator.predict_proba(X), trained.estimator.predict_proba(X)
+        )
+
+    def test_refuses_another_cache(self, stage_one, tmp_path):
+        scene, (cache, other) = stage_one
+        train_head(scene=scene, cache=cache, head="spatial", out=tmp_path / "h",
+                   params={"max_epochs": 5})  # fmt: skip
+        with pytest.raises(StoreError, match=r"was trained on feature cache [0-9a-f]{12}, but"):
+            predict_map(scene=scene, cache=other, head=tmp_path / "h", out=tmp_path / "m.npy")
+        assert not (tmp_path / "m.npy").exists()
+
+    def test_skops_file_with_foreign_types_is_refused(self, stage_one, tmp_path):
+        scene, (cache, _) = stage_one
+        path = "tests.custom_estimators.NearestMean"
+        train_head(scene=scene, cache=cache, head=path, out=tmp_path / "h",
+                   params={"shrink": 0.5, "use": "spectral"})  # fmt: skip
+        assert load_head(tmp_path / "h").estimator.steps[-1][1].shrink == 0.5
+        meta = json.loads((tmp_path / "h" / "head.json").read_text())
+        meta["name"] = "x"  # the import path no longer vouches for the estimator's class
+        (tmp_path / "h" / "head.json").write_text(json.dumps(meta))
+        with pytest.raises(StoreError, match="holds types it may not load"):
+            load_head(tmp_path / "h")
+
+    def test_unknown_head_and_parameter(self):
+        from pipeline.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="unknown head `nope`"):
+            make_head("nope", n_spectral=3)
+        with pytest.raises(ConfigError, match="bad parameter for head `film`"):
+            make_head("film", n_spectral=3, wings=2)
+
+
+def _predict_peak(scene, cache, head, out) -> int:
+    tracemalloc.start()
+    predict_map(scene=scene, cache=cache, head=head, out=out, confidence=out.with_suffix(".c.npy"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_predict_streams_with_memory_independent_of_scene_size(tmp_path):
+    """Peak memory of predict on an Augsburg-size scene (332 x 485) vs a 96 x 112 one."""
+    peaks = {}
+    for name, shape in (("small", (96, 112)), ("augsburg", (332, 485))):
+        ys, xs = np.mgrid[: shape[0], : shape[1]]
+        classes = 1 + (ys // 24 + xs // 24) % 4
+        train = np.where((ys % 24 == 12) & (xs % 24 == 12), classes, 0)
+        np.save(tmp_path / f"{name}_tr.npy", train)
+        np.save(tmp_path / f"{name}_te.npy", np.where(train == 0, classes, 0))
+        scene = tmp_path / f"{name}.zarr"
+        prepare(out=scene, builtin="synthetic", train_mask=tmp_path / f"{name}_tr.npy",
+                test_mask=tmp_path / f"{name}_te.npy")  # fmt: skip
+        cache = tmp_path / f"{name}_f.zarr"
+        extract_features(scene=scene, backbone="builtin:tiny", timesteps=[0],
+                         sites=["up1.res1"], out=cache, stride=16, chunk_tiles=4)  # fmt: skip
+        head = tmp_path / f"{name}_head"
+        train_head(scene=scene, cache=cache, head="film", out=head, params={"max_epochs": 5})
+        out = tmp_path / f"{name}_map.npy"
+        peaks[name] = _predict_peak(scene, cache, head, out)
+        assert np.load(out).shape == shape
+    area_ratio = (332 * 485) / (96 * 112)
+    assert area_ratio > 14
+    assert peaks["augsburg"] < 1.5 * peaks["small"], peaks
+
+
+class TestCli:
+    def test_train_evaluate_predict(self, runner, stage_one, tmp_path):
+        scene, (cache, _) = stage_one
+        base = ["--scene", str(scene), "--features", str(cache)]
+        result = runner.invoke(app, ["train", *base, "--head", "film", "--head-params",
+                                     '{"max_epochs": 20}', "--out", str(tmp_path / "film")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["evaluate", *base, "--head", str(tmp_path / "film"),
+                                     "--metrics", str(tmp_path / "m.json"),
+                                     "--plot", str(tmp_path / "c.csv"),
+                                     "--png", str(tmp_path / "c.png")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((tmp_path / "m.json").read_text())
+        assert {"oa", "aa", "kappa", "miou", "per_class", "confusion_matrix"} <= set(metrics)
+        rows = (tmp_path / "c.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted" and len(rows) == metrics["n_test"] + 1
+        assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+        result = runner.invoke(app, ["predict", *base, "--head", str(tmp_path / "film"),
+                                     "--out", str(tmp_path / "map.npy"),
+                                     "--png", str(tmp_path / "map.png"),
+                                     "--confidence", str(tmp_path / "conf.npy")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        conf = np.load(tmp_path / "conf.npy")
+        assert conf.min() > 0 and conf.max() <= 1
+        result = runner.invoke(app, ["evaluate", *base, "--head", str(tmp_path / "film"),
+                                     "--metrics", str(tmp_path / "s.json"), "--seeds", "0,1"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        summary = json.loads((tmp_path / "s.json").read_text())
+        assert [r["seed"] for r in summary["seeds"]] == [0, 1] and summary["oa"]["std"] >= 0
+
+    def test_spectral_head_needs_no_cache_and_params_file(self, runner, stage_one, tmp_path):
+        scene, _ = stage_one
+        (tmp_path / "p.yaml").write_text("heads:\n  svm:\n    use: spectral\n    C: 10\n")
+        result = runner.invoke(app, ["train", "--scene", str(scene), "--head", "svm", "--params",
+                                     str(tmp_path / "p.yaml"), "--out", str(tmp_path / "svm")])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        head = load_head(tmp_path / "svm")
+        assert head.meta["params"] == {"C": 10} and head.meta["selection"]["mode"] == "spectral"
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--head", "nope"], "unknown head `nope`"),
+            (["--head", "film", "--head-params", "{bad"], "`--head-params` is not valid JSON"),
+            (["--head", "film", "--sites", "up7.res0"], "site `up7.res0` is not in cache"),
+            (["--head", "svm", "--head-params", '{"use": "all"}'], "`--use` must be one of"),
+        ],
+    )
+    def test_bad_input_is_one_line(self, runner, stage_one, tmp_path, args, message):
+        scene, (cache, _) = stage_one
+        result = runner.invoke(app, ["train", "--scene", str(scene), "--features", str(cache),
+                                     *args, "--out", str(tmp_path / "h")])  # fmt: skip
+        assert result.exit_code == 2
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "h").exists()
