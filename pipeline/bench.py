@@ -1,4 +1,4 @@
-"""Benchmarks that print figures (never timed tests): stage one's extraction throughput.
+"""Benchmarks that print figures (never timed tests): stage one's throughput, stage two's reuse.
 
 ``bench_extract`` runs the real extraction on a scene (a synthetic one by default) and reports
 
@@ -28,7 +28,15 @@ from pipeline.autotune import choose_cpu_dtype, time_call
 from pipeline.backbone import Backbone, load_backbone, noised, seeded_noise
 from pipeline.errors import ConfigError
 
-__all__ = ["EXTRACT_KEYS", "bench_extract", "default_site", "matmul_gflops"]
+__all__ = [
+    "EXTRACT_KEYS",
+    "HEADS_KEYS",
+    "bench_extract",
+    "bench_heads",
+    "default_site",
+    "extraction_seconds",
+    "matmul_gflops",
+]
 
 EXTRACT_KEYS = (
     "patches_per_s",
@@ -121,7 +129,7 @@ def bench_extract(
         def batch_of(sel: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
             win = np.stack([layout.window(padded, i, j) for i, j in sel]).transpose(0, 3, 1, 2)
             x = noised(torch.from_numpy(win.copy()).to(dev), eps, t0, bb.scheduler)
-            return x, _class_labels(bb, sel, 0, dev)
+            return x, _class_labels(bb, sel, 0, device=dev)
 
         naive = _naive(bb, layout, tiles[:naive_patches], batch_of, t0, names, work)
 
@@ -217,3 +225,120 @@ def _naive(
         "s_per_patch": seconds / len(tiles),
         "bytes_per_patch": int(kept[0].nbytes),
     }
+
+
+HEADS_KEYS = ("train_s", "evaluate_s", "predict_s", "reuse_ratio", "read_amplification")
+DEFAULT_BENCH_HEADS: dict[str, dict[str, Any]] = {
+    "film": {},
+    "concat": {},
+    "spatial": {},
+    "spectral": {},
+    "svm": {"use": "spectral"},
+    "xgboost": {"use": "both"},
+}
+
+
+def extraction_seconds(
+    cache: Any, scene: Any, timesteps: Sequence[int], sites: Sequence[str], batch_size: int = 16
+) -> float | None:
+    """Seconds stage one would take to re-extract these features with the cache's backbone.
+
+    The backbone named in the cache's provenance is loaded and one batch of the scene's real
+    patches is timed per timestep (truncated at the deepest site, as ``extract`` runs it); the
+    time scales to all patches. ``None`` when the backbone cannot be loaded here.
+    """
+    from pipeline.errors import HsicacheError
+    from pipeline.extract import TileLayout, _class_labels, resolve_device, resolve_dtype
+
+    ident = cache.attrs["identity"]
+    dev = resolve_device("auto")
+    try:
+        bb = load_backbone(ident["backbone"], device=dev)
+    except (HsicacheError, OSError):
+        return None
+    bb.cast(getattr(torch, ident.get("compute_dtype") or "float32")
+            if dev.type == "cpu" else resolve_dtype("auto", dev))  # fmt: skip
+    layout = TileLayout(height=scene.shape[0], width=scene.shape[1], patch=ident["patch"],
+                        stride=ident["stride"], chunk_tiles=1)  # fmt: skip
+    padded = layout.pad_image(np.asarray(scene.rgb, dtype=np.float32) * 2.0 - 1.0)
+    tiles = [(i, j) for i in range(layout.tiles[0]) for j in range(layout.tiles[1])]
+    sel = tiles[: min(batch_size, len(tiles))]
+    win = np.stack([layout.window(padded, i, j) for i, j in sel]).transpose(0, 3, 1, 2)
+    eps = seeded_noise((3, layout.patch, layout.patch), 0).to(dev)
+    labels = _class_labels(bb, sel, 0, device=dev)
+    per_batch = 0.0
+    for t in timesteps:
+        x = noised(torch.from_numpy(win.copy()).to(dev), eps, int(t), bb.scheduler).to(bb.dtype)
+
+        def run(x: torch.Tensor = x, t: int = int(t)) -> Any:
+            return bb.features(x, t, list(sites), class_labels=labels)
+
+        per_batch += time_call(run, repeats=1)
+    return per_batch * len(tiles) / len(sel)
+
+
+def bench_heads(
+    *,
+    scene: str | Path,
+    features: str | Path,
+    heads: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train, evaluate and predict each head against an existing cache and time it.
+
+    Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` = seconds to
+    re-extract the features the head reads with the cache's backbone ÷ the head's three steps
+    (``None`` for spectral-only heads or when the backbone is not available here);
+    ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps)
+    ÷ bytes of the features the head actually needs (float16, every pixel it touches).
+    """
+    from pipeline.cache import FeatureCache, count_reads
+    from pipeline.evaluation import evaluate, predict_map
+    from pipeline.scene import open_scene
+    from pipeline.training import train_head
+
+    heads = heads or DEFAULT_BENCH_HEADS
+    sc = open_scene(scene)
+    cache = FeatureCache.open(features, expect_fingerprint=sc.image_fingerprint)
+    results: dict[str, dict[str, Any]] = {}
+    extraction: dict[tuple[tuple[int, ...], tuple[str, ...]], float | None] = {}
+    h, w = sc.shape
+    with tempfile.TemporaryDirectory(prefix="hsicache-bench-heads-") as tmp:
+        work = Path(tmp)
+        for k, (name, params) in enumerate(heads.items()):
+            slug = name.replace(".", "_")
+            with count_reads() as read:
+                started = time.perf_counter()
+                trained = train_head(scene=scene, cache=features, head=name,
+                                     out=work / slug, params=dict(params))  # fmt: skip
+                train_s = time.perf_counter() - started
+                started = time.perf_counter()
+                evaluate(scene=scene, cache=features, head=work / slug)
+                evaluate_s = time.perf_counter() - started
+                started = time.perf_counter()
+                predict_map(scene=scene, cache=features, head=work / slug,
+                            out=work / f"{slug}.npy")  # fmt: skip
+                predict_s = time.perf_counter() - started
+            sel = trained.selection
+            total = train_s + evaluate_s + predict_s
+            reuse = amplification = None
+            if sel.spatial:
+                key = (sel.timesteps, sel.sites)
+                if key not in extraction:
+                    extraction[key] = extraction_seconds(cache, sc, *key)
+                if extraction[key] is not None:
+                    reuse = extraction[key] / total
+                needed = h * w * cache.channels(sel.timesteps, sel.sites) * 2
+                amplification = read[0] / needed
+            results[name] = {
+                "train_s": train_s,
+                "evaluate_s": evaluate_s,
+                "predict_s": predict_s,
+                "reuse_ratio": reuse,
+                "read_amplification": amplification,
+                "extract_s": extraction.get((sel.timesteps, sel.sites)) if sel.spatial else None,
+                "bytes_read": read[0],
+            }
+            if progress:
+                progress(k + 1, len(heads))
+    return results

@@ -18,8 +18,10 @@ same image reuses the cache) or backbone.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,42 @@ import numpy as np
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.store import jsonable
 
-__all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "create_or_resume"]
+__all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "count_reads", "create_or_resume"]
+
+_READ_COUNTER: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "hsicache_read_counter", default=None
+)
+
+
+@contextlib.contextmanager
+def count_reads() -> Iterator[list[int]]:
+    """Count the bytes feature caches opened inside the block fetch from storage.
+
+    Yields a one-element list whose value grows as chunks (compressed, as stored) are read.
+    """
+    counter = [0]
+    token = _READ_COUNTER.set(counter)
+    try:
+        yield counter
+    finally:
+        _READ_COUNTER.reset(token)
+
+
+def _counting_store(path: Path) -> Any:
+    """A read-only local store that adds every byte it returns to the active counter."""
+    from zarr.storage import LocalStore
+
+    counter = _READ_COUNTER.get()
+
+    class _Counting(LocalStore):
+        async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+            buf = await super().get(key, prototype, byte_range)
+            if buf is not None and counter is not None:
+                counter[0] += len(buf)
+            return buf
+
+    return _Counting(path, read_only=True)
+
 
 CACHE_FORMAT = "hsicache-features/2"  # 2: keyed on the image fingerprint
 
@@ -150,7 +187,7 @@ class FeatureCache:
         p = Path(path)
         if not (p / "zarr.json").exists():
             raise SceneNotFoundError(f"feature cache `{p}` does not exist: run `hsicache extract`")
-        root = zarr.open_group(p, mode="r")
+        root = zarr.open_group(_counting_store(p), mode="r")
         attrs = dict(root.attrs)
         if attrs.get("format") != CACHE_FORMAT:
             raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")

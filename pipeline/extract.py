@@ -165,6 +165,7 @@ def extract_features(
     dtype: str = "auto",
     noise_seed: int = 0,
     class_seed: int = 0,
+    class_label: int | None = None,
     truncate: bool = True,
     chunk_tiles: int | None = None,
     progress: ProgressFn | None = None,
@@ -189,6 +190,8 @@ def extract_features(
             already loaded backbone keeps its own dtype.
         noise_seed: seed of the one ε shared by all patches.
         class_seed: seed of the per-patch class ids of a class-conditional backbone.
+        class_label: give every patch this class id instead (a class-conditional backbone);
+            one class for all patches avoids a per-patch offset in the features.
         truncate: stop each forward pass after the deepest requested site.
         chunk_tiles: owned squares per cache chunk side (default: the fewest that make chunks of
             about 1 MB or more, capped at the scene size).
@@ -216,6 +219,12 @@ def extract_features(
     else:
         bb = load_backbone(backbone, device=dev, dtype=dt)
     chosen = [bb.site(s) for s in sites]
+    if class_label is not None and not 0 <= class_label < (bb.num_class_embeds or 0):
+        raise ConfigError(
+            f"`--class-label` {class_label} needs a class-conditional backbone with classes "
+            f"0..{(bb.num_class_embeds or 0) - 1}; `{bb.spec}` has "
+            + (f"{bb.num_class_embeds}" if bb.num_class_embeds else "none")
+        )
     n_train_t = int(bb.scheduler.config.num_train_timesteps)
     for t in timesteps:
         if not 0 <= int(t) < n_train_t:
@@ -254,6 +263,7 @@ def extract_features(
         "stride": stride,
         "noise_seed": noise_seed,
         "class_seed": class_seed,
+        "class_label": class_label,
         "compute_dtype": str(dt).replace("torch.", ""),
     }
     root, done = create_or_resume(
@@ -298,7 +308,8 @@ def extract_features(
         started = time.perf_counter()
         buffers = _extract_chunk(
             bb, layout, padded, eps, layout.tiles_of_chunk(ci, cj), (y0, y1, x0, x1), timesteps,
-            chosen, batch_size=batch_size, dtype=dt, class_seed=class_seed, truncate=truncate,
+            chosen, batch_size=batch_size, dtype=dt, class_seed=(class_seed, class_label),
+            truncate=truncate,
             on_batch=advance,
         )  # fmt: skip
         written = time.perf_counter()
@@ -336,7 +347,7 @@ def _auto_cpu_dtype(
         windows = np.stack([layout.window(padded, ti, tj) for ti, tj in tiles])
         x = noised(torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()), eps, timestep,
                    bb.scheduler)  # fmt: skip
-        labels = _class_labels(bb, tiles, 0, eps.device)
+        labels = _class_labels(bb, tiles, 0, device=eps.device)
         dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels)
     if dt != bb.dtype:
         bb.cast(dt)
@@ -355,7 +366,7 @@ def _extract_chunk(
     *,
     batch_size: int,
     dtype: torch.dtype,
-    class_seed: int,
+    class_seed: tuple[int, int | None],
     truncate: bool,
     on_batch: Callable[[int], None],
 ) -> dict[tuple[int, str], np.ndarray]:
@@ -372,7 +383,7 @@ def _extract_chunk(
         batch = tiles[b0 : b0 + batch_size]
         windows = np.stack([layout.window(padded, ti, tj) for ti, tj in batch])
         x0_batch = torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()).to(eps.device)
-        labels = _class_labels(bb, batch, class_seed, eps.device)
+        labels = _class_labels(bb, batch, *class_seed, device=eps.device)
         for t in timesteps:
             xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
             feats = bb.features(xt, int(t), names, class_labels=labels, truncate=truncate)
@@ -388,11 +399,19 @@ def _extract_chunk(
 
 
 def _class_labels(
-    bb: Backbone, batch: list[tuple[int, int]], class_seed: int, device: torch.device
+    bb: Backbone,
+    batch: list[tuple[int, int]],
+    class_seed: int,
+    class_label: int | None = None,
+    *,
+    device: torch.device,
 ) -> torch.Tensor | None:
-    """Per-patch class ids of a class-conditional backbone, from the seed and patch position."""
+    """Class ids of a class-conditional backbone: ``class_label`` for every patch, else one per
+    patch drawn from the seed and the patch position."""
     if not bb.num_class_embeds:
         return None
+    if class_label is not None:
+        return torch.full((len(batch),), class_label, dtype=torch.long, device=device)
     return torch.tensor(
         [int(np.random.default_rng([class_seed, ti, tj]).integers(bb.num_class_embeds))
          for ti, tj in batch],

@@ -73,5 +73,45 @@ def extract(
                f"(naive {naive['s_per_patch']:.2f} s/patch on {naive['patches']})")  # fmt: skip
 
 
+@app.command()
+def heads(
+    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    features: Path = typer.Option(..., "--features", help="Feature cache from `hsicache extract`."),
+    names: str | None = typer.Option(
+        None,
+        "--heads",
+        help="Comma-separated heads (default: film,concat,spatial,spectral,svm,xgboost).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by head."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Per head: train/evaluate/predict seconds, re-extraction ÷ head time, read amplification."""
+    from pipeline.bench import DEFAULT_BENCH_HEADS, HEADS_KEYS, bench_heads
+
+    chosen = None
+    if names:
+        chosen = {n.strip(): dict(DEFAULT_BENCH_HEADS.get(n.strip(), {}))
+                  for n in names.split(",") if n.strip()}  # fmt: skip
+    with user_errors(debug), progress_bar("bench heads") as progress:
+        rep = bench_heads(scene=scene, features=features, heads=chosen, progress=progress)
+    if as_json:
+        typer.echo(json.dumps({n: {k: r[k] for k in HEADS_KEYS} for n, r in rep.items()}))
+        return
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    typer.echo(f"{'head':<10} {'train s':>8} {'eval s':>8} {'predict s':>9} "
+               f"{'reuse x':>9} {'read amp':>9}")  # fmt: skip
+    for name, r in rep.items():
+        typer.echo(f"{name:<10} {r['train_s']:8.2f} {r['evaluate_s']:8.2f} {r['predict_s']:9.2f} "
+                   f"{fmt(r['reuse_ratio'], '9.1f'):>9} "
+                   f"{fmt(r['read_amplification'], '9.2f'):>9}")  # fmt: skip
+    extract_s = next((r["extract_s"] for r in rep.values() if r["extract_s"]), None)
+    if extract_s:
+        typer.echo(f"re-extracting the spatial features would take {extract_s:.1f} s "
+                   "(the cache's backbone, timed here)")  # fmt: skip
+
+
 if __name__ == "__main__":
     run_app(app)

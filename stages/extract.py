@@ -40,6 +40,11 @@ def extract(
     class_seed: int = typer.Option(
         0, "--class-seed", help="Seed of per-patch class ids (class-conditional backbones)."
     ),
+    class_label: int | None = typer.Option(
+        None,
+        "--class-label",
+        help="Give every patch this class id instead of a seeded random one per patch.",
+    ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -60,6 +65,7 @@ def extract(
             dtype=dtype,
             noise_seed=noise_seed,
             class_seed=class_seed,
+            class_label=class_label,
             progress=progress,
         )
     typer.echo(f"wrote {out}")

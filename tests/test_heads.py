@@ -249,3 +249,19 @@ class TestCli:
         assert result.exit_code == 2
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "h").exists()
+
+
+def test_bench_heads_json(runner, stage_one):
+    scene, (cache, _) = stage_one
+    result = runner.invoke(app, ["bench", "heads", "--scene", str(scene), "--features",
+                                 str(cache), "--heads", "spatial,spectral", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert list(figures) == ["spatial", "spectral"]
+    for row in figures.values():
+        assert list(row) == ["train_s", "evaluate_s", "predict_s", "reuse_ratio",
+                             "read_amplification"]  # fmt: skip
+        assert row["train_s"] > 0 and row["predict_s"] > 0
+    assert figures["spatial"]["reuse_ratio"] > 0
+    assert 0 < figures["spatial"]["read_amplification"] < 10
+    assert figures["spectral"]["reuse_ratio"] is None  # reads no cached features
