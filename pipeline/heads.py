@@ -62,6 +62,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
 
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
     def _prepare_stats(self, X: np.ndarray, n_spec: int) -> None:
         mean, std = X.mean(axis=0), X.std(axis=0)
         self.mean_ = mean.astype(np.float32)
@@ -91,10 +96,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         n_spec, _ = self._split_sizes(X.shape[1])
         self.n_spec_ = n_spec
         self._prepare_stats(X, n_spec)
-        spec, spat = self._inputs(X)
+        dev = self._device()
+        spec, spat = (t.to(dev) for t in self._inputs(X))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
-            self.module_ = self._build(spec.shape[1], spat.shape[1], len(self.classes_))
+            self.module_ = self._build(spec.shape[1], spat.shape[1], len(self.classes_)).to(dev)
             self.n_epochs_, self.best_val_ = _train(self, self.module_, spec, spat, codes)
         self.module_.eval()
         return self
@@ -103,12 +109,13 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         """Class probabilities, ``(n, n_classes)`` in the order of ``classes_``."""
         check_is_fitted(self, "module_")
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        spec, spat = self._inputs(X)
+        dev = next(self.module_.parameters()).device
+        spec, spat = (t.to(dev) for t in self._inputs(X))
         out = []
         with torch.inference_mode():
             for i in range(0, max(len(X), 1), 65536):
                 logits = self.module_(spec[i : i + 65536], spat[i : i + 65536])
-                out.append(torch.softmax(logits.float(), dim=1).numpy())
+                out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         return np.concatenate(out)[: len(X)]
 
     def predict(self, X: Any) -> np.ndarray:
@@ -151,10 +158,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         head.components_ = comp.numpy() if comp is not None else None
         n_spec = head.components_.shape[1] if head.components_ is not None else head.n_spec_
         n_spat = head.n_features_in_ - head.n_spec_
-        head.module_ = head._build(n_spec, n_spat, len(head.classes_))
+        head.module_ = head._build(n_spec, n_spat, len(head.classes_)).to(head._device())
         head.module_.load_state_dict(
             {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
-        )
+        )  # copies onto the module's device
         head.module_.eval()
         return head
 
@@ -177,10 +184,13 @@ def _train(
         train_idx = np.setdiff1d(train_idx, val_idx)
     fit_counts = np.bincount(codes[train_idx], minlength=n_classes).astype(np.float64)
     weights = np.where(fit_counts > 0, len(train_idx) / (n_classes * np.maximum(fit_counts, 1)), 0)
+    dev = spec.device
     loss_fn = nn.CrossEntropyLoss(
-        weight=torch.tensor(weights, dtype=torch.float32) if head.class_balanced else None
+        weight=torch.tensor(weights, dtype=torch.float32, device=dev)
+        if head.class_balanced
+        else None
     )
-    target = torch.from_numpy(codes.astype(np.int64))
+    target = torch.from_numpy(codes.astype(np.int64)).to(dev)
     opt = torch.optim.AdamW(module.parameters(), lr=head.learning_rate,
                             weight_decay=head.weight_decay)  # fmt: skip
     best, best_state, since, epochs = math.inf, None, 0, 0
@@ -188,11 +198,11 @@ def _train(
         module.train()
         order = train_idx[rng.permutation(len(train_idx))]
         for b0 in range(0, len(order), head.batch_size):
-            idx = torch.from_numpy(order[b0 : b0 + head.batch_size])
+            idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
             xs, xf, yt = spec[idx], spat[idx], target[idx]
             if head.mixup_alpha and len(idx) > 1:
                 lam = float(rng.beta(head.mixup_alpha, head.mixup_alpha))
-                perm = torch.from_numpy(rng.permutation(len(idx)))
+                perm = torch.from_numpy(rng.permutation(len(idx))).to(dev)
                 xs = lam * xs + (1 - lam) * xs[perm]
                 xf = lam * xf + (1 - lam) * xf[perm]
                 logits = module(xs, xf)
@@ -206,7 +216,7 @@ def _train(
         if len(val_idx):
             module.eval()
             with torch.inference_mode():
-                vi = torch.from_numpy(val_idx)
+                vi = torch.from_numpy(val_idx).to(dev)
                 val_loss = float(loss_fn(module(spec[vi], spat[vi]), target[vi]))
             if val_loss < best - 1e-4:
                 best, since = val_loss, 0
@@ -232,6 +242,7 @@ _TRAIN_DOC = """
             every class then has at least ``min_val_per_class`` validation pixels.
         patience: epochs without validation improvement before stopping.
         random_state: seed of initialisation, shuffling, mixup and the validation part.
+        device: ``auto`` (CUDA when present, else CPU) or a torch device.
 """
 
 
@@ -243,6 +254,8 @@ class FiLMClassifier(_TorchHead):
             features (``None``: half of the columns, for generic use).
         spectral_pca: reduce the normalised spectrum to this many principal components first.
         width: channels of the projected spatial features that ``gamma``/``beta`` modulate.
+        spectral_skip: also hand the spectral encoder's hidden features to the classifier, so
+            the spectrum is not only a modulator (helps when the spatial features are weak).
     """
 
     __doc__ = (__doc__ or "") + _TRAIN_DOC
@@ -253,22 +266,25 @@ class FiLMClassifier(_TorchHead):
         *,
         spectral_pca: int | None = None,
         width: int = 128,
+        spectral_skip: bool = False,
         hidden: int = 128,
         dropout: float = 0.1,
         learning_rate: float = 1e-3,
         weight_decay: float = 1e-4,
         max_epochs: int = 300,
         batch_size: int = 256,
-        mixup_alpha: float = 0.2,
+        mixup_alpha: float = 0.0,
         class_balanced: bool = True,
         validation_fraction: float = 0.2,
         min_val_per_class: int = 2,
         patience: int = 40,
         random_state: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_spectral = n_spectral
         self.spectral_pca = spectral_pca
         self.width = width
+        self.spectral_skip = spectral_skip
         self.hidden = hidden
         self.dropout = dropout
         self.learning_rate = learning_rate
@@ -281,9 +297,11 @@ class FiLMClassifier(_TorchHead):
         self.min_val_per_class = min_val_per_class
         self.patience = patience
         self.random_state = random_state
+        self.device = device
 
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
-        return _FiLMNet(n_spec, n_spat, n_classes, self.width, self.hidden, self.dropout)
+        return _FiLMNet(n_spec, n_spat, n_classes, self.width, self.hidden, self.dropout,
+                        self.spectral_skip)  # fmt: skip
 
 
 class MLPHead(_TorchHead):
@@ -313,6 +331,7 @@ class MLPHead(_TorchHead):
         min_val_per_class: int = 2,
         patience: int = 40,
         random_state: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_spectral = n_spectral
         self.spectral_pca = spectral_pca
@@ -328,6 +347,7 @@ class MLPHead(_TorchHead):
         self.min_val_per_class = min_val_per_class
         self.patience = patience
         self.random_state = random_state
+        self.device = device
 
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
         return _MLPNet(n_spec + n_spat, n_classes, self.hidden, self.dropout)
@@ -335,21 +355,24 @@ class MLPHead(_TorchHead):
 
 class _FiLMNet(nn.Module):
     def __init__(self, n_spec: int, n_spat: int, n_classes: int, width: int, hidden: int,
-                 dropout: float) -> None:  # fmt: skip
+                 dropout: float, skip: bool = False) -> None:  # fmt: skip
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(n_spec, hidden), nn.GELU(),
-                                     nn.Linear(hidden, 2 * width))  # fmt: skip
-        nn.init.zeros_(self.encoder[-1].weight)  # start as the identity modulation
-        nn.init.zeros_(self.encoder[-1].bias)
+        self.embed = nn.Sequential(nn.Linear(n_spec, hidden), nn.GELU())
+        self.film = nn.Linear(hidden, 2 * width)
+        nn.init.zeros_(self.film.weight)  # start as the identity modulation
+        nn.init.zeros_(self.film.bias)
         self.project = nn.Sequential(nn.Linear(n_spat, width), nn.LayerNorm(width))
+        self.skip = skip
         self.classify = nn.Sequential(
-            nn.GELU(), nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(),
-            nn.Dropout(dropout), nn.Linear(hidden, n_classes),
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(width + (hidden if skip else 0), hidden),
+            nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes),
         )  # fmt: skip
 
     def forward(self, spec: torch.Tensor, spat: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.encoder(spec).chunk(2, dim=1)
-        return self.classify((1 + gamma) * self.project(spat) + beta)
+        e = self.embed(spec)
+        gamma, beta = self.film(e).chunk(2, dim=1)
+        h = (1 + gamma) * self.project(spat) + beta
+        return self.classify(torch.cat([h, e], dim=1) if self.skip else h)
 
 
 class _MLPNet(nn.Module):

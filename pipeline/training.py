@@ -218,7 +218,8 @@ def load_head(path: str | Path) -> TrainedHead:
 
         file = p / "model.skops"
         untrusted = sio.get_untrusted_types(file=file)
-        allowed = {meta["name"]} if "." in meta["name"] else set()
+        kind = meta.get("kind", meta["name"])
+        allowed = {kind} if "." in kind else set()
         bad = [t for t in untrusted if not (t.startswith(_TRUSTED_PREFIXES) or t in allowed)]
         if bad:
             raise StoreError(f"head `{p}` holds types it may not load: {', '.join(bad)}")
@@ -247,20 +248,28 @@ def fit_head(
     timesteps: list[int] | None = None,
     sites: list[str] | None = None,
 ) -> TrainedHead:
-    """Fit head ``name`` with ``params`` on the pixels of ``train_mask``."""
+    """Fit head ``name`` with ``params`` on the pixels of ``train_mask``.
+
+    ``params`` may name the head's ``kind`` (a :data:`~pipeline.heads.HEADS` key or an import
+    path; default: ``name`` itself), so several configurations of one kind can coexist
+    (``film_pca: {kind: film, spectral_pca: 30}``), and for classic heads ``use``.
+    """
+    recipe = dict(params)
     params = dict(params)
-    selection = FeatureSelection.resolve(_feature_mode(name, params), cache, timesteps, sites)
+    kind = str(params.pop("kind", name))
+    selection = FeatureSelection.resolve(_feature_mode(kind, params), cache, timesteps, sites)
     rows, cols = np.nonzero(train_mask)
     if rows.size == 0:
         raise ConfigError("the scene has no train pixels")
     started = time.perf_counter()
     X, n_spec = assemble(scene, cache, rows, cols, selection)
     y = scene.labels[rows, cols]
-    est = make_head(name, n_spectral=n_spec, random_state=seed, **params)
+    est = make_head(kind, n_spectral=n_spec, random_state=seed, **params)
     est.fit(X, y)
     meta = {
         "name": name,
-        "params": params,
+        "kind": kind,
+        "params": recipe,
         "seed": seed,
         "selection": selection.to_dict(),
         "n_spectral": n_spec,

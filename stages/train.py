@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 HEAD_HELP = (
     "film | concat | spatial | spectral | svm | rf | logreg | xgboost | an import path such as "
-    "sklearn.ensemble.ExtraTreesClassifier."
+    "sklearn.ensemble.ExtraTreesClassifier | a name under `heads:` in --params whose `kind` is one "
+    "of those."
 )
 
 
@@ -55,8 +56,9 @@ def train(
     head_params: str | None = typer.Option(
         None,
         "--head-params",
-        help="JSON keyword arguments of the head (default: `heads.<head>` in --params); classic "
-        'heads also take "use": spectral|spatial|both and "pca": N.',
+        help="JSON keyword arguments of the head (default: `heads.<head>` in --params); "
+        '"kind" names the head type when --head is a custom name; classic heads also take '
+        '"use": spectral|spatial|both and "pca": N.',
     ),
     timesteps: str | None = typer.Option(
         None, "--timesteps", help="Cached timesteps to use (default: all)."

@@ -147,10 +147,22 @@ class TestSavedHeads:
                    params={"shrink": 0.5, "use": "spectral"})  # fmt: skip
         assert load_head(tmp_path / "h").estimator.steps[-1][1].shrink == 0.5
         meta = json.loads((tmp_path / "h" / "head.json").read_text())
-        meta["name"] = "x"  # the import path no longer vouches for the estimator's class
+        meta["kind"] = "x"  # the import path no longer vouches for the estimator's class
         (tmp_path / "h" / "head.json").write_text(json.dumps(meta))
         with pytest.raises(StoreError, match="holds types it may not load"):
             load_head(tmp_path / "h")
+
+    def test_named_configuration_of_a_kind_and_its_seeds(self, stage_one, tmp_path):
+        from pipeline.evaluation import evaluate_seeds
+
+        scene, (cache, _) = stage_one
+        params = {"kind": "logreg", "use": "spectral", "C": 0.5}
+        train_head(scene=scene, cache=cache, head="lr_spec", out=tmp_path / "h", params=params)
+        head = load_head(tmp_path / "h")
+        assert head.meta["kind"] == "logreg" and head.meta["params"] == params
+        summary = evaluate_seeds(scene=scene, cache=cache, head=tmp_path / "h", seeds=[0, 1])
+        assert summary["head"] == "lr_spec" and len(summary["seeds"]) == 2
+        assert head.meta["cache_identity_sha256"] is None  # spectral: bound to no cache
 
     def test_unknown_head_and_parameter(self):
         from pipeline.errors import ConfigError
@@ -231,7 +243,8 @@ class TestCli:
                                      str(tmp_path / "p.yaml"), "--out", str(tmp_path / "svm")])  # fmt: skip
         assert result.exit_code == 0, result.output
         head = load_head(tmp_path / "svm")
-        assert head.meta["params"] == {"C": 10} and head.meta["selection"]["mode"] == "spectral"
+        assert head.meta["params"] == {"use": "spectral", "C": 10}
+        assert head.meta["kind"] == "svm" and head.meta["selection"]["mode"] == "spectral"
 
     @pytest.mark.parametrize(
         ("args", "message"),
