@@ -243,19 +243,22 @@ def extraction_seconds(
 ) -> float | None:
     """Seconds stage one would take to re-extract these features with the cache's backbone.
 
-    The backbone named in the cache's provenance is loaded and one batch of the scene's real
-    patches is timed per timestep (truncated at the deepest site, as ``extract`` runs it); the
-    time scales to all patches. ``None`` when the backbone cannot be loaded here.
+    What stage one would spend: loading the backbone named in the cache's provenance (timed)
+    plus the truncated forward passes over all the scene's patches (one batch of real patches
+    timed per timestep, scaled to all patches; cache writes are left out). ``None`` when the
+    backbone cannot be loaded here.
     """
     from pipeline.errors import HsicacheError
     from pipeline.extract import TileLayout, _class_labels, resolve_device, resolve_dtype
 
     ident = cache.attrs["identity"]
     dev = resolve_device("auto")
+    started = time.perf_counter()
     try:
         bb = load_backbone(ident["backbone"], device=dev)
     except (HsicacheError, OSError):
         return None
+    load_s = time.perf_counter() - started
     bb.cast(getattr(torch, ident.get("compute_dtype") or "float32")
             if dev.type == "cpu" else resolve_dtype("auto", dev))  # fmt: skip
     layout = TileLayout(height=scene.shape[0], width=scene.shape[1], patch=ident["patch"],
@@ -274,7 +277,7 @@ def extraction_seconds(
             return bb.features(x, t, list(sites), class_labels=labels)
 
         per_batch += time_call(run, repeats=1)
-    return per_batch * len(tiles) / len(sel)
+    return load_s + per_batch * len(tiles) / len(sel)
 
 
 def bench_heads(
