@@ -131,14 +131,7 @@ class Backbone:
 
     def cast(self, dtype: torch.dtype) -> Backbone:
         """Cast the UNet in place (without diffusers' warning about fp32-only modules)."""
-        from diffusers.utils import logging as dlogging
-
-        level = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()
-        try:
-            self.unet.to(dtype=dtype)
-        finally:
-            dlogging.set_verbosity(level)
+        _quietly(self.unet.to, dtype=dtype)
         return self
 
     def forward_kwargs(self, n: int, class_labels: torch.Tensor | None) -> dict[str, Any]:
@@ -289,7 +282,7 @@ def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
         if not local:
             sub = _hub_subfolder(spec)
         unet_cls = _unet_class(root, sub)
-        unet = unet_cls.from_pretrained(root, subfolder=sub)
+        unet = _quietly(unet_cls.from_pretrained, root, subfolder=sub)
         try:
             scheduler = scheduler_cls.from_pretrained(
                 root, subfolder="scheduler" if sub == "unet" else None
@@ -305,6 +298,18 @@ def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
             f"{spec} --local-dir DIR`) and pass the folder DIR as --backbone"
         ) from exc
     return unet, scheduler
+
+
+def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with diffusers' logging at error level (no advice about `accelerate`)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _unet_class(root: str | Path, sub: str | None) -> Any:

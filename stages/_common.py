@@ -134,10 +134,11 @@ def progress_bar(description: str) -> Iterator[Any]:
     )
     task = bar.add_task(description, total=None)
 
-    def update(done: int, total: int) -> None:
+    def update(done: int, total: int, note: str | None = None) -> None:
         if not bar.live.is_started:  # shown once work starts: input errors come first, alone
             bar.start()
-        bar.update(task, completed=done, total=total)
+        label = f"{description} {note}" if note else description
+        bar.update(task, completed=done, total=total, description=label)
 
     try:
         yield update

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from stages import bench, cache, evaluate, extract, layers, predict, prepare, train
+from stages import (
+    bench,
+    cache,
+    evaluate,
+    extract,
+    layers,
+    predict,
+    prepare,
+    pretrain,
+    train,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -12,6 +22,7 @@ app = typer.Typer(
     help="Precomputed diffusion-feature cache and cheap heads for hyperspectral classification.",
 )
 app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
+app.command("pretrain", help=pretrain.pretrain.__doc__)(pretrain.pretrain)
 app.command("layers", help=layers.layers.__doc__)(layers.layers)
 app.command("extract", help=extract.extract.__doc__)(extract.extract)
 app.command("train", help=train.train.__doc__)(train.train)
