@@ -75,11 +75,6 @@ def default_site(bb: Backbone) -> str:
     return "up2.attn2" if "up2.attn2" in names else names[-1]
 
 
-def _store_bytes(path: Path) -> int:
-    files = [f for f in path.rglob("*") if f.is_file() and "progress" not in f.parts]
-    return sum(f.stat().st_size for f in files)
-
-
 def bench_extract(
     backbone: str,
     *,
@@ -99,7 +94,8 @@ def bench_extract(
         The :data:`EXTRACT_KEYS` figures plus a ``details`` mapping (device, dtype, patches,
         FLOPs per patch, seconds, the naive figures and the CPU dtype measurement).
     """
-    from pipeline.extract import TileLayout, _class_labels, extract_features, resolve_device
+    from pipeline.cache import cache_info
+    from pipeline.extract import TileLayout, extract_features, patch_class_labels, resolve_device
     from pipeline.extract import resolve_dtype as _resolve
     from pipeline.prepare import prepare
     from pipeline.scene import open_scene
@@ -121,15 +117,14 @@ def bench_extract(
         sc = open_scene(scene)
         layout = TileLayout(height=sc.shape[0], width=sc.shape[1], patch=patch, stride=stride,
                             chunk_tiles=1)  # fmt: skip
-        padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
+        padded = layout.model_input(sc.rgb)
         eps = seeded_noise((3, patch, patch), 0).to(dev)
-        tiles = [(i, j) for i in range(layout.tiles[0]) for j in range(layout.tiles[1])]
+        tiles = layout.all_tiles
         t0 = int(timesteps[0])
 
         def batch_of(sel: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            win = np.stack([layout.window(padded, i, j) for i, j in sel]).transpose(0, 3, 1, 2)
-            x = noised(torch.from_numpy(win.copy()).to(dev), eps, t0, bb.scheduler)
-            return x, _class_labels(bb, sel, 0, device=dev)
+            x = noised(layout.batch(padded, sel).to(dev), eps, t0, bb.scheduler)
+            return x, patch_class_labels(bb, sel, 0, device=dev)
 
         naive = _naive(bb, layout, tiles[:naive_patches], batch_of, t0, names, work)
 
@@ -148,9 +143,7 @@ def bench_extract(
                                progress=progress, stats=stats)  # fmt: skip
         wall = time.perf_counter() - started
         patches = stats["patches"]
-        channels = sum(bb.site(n).channels for n in names) * len(timesteps)
-        raw = sc.shape[0] * sc.shape[1] * channels * 4
-        cache_to_raw = _store_bytes(out) / raw
+        cache_to_raw = cache_info(out)["cache_to_raw"]
 
         x, labels = batch_of(tiles[: min(batch_size, len(tiles))])
         x = x.to(dt)
@@ -249,7 +242,7 @@ def extraction_seconds(
     backbone cannot be loaded here.
     """
     from pipeline.errors import HsicacheError
-    from pipeline.extract import TileLayout, _class_labels, resolve_device, resolve_dtype
+    from pipeline.extract import TileLayout, patch_class_labels, resolve_device, resolve_dtype
 
     ident = cache.attrs["identity"]
     dev = resolve_device("auto")
@@ -263,15 +256,14 @@ def extraction_seconds(
             if dev.type == "cpu" else resolve_dtype("auto", dev))  # fmt: skip
     layout = TileLayout(height=scene.shape[0], width=scene.shape[1], patch=ident["patch"],
                         stride=ident["stride"], chunk_tiles=1)  # fmt: skip
-    padded = layout.pad_image(np.asarray(scene.rgb, dtype=np.float32) * 2.0 - 1.0)
-    tiles = [(i, j) for i in range(layout.tiles[0]) for j in range(layout.tiles[1])]
+    tiles = layout.all_tiles
     sel = tiles[: min(batch_size, len(tiles))]
-    win = np.stack([layout.window(padded, i, j) for i, j in sel]).transpose(0, 3, 1, 2)
+    x0 = layout.batch(layout.model_input(scene.rgb), sel).to(dev)
     eps = seeded_noise((3, layout.patch, layout.patch), 0).to(dev)
-    labels = _class_labels(bb, sel, 0, device=dev)
+    labels = patch_class_labels(bb, sel, 0, device=dev)
     per_batch = 0.0
     for t in timesteps:
-        x = noised(torch.from_numpy(win.copy()).to(dev), eps, int(t), bb.scheduler).to(bb.dtype)
+        x = noised(x0, eps, int(t), bb.scheduler).to(bb.dtype)
 
         def run(x: torch.Tensor = x, t: int = int(t)) -> Any:
             return bb.features(x, t, list(sites), class_labels=labels)

@@ -29,7 +29,13 @@ from pipeline.errors import ConfigError
 from pipeline.scene import open_scene
 from pipeline.store import package_versions
 
-__all__ = ["TileLayout", "extract_features", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "TileLayout",
+    "extract_features",
+    "patch_class_labels",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 _MIN_CHUNK_BYTES = 1 << 20
 ProgressFn = Callable[[int, int], None]
@@ -105,6 +111,20 @@ class TileLayout:
         p0 = self.pad
         core = f[:, :, p0 : p0 + self.stride, p0 : p0 + self.stride]
         return core.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+
+    @property
+    def all_tiles(self) -> list[tuple[int, int]]:
+        """Every window ``(ti, tj)``, row by row."""
+        return [(i, j) for i in range(self.tiles[0]) for j in range(self.tiles[1])]
+
+    def model_input(self, rgb: np.ndarray) -> np.ndarray:
+        """The rendering in [0, 1] as the backbone sees it: scaled to [-1, 1], reflect-padded."""
+        return self.pad_image(np.asarray(rgb, dtype=np.float32) * 2.0 - 1.0)
+
+    def batch(self, padded: np.ndarray, tiles: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Windows ``tiles`` of the padded image as one ``(N, C, patch, patch)`` tensor."""
+        windows = np.stack([self.window(padded, ti, tj) for ti, tj in tiles])
+        return torch.from_numpy(np.ascontiguousarray(windows.transpose(0, 3, 1, 2)))
 
     def pad_image(self, image: np.ndarray) -> np.ndarray:
         """Reflect-pad ``(H, W, C)`` so every window lies inside."""
@@ -248,7 +268,7 @@ def extract_features(
     if k < 1:
         raise ConfigError(f"`chunk_tiles` must be at least 1, got {k}")
     layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
-    padded = layout.pad_image(sc.rgb.astype(np.float32) * 2.0 - 1.0)
+    padded = layout.model_input(sc.rgb)
     eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
     report: dict[str, Any] = {}
     if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
@@ -308,8 +328,8 @@ def extract_features(
         started = time.perf_counter()
         buffers = _extract_chunk(
             bb, layout, padded, eps, layout.tiles_of_chunk(ci, cj), (y0, y1, x0, x1), timesteps,
-            chosen, batch_size=batch_size, dtype=dt, class_seed=(class_seed, class_label),
-            truncate=truncate,
+            chosen, batch_size=batch_size, dtype=dt, class_seed=class_seed,
+            class_label=class_label, truncate=truncate,
             on_batch=advance,
         )  # fmt: skip
         written = time.perf_counter()
@@ -344,10 +364,8 @@ def _auto_cpu_dtype(
         report: dict[str, Any] = {"choice": started, "resumed": True}
     else:
         tiles = layout.tiles_of_chunk(0, 0)[: min(batch_size, 2)]
-        windows = np.stack([layout.window(padded, ti, tj) for ti, tj in tiles])
-        x = noised(torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()), eps, timestep,
-                   bb.scheduler)  # fmt: skip
-        labels = _class_labels(bb, tiles, 0, device=eps.device)
+        x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)
+        labels = patch_class_labels(bb, tiles, 0, device=eps.device)
         dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels)
     if dt != bb.dtype:
         bb.cast(dt)
@@ -366,7 +384,8 @@ def _extract_chunk(
     *,
     batch_size: int,
     dtype: torch.dtype,
-    class_seed: tuple[int, int | None],
+    class_seed: int,
+    class_label: int | None,
     truncate: bool,
     on_batch: Callable[[int], None],
 ) -> dict[tuple[int, str], np.ndarray]:
@@ -381,9 +400,8 @@ def _extract_chunk(
     names = [s.name for s in chosen]
     for b0 in range(0, len(tiles), batch_size):
         batch = tiles[b0 : b0 + batch_size]
-        windows = np.stack([layout.window(padded, ti, tj) for ti, tj in batch])
-        x0_batch = torch.from_numpy(windows.transpose(0, 3, 1, 2).copy()).to(eps.device)
-        labels = _class_labels(bb, batch, *class_seed, device=eps.device)
+        x0_batch = layout.batch(padded, batch).to(eps.device)
+        labels = patch_class_labels(bb, batch, class_seed, class_label, device=eps.device)
         for t in timesteps:
             xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
             feats = bb.features(xt, int(t), names, class_labels=labels, truncate=truncate)
@@ -398,7 +416,7 @@ def _extract_chunk(
     return buffers
 
 
-def _class_labels(
+def patch_class_labels(
     bb: Backbone,
     batch: list[tuple[int, int]],
     class_seed: int,
