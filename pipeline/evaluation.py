@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,11 @@ def write_evaluation(
     plot: str | Path | None = None,
     png: str | Path | None = None,
 ) -> None:
-    """``metrics.json``, the DVC confusion plot CSV and the confusion-matrix PNG, atomically."""
+    """``metrics.json``, the DVC confusion plot CSV and the confusion-matrix PNG, atomically.
+
+    ``class_names`` defaults to the classes of ``metrics["per_class"]`` (in class order).
+    """
+    class_names = class_names or list(metrics.get("per_class", {}))
     with atomic_output(out) as tmp:
         tmp.write_text(json.dumps(jsonable(metrics), indent=2))
     if plot is not None and actual is not None and predicted is not None and class_names:
@@ -179,7 +184,8 @@ def predict_map(
     class_ids = np.asarray(sc.class_ids)
     arrays = fc.selection(sel.timesteps, sel.sites) if sel.spatial and fc else []
     grid = [(y, x) for y in range(0, h, block) for x in range(0, w, block)]
-    with atomic_output(out) as tmp_map, _maybe(confidence) as tmp_conf:
+    conf_out = atomic_output(confidence) if confidence is not None else nullcontext()
+    with atomic_output(out) as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
         conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
                 if tmp_conf is not None else None)  # fmt: skip
@@ -210,19 +216,6 @@ def predict_map(
     counts = {name: int((result == cid).sum()) for cid, name in zip(class_ids, sc.class_names,
                                                                     strict=True)}  # fmt: skip
     return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
-
-
-class _maybe:
-    """``atomic_output(path)`` when a path is given, else a context yielding ``None``."""
-
-    def __init__(self, path: str | Path | None) -> None:
-        self._ctx = atomic_output(path) if path is not None else None
-
-    def __enter__(self) -> Path | None:
-        return self._ctx.__enter__() if self._ctx else None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._ctx.__exit__(*exc) if self._ctx else False
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

@@ -42,7 +42,6 @@ def evaluate(
     """OA, AA, kappa, per-class precision/recall/F1/IoU, mIoU and the confusion matrix."""
     from pipeline.evaluation import evaluate as run_evaluate
     from pipeline.evaluation import evaluate_seeds, write_evaluation
-    from pipeline.scene import open_scene
 
     with user_errors(debug):
         seed_list = parse_csv_ints(seeds, "--seeds")
@@ -56,9 +55,8 @@ def evaluate(
                                    for k in ("oa", "aa", "kappa")))  # fmt: skip
             return
         result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head)
-        names = open_scene(scene).class_names
-        write_evaluation(result, metrics, actual=actual, predicted=predicted, class_names=names,
-                         plot=plot, png=png)  # fmt: skip
+        write_evaluation(result, metrics, actual=actual, predicted=predicted, plot=plot,
+                         png=png)  # fmt: skip
     typer.echo(f"{result['head']}: OA {result['oa']:.4f}, AA {result['aa']:.4f}, "
                f"kappa {result['kappa']:.4f}, mIoU {result['miou']:.4f} "
                f"on {result['n_test']} test pixels -> {metrics}")  # fmt: skip
