@@ -59,6 +59,12 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"n_spectral={n_spec} does not fit X with {n_features} features")
         return n_spec, n_features - n_spec
 
+    def _keep_params(self, arguments: dict[str, Any]) -> None:
+        """Store the constructor's arguments unchanged, as the scikit-learn contract asks."""
+        for name, value in arguments.items():
+            if name not in ("self", "__class__"):
+                setattr(self, name, value)
+
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
 
@@ -281,23 +287,7 @@ class FiLMClassifier(_TorchHead):
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
-        self.n_spectral = n_spectral
-        self.spectral_pca = spectral_pca
-        self.width = width
-        self.spectral_skip = spectral_skip
-        self.hidden = hidden
-        self.dropout = dropout
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.max_epochs = max_epochs
-        self.batch_size = batch_size
-        self.mixup_alpha = mixup_alpha
-        self.class_balanced = class_balanced
-        self.validation_fraction = validation_fraction
-        self.min_val_per_class = min_val_per_class
-        self.patience = patience
-        self.random_state = random_state
-        self.device = device
+        self._keep_params(locals())
 
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
         return _FiLMNet(n_spec, n_spat, n_classes, self.width, self.hidden, self.dropout,
@@ -333,21 +323,7 @@ class MLPHead(_TorchHead):
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
-        self.n_spectral = n_spectral
-        self.spectral_pca = spectral_pca
-        self.hidden = hidden
-        self.dropout = dropout
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.max_epochs = max_epochs
-        self.batch_size = batch_size
-        self.mixup_alpha = mixup_alpha
-        self.class_balanced = class_balanced
-        self.validation_fraction = validation_fraction
-        self.min_val_per_class = min_val_per_class
-        self.patience = patience
-        self.random_state = random_state
-        self.device = device
+        self._keep_params(locals())
 
     def _build(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
         return _MLPNet(n_spec + n_spat, n_classes, self.hidden, self.dropout)
