@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from pipeline.errors import ConfigError, HsicacheError
+from pipeline.params import load_section
 
 BACKBONE_HELP = (
     "builtin:tiny | builtin:adm64 | diffusers folder | hub id | guided-diffusion .pt checkpoint."
@@ -46,7 +47,7 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
     known = {p.name for p in ctx.command.params if p.name}
     defaults: dict[str, Any] = {}
     with user_errors(debug=False):  # --debug is not parsed yet: eager options come first
-        for key, val in load_params_section(value, section).items():
+        for key, val in load_section(value, section).items():
             name = str(key).replace("-", "_")
             if name not in known or name in ("params", "debug"):
                 raise ConfigError(
@@ -59,25 +60,6 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
                 defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
-
-
-def load_params_section(path: Path, section: str) -> dict[str, Any]:
-    """The mapping under ``section`` in the YAML file ``path`` (empty when absent)."""
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"params file `{path}` does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        reason = str(exc).splitlines()[0]
-        raise ConfigError(f"params file `{path}` is not valid YAML: {reason}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"params file `{path}` must hold a mapping of stage sections")
-    table = data.get(section) or {}
-    if not isinstance(table, dict):
-        raise ConfigError(f"`{section}` in `{path}` must be a mapping of option names to values")
-    return table
 
 
 PARAMS_OPTION = typer.Option(

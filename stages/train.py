@@ -11,7 +11,6 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
-    load_params_section,
     parse_csv_ints,
     run_app,
     user_errors,
@@ -39,10 +38,9 @@ def head_params_for(head: str, given: str | None, params_file: Path | None) -> d
             raise ConfigError("`--head-params` must be a JSON object of keyword arguments")
         return value
     if params_file is not None:
-        section = load_params_section(params_file, "heads").get(head) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"`heads.{head}` in `{params_file}` must be a mapping")
-        return dict(section)
+        from pipeline.params import head_settings
+
+        return head_settings(params_file, head)
     return {}
 
 
