@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.cache import FeatureCache
 from pipeline.errors import ConfigError
+from pipeline.heads import make_head
 from pipeline.metrics import (
     classification_metrics,
     plot_confusion,
@@ -26,7 +27,7 @@ from pipeline.metrics import (
 from pipeline.scene import Scene
 from pipeline.splits import make_split
 from pipeline.store import atomic_output, jsonable
-from pipeline.training import TrainedHead, assemble, fit_head, load_head, open_inputs
+from pipeline.training import TrainedHead, assemble, load_head, open_inputs, split_recipe
 
 __all__ = ["evaluate", "evaluate_seeds", "predict_map", "resplit", "write_evaluation"]
 
@@ -85,22 +86,27 @@ def evaluate_seeds(
 
     The head's name, parameters and feature selection are reused; each seed draws the scene's
     split protocol again (an ``official`` split stays fixed and only the head's seed changes)
-    and seeds the head. The cache is reused as is: the backbone never runs.
+    and seeds the head. The features of every labeled pixel are read once and shared by all
+    seeds; the backbone never runs.
     """
     if not seeds:
         raise ConfigError("`--seeds` needs at least one seed")
     sc, fc = open_inputs(scene, cache)
     recipe = load_head(head)
     recipe.check_inputs(sc, fc, same_split=False)
-    sel = recipe.selection
+    kind, _, kwargs = split_recipe(recipe.meta["name"], recipe.meta["params"])
+    rows, cols = np.nonzero(sc.labels >= 0)
+    X, n_spec = assemble(sc, fc, rows, cols, recipe.selection)
+    y = sc.labels[rows, cols]
+    position = np.full(sc.shape, -1, dtype=np.int64)
+    position[rows, cols] = np.arange(rows.size)
     runs = []
     for k, seed in enumerate(seeds):
         train, test = resplit(sc, seed)
-        trained = fit_head(recipe.meta["name"], recipe.meta["params"], sc, fc, train_mask=train,
-                           seed=seed, timesteps=list(sel.timesteps) or None,
-                           sites=list(sel.sites) or None)  # fmt: skip
-        actual, predicted = _test_predictions(trained, sc, fc, test)
-        run = classification_metrics(actual, predicted, sc.class_names)
+        tr, te = position[train], position[test]  # row-major, as fit_head orders pixels
+        est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs).fit(X[tr], y[tr])
+        run = classification_metrics(y[te], np.asarray(est.predict(X[te]), dtype=np.int64),
+                                     sc.class_names)  # fmt: skip
         runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
                      "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
         if progress:

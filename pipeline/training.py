@@ -237,6 +237,14 @@ def _feature_mode(name: str, params: dict[str, Any]) -> str:
     return mode or "both"
 
 
+def split_recipe(name: str, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """A head entry's ``(kind, feature mode, constructor kwargs)``: ``kind`` defaults to ``name``
+    and ``use`` (classic heads) is the feature mode."""
+    kwargs = dict(params)
+    kind = str(kwargs.pop("kind", name))
+    return kind, _feature_mode(kind, kwargs), kwargs
+
+
 def fit_head(
     name: str,
     params: dict[str, Any],
@@ -254,22 +262,20 @@ def fit_head(
     path; default: ``name`` itself), so several configurations of one kind can coexist
     (``film_pca: {kind: film, spectral_pca: 30}``), and for classic heads ``use``.
     """
-    recipe = dict(params)
-    params = dict(params)
-    kind = str(params.pop("kind", name))
-    selection = FeatureSelection.resolve(_feature_mode(kind, params), cache, timesteps, sites)
+    kind, mode, kwargs = split_recipe(name, params)
+    selection = FeatureSelection.resolve(mode, cache, timesteps, sites)
     rows, cols = np.nonzero(train_mask)
     if rows.size == 0:
         raise ConfigError("the scene has no train pixels")
     started = time.perf_counter()
     X, n_spec = assemble(scene, cache, rows, cols, selection)
     y = scene.labels[rows, cols]
-    est = make_head(kind, n_spectral=n_spec, random_state=seed, **params)
+    est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs)
     est.fit(X, y)
     meta = {
         "name": name,
         "kind": kind,
-        "params": recipe,
+        "params": dict(params),
         "seed": seed,
         "selection": selection.to_dict(),
         "n_spectral": n_spec,
