@@ -80,7 +80,7 @@ class AdmArchitecture:
         n_out = 1 + max(_indices(state, "output_blocks"))
         # an output block ending a level (all but the last) holds an up-sampling ResBlock after
         # its ResBlock (and attention): the first one sits at index num_res_blocks
-        ups = [k for k in range(n_out) if _is_resblock(state, f"output_blocks.{k}", last=True)]
+        ups = [k for k in range(n_out) if _ends_in_upsampler(state, f"output_blocks.{k}")]
         if not ups:
             raise ConfigError("guided-diffusion checkpoint without up-sampling ResBlocks")
         if any(f"output_blocks.{k}.1.conv.weight" in state for k in range(n_out)):
@@ -165,12 +165,10 @@ def _indices(state: dict[str, torch.Tensor], prefix: str) -> set[int]:
     return {int(m.group(1)) for key in state if (m := pattern.match(key))}
 
 
-def _is_resblock(state: dict[str, torch.Tensor], block: str, *, last: bool) -> bool:
-    """Whether ``block``'s last sub-module (``last``) is a ResBlock at a position > 0."""
-    subs = sorted(_indices(state, block))
-    if not subs or (last and subs[-1] == 0):
-        return False
-    return f"{block}.{subs[-1]}.in_layers.0.weight" in state
+def _ends_in_upsampler(state: dict[str, torch.Tensor], block: str) -> bool:
+    """Whether output block ``block`` ends in a ResBlock after its first one: the up-sampler."""
+    last = max(_indices(state, block), default=0)
+    return last > 0 and f"{block}.{last}.in_layers.0.weight" in state
 
 
 def _resblock_map(src: str, dst: str) -> dict[str, str]:
