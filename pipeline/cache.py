@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SceneNotFoundError, StoreError
+from pipeline.storage import Location
 from pipeline.store import jsonable
 
 __all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "count_reads", "create_or_resume"]
@@ -52,20 +53,20 @@ def count_reads() -> Iterator[list[int]]:
         _READ_COUNTER.reset(token)
 
 
-def _counting_store(path: Path) -> Any:
-    """A read-only local store that adds every byte it returns to the active counter."""
-    from zarr.storage import LocalStore
+def _counting_store(where: Location) -> Any:
+    """A read-only store over ``where`` that adds every byte it returns to the active counter."""
+    from zarr.storage import WrapperStore
 
     counter = _READ_COUNTER.get()
 
-    class _Counting(LocalStore):
+    class _Counting(WrapperStore):  # type: ignore[type-arg]
         async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
             buf = await super().get(key, prototype, byte_range)
             if buf is not None and counter is not None:
                 counter[0] += len(buf)
             return buf
 
-    return _Counting(path, read_only=True)
+    return _Counting(where.zarr_store(read_only=True))
 
 
 CACHE_FORMAT = "hsicache-features/2"  # 2: keyed on the image fingerprint
@@ -83,7 +84,7 @@ def _codecs() -> dict[str, Any]:
 
 
 def create_or_resume(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     shape: tuple[int, int],
     chunk: int,
@@ -110,26 +111,31 @@ def create_or_resume(
     """
     import zarr
 
-    p = Path(path)
+    where = Location.of(path)
     h, w = shape
     grid = (-(-h // chunk), -(-w // chunk))
-    if (p / "zarr.json").exists():
-        root = zarr.open_group(p, mode="r+")
+    store = where.zarr_store(read_only=False)
+    if where.exists():
+        root = zarr.open_group(store, mode="r+")
         if root.attrs.get("format") != CACHE_FORMAT:
-            raise StoreError(f"`{p}` exists and is not a hsicache feature cache: remove it first")
+            raise StoreError(
+                f"`{where}` exists and is not a hsicache feature cache: remove it first"
+            )
         if root.attrs.get("identity") != jsonable(identity):
             raise StoreError(
-                f"feature cache `{p}` exists but was made with other inputs or parameters "
+                f"feature cache `{where}` exists but was made with other inputs or parameters "
                 f"({_first_difference(root.attrs.get('identity') or {}, jsonable(identity))}): "
                 "remove it, or choose another --out"
             )
-        return root, _done_chunks(root)
-    root = zarr.open_group(p, mode="w", zarr_format=3)
-    root.attrs.update(
-        jsonable({"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs})
-    )
+    else:  # not zarr.open_group(mode="w"): that would empty the folder, the writer lock with it
+        root = zarr.create_group(store, zarr_format=3, attributes=jsonable(
+            {"format": CACHE_FORMAT, "complete": False, "identity": identity, **attrs}
+        ))  # fmt: skip
+    # arrays are created on resume too: a run killed while creating them left some out
     for t in timesteps:
         for site, channels in site_channels.items():
+            if where.exists(f"{array_path(t, site)}/zarr.json"):
+                continue
             root.create_array(
                 array_path(t, site),
                 shape=(h, w, channels),
@@ -139,18 +145,19 @@ def create_or_resume(
                 fill_value=np.nan,
                 **_codecs(),
             )
-    root.create_array("progress/done", shape=grid, chunks=(1, 1), dtype=bool, fill_value=False)
-    return root, np.zeros(grid, dtype=bool)
+    if not where.exists("progress/done/zarr.json"):
+        root.create_array("progress/done", shape=grid, chunks=(1, 1), dtype=bool, fill_value=False)
+    return root, _done_chunks(root)
 
 
-def read_identity(path: str | Path) -> dict[str, Any]:
+def read_identity(path: str | Path | Location) -> dict[str, Any]:
     """The identity an existing (possibly unfinished) cache was created with; ``{}`` if none."""
     import zarr
 
-    p = Path(path)
-    if not (p / "zarr.json").exists():
+    where = Location.of(path)
+    if not where.exists():
         return {}
-    attrs = zarr.open_group(p, mode="r").attrs
+    attrs = zarr.open_group(where.zarr_store(read_only=True), mode="r").attrs
     return dict(attrs.get("identity") or {}) if attrs.get("format") == CACHE_FORMAT else {}
 
 
@@ -159,18 +166,18 @@ class FeatureCache:
     """A complete feature cache opened for reading.
 
     Attributes:
-        path: the store.
+        path: the store (a local folder or a URL).
         attrs: its attributes (provenance).
     """
 
-    path: Path
+    path: Location
     attrs: dict[str, Any]
     _root: Any
 
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | Path | Location,
         *,
         expect_fingerprint: str | None = None,
         allow_incomplete: bool = False,
@@ -184,10 +191,13 @@ class FeatureCache:
         """
         import zarr
 
-        p = Path(path)
-        if not (p / "zarr.json").exists():
+        p = Location.of(path)
+        if not p.exists():
             raise SceneNotFoundError(f"feature cache `{p}` does not exist: run `hsicache extract`")
-        root = zarr.open_group(_counting_store(p), mode="r")
+        try:
+            root = zarr.open_group(_counting_store(p), mode="r")
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from None
         attrs = dict(root.attrs)
         if attrs.get("format") != CACHE_FORMAT:
             raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")
@@ -304,12 +314,12 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "no difference"
 
 
-def cache_info(path: str | Path) -> dict[str, Any]:
+def cache_info(path: str | Path | Location) -> dict[str, Any]:
     """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not)."""
     cache = FeatureCache.open(path, allow_incomplete=True)
     arrays = {}
     for arr in cache.selection():
-        nbytes = sum(f.stat().st_size for f in (cache.path / arr.path).rglob("*") if f.is_file())
+        nbytes = cache.path.nbytes(arr.path)
         arrays[arr.path] = {
             "shape": list(arr.shape),
             "chunks": list(arr.chunks),
@@ -332,7 +342,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def verify_cache(path: str | Path, *, scene_fingerprint: str | None = None) -> list[str]:
+def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None = None) -> list[str]:
     """Every problem found: unfinished chunks, missing or non-finite values, another scene.
 
     Returns:

@@ -156,6 +156,7 @@ def predict_map(
     confidence: str | Path | None = None,
     block: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Predict every pixel, streaming block by block; the map holds the scene's class ids.
 
@@ -167,6 +168,9 @@ def predict_map(
         confidence: ``.npy`` of the winning class probability (``float32``).
         block: block side (default: the cache's chunk side, else 256).
         progress: ``progress(done_blocks, total_blocks)``.
+        client: a ``distributed.Client``: predict the blocks on its workers (the head is sent
+            to each worker once; they read scene and cache themselves, so both stores must be
+            reachable from them); only the class ids come back.
 
     Returns:
         A summary: shape, blocks, class pixel counts, outputs written.
@@ -189,27 +193,26 @@ def predict_map(
         block = fc.selection(sel.timesteps, sel.sites)[0].chunks[0] if sel.spatial and fc else 256
     class_ids = np.asarray(sc.class_ids)
     arrays = fc.selection(sel.timesteps, sel.sites) if sel.spatial and fc else []
-    grid = [(y, x) for y in range(0, h, block) for x in range(0, w, block)]
-    conf_out = atomic_output(confidence) if confidence is not None else nullcontext()
+    grid = [(y, x, min(y + block, h), min(x + block, w))
+            for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
+    want_conf = confidence is not None
+    conf_out = atomic_output(confidence) if want_conf else nullcontext()
     with atomic_output(out) as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
         conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
                 if tmp_conf is not None else None)  # fmt: skip
-        for k, (y0, x0) in enumerate(grid):
-            y1, x1 = min(y0 + block, h), min(x0 + block, w)
-            parts = []
-            if sel.spectral:
-                parts.append(np.asarray(sc.cube[y0:y1, x0:x1], dtype=np.float32))
-            parts += [np.asarray(a[y0:y1, x0:x1], dtype=np.float32) for a in arrays]
-            X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
+        if client is None:
+            blocks: Any = (
+                (bounds, _predict_block(sc.cube, arrays, est, sel, class_ids, bounds, want_conf))
+                for bounds in grid
+            )
+        else:
+            blocks = _predict_on_cluster(client, scene, cache, est, sel, class_ids, grid,
+                                         want_conf)  # fmt: skip
+        for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
+            labels[y0:y1, x0:x1] = pred
             if conf is not None:
-                proba = est.predict_proba(X)
-                best = np.argmax(proba, axis=1)
-                conf[y0:y1, x0:x1] = proba[np.arange(len(best)), best].reshape(y1 - y0, x1 - x0)
-                pred = np.asarray(est.classes_, dtype=np.int64)[best]
-            else:
-                pred = np.asarray(est.predict(X), dtype=np.int64)
-            labels[y0:y1, x0:x1] = class_ids[pred].reshape(y1 - y0, x1 - x0)
+                conf[y0:y1, x0:x1] = best
             if progress:
                 progress(k + 1, len(grid))
         labels.flush()
@@ -222,6 +225,81 @@ def predict_map(
     counts = {name: int((result == cid).sum()) for cid, name in zip(class_ids, sc.class_names,
                                                                     strict=True)}  # fmt: skip
     return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
+
+
+def _predict_block(
+    cube: Any,
+    arrays: list[Any],
+    est: Any,
+    sel: Any,
+    class_ids: np.ndarray,
+    bounds: tuple[int, int, int, int],
+    want_conf: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class ids (and the winning probability) of the block ``(y0, x0, y1, x1)``."""
+    y0, x0, y1, x1 = bounds
+    parts = [np.asarray(cube[y0:y1, x0:x1], dtype=np.float32)] if sel.spectral else []
+    parts += [np.asarray(a[y0:y1, x0:x1], dtype=np.float32) for a in arrays]
+    X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
+    best = None
+    if want_conf:
+        proba = est.predict_proba(X)
+        winner = np.argmax(proba, axis=1)
+        best = proba[np.arange(len(winner)), winner].reshape(y1 - y0, x1 - x0).astype(np.float32)
+        pred = np.asarray(est.classes_, dtype=np.int64)[winner]
+    else:
+        pred = np.asarray(est.predict(X), dtype=np.int64)
+    return class_ids[pred].reshape(y1 - y0, x1 - x0).astype(np.int32), best
+
+
+def _predict_on_cluster(
+    client: Any,
+    scene: str | Path,
+    cache: str | Path | None,
+    est: Any,
+    sel: Any,
+    class_ids: np.ndarray,
+    grid: list[tuple[int, int, int, int]],
+    want_conf: bool,
+) -> Any:
+    """``(bounds, block result)`` pairs as the workers finish them (one task per block)."""
+    from distributed import as_completed
+
+    model = client.scatter(est, broadcast=True)
+    futures = {
+        client.submit(_predict_task, str(scene), str(cache) if cache else None, model, sel,
+                      class_ids, bounds, want_conf, pure=False): bounds
+        for bounds in grid
+    }  # fmt: skip
+    try:
+        for fut in as_completed(futures):
+            yield futures[fut], fut.result()
+    finally:
+        client.cancel(list(futures))
+
+
+def _predict_task(
+    scene: str,
+    cache: str | None,
+    est: Any,
+    sel: Any,
+    class_ids: np.ndarray,
+    bounds: tuple[int, int, int, int],
+    want_conf: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A dask task: one map block, reading the stores with this worker's open handles."""
+    import zarr
+
+    from pipeline.cluster import worker_state
+    from pipeline.storage import Location
+
+    cube = worker_state("cube", scene, lambda: zarr.open_array(
+        Location.of(scene).zarr_store(read_only=True), path="cube", mode="r"))  # fmt: skip
+    arrays = []
+    if sel.spatial and cache:
+        fc = worker_state("features", cache, lambda: FeatureCache.open(cache))
+        arrays = fc.selection(sel.timesteps, sel.sites)
+    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf)
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

@@ -13,9 +13,12 @@ patch's position, so results never depend on batch composition.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +28,15 @@ import torch
 
 from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
 from pipeline.cache import array_path, create_or_resume, read_identity
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.scene import open_scene
+from pipeline.storage import Location, StoreLock
 from pipeline.store import package_versions
 
 __all__ = [
+    "ChunkJob",
     "TileLayout",
+    "compute_chunk",
     "extract_features",
     "patch_class_labels",
     "resolve_device",
@@ -191,7 +197,10 @@ def extract_features(
     progress: ProgressFn | None = None,
     stop_after_chunks: int | None = None,
     stats: dict[str, Any] | None = None,
-) -> Path:
+    client: Any = None,
+    resources: dict[str, float] | None = None,
+    threads: int | None = None,
+) -> Location:
     """Extract per-pixel features of a prepared scene into a (resumable) Zarr cache.
 
     Args:
@@ -199,8 +208,8 @@ def extract_features(
         backbone: a backbone SPEC or an already loaded :class:`Backbone`.
         timesteps: diffusion timesteps, each in ``[0, num_train_timesteps)``.
         sites: feature site names (``hsicache layers`` lists them).
-        out: the cache store; an unfinished one with the same inputs is resumed, a finished one
-            is left as it is.
+        out: the cache store (a folder or an fsspec URL such as ``s3://bucket/f.zarr``); an
+            unfinished one with the same inputs is resumed, a finished one is left as it is.
         patch: window side (default: the backbone's sample size).
         stride: window step = side of the square each window owns.
         batch_size: windows per forward pass.
@@ -219,9 +228,16 @@ def extract_features(
         stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
         stats: if given, filled with ``patches``, ``forward_s`` (forward passes and stitching),
             ``write_s`` and ``written_bytes`` (uncompressed) of this call, and the dtype report.
+        client: a ``distributed.Client``: run one task per chunk on its workers (each loads the
+            backbone once and writes its own chunk-aligned region; ``out`` and ``scene`` must
+            be reachable from the workers: a shared file system or an object store).
+        resources: dask resources each chunk task needs (``{"GPU": 1}``: one task per GPU).
+        threads: torch intra-op threads per forward pass (default: this process's). CPU
+            kernels depend on it, so equal thread counts give bit-identical caches.
 
     Returns:
-        ``out`` as a :class:`~pathlib.Path`.
+        Where the cache is. While it is written the store holds a writer lock
+        (:class:`~pipeline.storage.StoreLock`): a second extraction into it is refused.
     """
     if not timesteps:
         raise ConfigError("give at least one timestep (`--timesteps 0`)")
@@ -229,7 +245,7 @@ def extract_features(
         raise ConfigError("give at least one site (`--sites NAME`; `hsicache layers` lists them)")
     if batch_size < 1:
         raise ConfigError(f"`--batch-size` must be at least 1, got {batch_size}")
-    sc = open_scene(scene)
+    sc = open_scene(scene, lazy=True)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if isinstance(backbone, Backbone):
@@ -267,90 +283,302 @@ def extract_features(
         k += 1
     if k < 1:
         raise ConfigError(f"`chunk_tiles` must be at least 1, got {k}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"`--threads` must be at least 1, got {threads}")
     layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
-    padded = layout.model_input(sc.rgb)
-    eps = seeded_noise((3, patch, patch), noise_seed).to(dev)
-    report: dict[str, Any] = {}
-    if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
-        dt, report = _auto_cpu_dtype(bb, out, layout, padded, eps, timesteps[0], chosen, batch_size)
-    identity = {
-        "image_fingerprint": sc.image_fingerprint,
-        "backbone": bb.spec,
-        "weights_sha256": bb.weights_sha256,
-        "timesteps": [int(t) for t in timesteps],
-        "sites": list(sites),
-        "patch": patch,
-        "stride": stride,
-        "noise_seed": noise_seed,
-        "class_seed": class_seed,
-        "class_label": class_label,
-        "compute_dtype": str(dt).replace("torch.", ""),
-    }
-    root, done = create_or_resume(
-        out,
-        shape=(h, w),
-        chunk=layout.chunk,
-        site_channels={s.name: s.channels for s in chosen},
-        timesteps=timesteps,
-        identity=identity,
-        attrs={
-            "shape": [h, w],
-            "chunk": layout.chunk,
-            "site_info": {
-                s.name: {"channels": s.channels, "resolution": s.resolution} for s in chosen
+    where = Location.of(out)
+    with _writing(where), StoreLock(where):
+        report: dict[str, Any] = {}
+        if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
+            dt, report = _auto_cpu_dtype(bb, where, layout, sc.rgb, noise_seed, timesteps[0],
+                                         chosen, batch_size)  # fmt: skip
+        job = ChunkJob(
+            scene=str(Location.of(scene)), out=str(where), backbone=bb.spec,
+            weights_sha256=bb.weights_sha256, device=device, dtype=str(dt).replace("torch.", ""),
+            layout=layout, timesteps=tuple(int(t) for t in timesteps), sites=tuple(sites),
+            noise_seed=noise_seed, class_seed=class_seed, class_label=class_label,
+            truncate=truncate, batch_size=batch_size, threads=threads or torch.get_num_threads(),
+        )  # fmt: skip
+        root, done = create_or_resume(
+            where,
+            shape=(h, w),
+            chunk=layout.chunk,
+            site_channels={s.name: s.channels for s in chosen},
+            timesteps=timesteps,
+            identity=job.identity(sc.image_fingerprint),
+            attrs={
+                "shape": [h, w],
+                "chunk": layout.chunk,
+                "site_info": {
+                    s.name: {"channels": s.channels, "resolution": s.resolution} for s in chosen
+                },
+                "backbone": bb.provenance(),
+                "rendering": sc.attrs.get("rendering"),
+                "package_versions": package_versions(),
+                "truncated_forward": truncate,
+                "compute_dtype_choice": report or {"choice": job.dtype},
+                "torch_threads": job.threads,
             },
-            "backbone": bb.provenance(),
-            "rendering": sc.attrs.get("rendering"),
-            "package_versions": package_versions(),
-            "truncated_forward": truncate,
-            "compute_dtype_choice": report or {"choice": str(dt).replace("torch.", "")},
-        },
-    )
-    if root.attrs.get("complete"):
-        return Path(out)
+        )
+        if root.attrs.get("complete"):
+            return where
 
-    tally = stats if stats is not None else {}
-    tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report)
-    total = layout.tiles[0] * layout.tiles[1]
-    finished = sum(len(layout.tiles_of_chunk(i, j)) for i, j in zip(*np.nonzero(done), strict=True))
-    if progress:
-        progress(finished, total)
-
-    def advance(n: int) -> None:
-        nonlocal finished
-        finished += n
-        tally["patches"] += n
+        tally = stats if stats is not None else {}
+        tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report)
+        pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
+        total = layout.tiles[0] * layout.tiles[1]
+        finished = total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
         if progress:
             progress(finished, total)
 
-    for n_chunks, (ci, cj) in enumerate(zip(*np.nonzero(~done), strict=True), start=1):
-        y0, y1, x0, x1 = layout.chunk_bounds(ci, cj)
-        started = time.perf_counter()
-        buffers = _extract_chunk(
-            bb, layout, padded, eps, layout.tiles_of_chunk(ci, cj), (y0, y1, x0, x1), timesteps,
-            chosen, batch_size=batch_size, dtype=dt, class_seed=class_seed,
-            class_label=class_label, truncate=truncate,
-            on_batch=advance,
-        )  # fmt: skip
-        written = time.perf_counter()
-        for (t, name), buf in buffers.items():
-            root[array_path(t, name)][y0:y1, x0:x1] = buf
-            tally["written_bytes"] += buf.nbytes
-        root["progress/done"][ci, cj] = True
-        tally["forward_s"] += written - started
-        tally["write_s"] += time.perf_counter() - written
-        if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-            return Path(out)
-    root.attrs["complete"] = True
-    return Path(out)
+        def advance(n: int) -> None:
+            nonlocal finished
+            finished += n
+            tally["patches"] += n
+            if progress:
+                progress(finished, total)
+
+        def chunk_done(ci: int, cj: int, figures: dict[str, float]) -> None:
+            root["progress/done"][ci, cj] = True
+            for key in ("forward_s", "write_s", "written_bytes"):
+                tally[key] += figures[key]
+
+        if client is not None:
+            _run_on_cluster(client, job, bb if isinstance(backbone, Backbone) else None, pending,
+                            advance, chunk_done, stop_after_chunks, resources)  # fmt: skip
+        else:
+            rgb = _SceneImage(_rendering(job.scene), layout)
+            for n_chunks, (ci, cj) in enumerate(pending, start=1):
+                chunk_done(ci, cj, compute_chunk(job, bb, rgb, root, ci, cj, on_batch=advance))
+                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+                    return where
+        if stop_after_chunks is not None and len(pending) > stop_after_chunks:
+            return where
+        root.attrs["complete"] = True
+    return where
+
+
+@contextlib.contextmanager
+def _writing(where: Location) -> Iterator[None]:
+    """Turn a failed write (disk full, permission denied, store gone) into one clear line."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StoreError(
+            f"cannot write feature cache `{where}`: {reason}; it stays unfinished (not marked "
+            "complete) - fix that and re-run the same command to resume"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything needed to compute and write any chunk of one cache: small and picklable, so
+    it travels to dask workers, which load the backbone themselves (once per worker)."""
+
+    scene: str
+    out: str
+    backbone: str
+    weights_sha256: str
+    device: str
+    dtype: str
+    layout: TileLayout
+    timesteps: tuple[int, ...]
+    sites: tuple[str, ...]
+    noise_seed: int
+    class_seed: int
+    class_label: int | None
+    truncate: bool
+    batch_size: int
+    threads: int
+
+    def identity(self, image_fingerprint: str) -> dict[str, Any]:
+        """What determines the cache's content; a store made with another one is refused."""
+        return {
+            "image_fingerprint": image_fingerprint,
+            "backbone": self.backbone,
+            "weights_sha256": self.weights_sha256,
+            "timesteps": list(self.timesteps),
+            "sites": list(self.sites),
+            "patch": self.layout.patch,
+            "stride": self.layout.stride,
+            "noise_seed": self.noise_seed,
+            "class_seed": self.class_seed,
+            "class_label": self.class_label,
+            "compute_dtype": self.dtype,
+        }
+
+
+class _SceneImage:
+    """The rendering as the backbone sees it, read chunk by chunk (never the whole scene)."""
+
+    def __init__(self, rgb: Any, layout: TileLayout) -> None:
+        self.rgb, self.layout = rgb, layout
+
+    def chunk_input(self, ci: int, cj: int) -> tuple[np.ndarray, int, int]:
+        """The reflect-padded input covering the windows of chunk ``(ci, cj)``, in [-1, 1],
+        and its offset ``(row, col)`` in padded-image coordinates."""
+        lay = self.layout
+        tiles = lay.tiles_of_chunk(ci, cj)
+        t0, t1 = tiles[0], tiles[-1]
+        r0, c0 = t0[0] * lay.stride, t0[1] * lay.stride
+        rows = _reflect(np.arange(r0, t1[0] * lay.stride + lay.patch) - lay.pad, lay.height)
+        cols = _reflect(np.arange(c0, t1[1] * lay.stride + lay.patch) - lay.pad, lay.width)
+        box = np.asarray(
+            self.rgb[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1], dtype=np.float32
+        )
+        window = box[np.ix_(rows - rows.min(), cols - cols.min())]
+        return window * 2.0 - 1.0, r0, c0
+
+
+def _reflect(index: np.ndarray, n: int) -> np.ndarray:
+    """Indices into ``n`` samples mirrored at both ends without repeating the edge, as
+    ``np.pad(mode="reflect")`` does, for any distance outside."""
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    folded = np.abs(index) % period
+    return np.where(folded >= n, period - folded, folded)
+
+
+def compute_chunk(
+    job: ChunkJob,
+    bb: Backbone,
+    image: _SceneImage,
+    root: Any,
+    ci: int,
+    cj: int,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Compute chunk ``(ci, cj)`` and write it to ``root`` (not marked done: the caller does).
+
+    The same function runs in the single process and on dask workers, so both give the same
+    bytes (for equal torch thread counts: CPU kernels are chosen by thread count).
+    """
+    if torch.get_num_threads() != job.threads:
+        torch.set_num_threads(job.threads)
+    lay = job.layout
+    started = time.perf_counter()
+    y0, y1, x0, x1 = lay.chunk_bounds(ci, cj)
+    tiles = lay.tiles_of_chunk(ci, cj)
+    padded, r0, c0 = image.chunk_input(ci, cj)
+    dev = next(bb.unet.parameters()).device
+    eps = seeded_noise((3, lay.patch, lay.patch), job.noise_seed).to(dev)
+    dtype = getattr(torch, job.dtype)
+    buffers = {
+        (t, name): np.empty((y1 - y0, x1 - x0, bb.site(name).channels), dtype=np.float16)
+        for t in job.timesteps
+        for name in job.sites
+    }
+    names = list(job.sites)
+    for b0 in range(0, len(tiles), job.batch_size):
+        batch = tiles[b0 : b0 + job.batch_size]
+        windows = np.stack([padded[ti * lay.stride - r0 : ti * lay.stride - r0 + lay.patch,
+                                   tj * lay.stride - c0 : tj * lay.stride - c0 + lay.patch]
+                            for ti, tj in batch])  # fmt: skip
+        x0_batch = torch.from_numpy(np.ascontiguousarray(windows.transpose(0, 3, 1, 2))).to(dev)
+        labels = patch_class_labels(bb, batch, job.class_seed, job.class_label, device=dev)
+        for t in job.timesteps:
+            xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
+            feats = bb.features(xt, int(t), names, class_labels=labels, truncate=job.truncate)
+            for name in names:
+                core = lay.owned_squares(feats[name])
+                buf = buffers[(t, name)]
+                for n, (ti, tj) in enumerate(batch):  # edge squares are clipped to the scene
+                    ry, rx = ti * lay.stride - y0, tj * lay.stride - x0
+                    hh, ww = min(lay.stride, buf.shape[0] - ry), min(lay.stride, buf.shape[1] - rx)
+                    buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
+        if on_batch:
+            on_batch(len(batch))
+    written = time.perf_counter()
+    for (t, name), buf in buffers.items():
+        root[array_path(t, name)][y0:y1, x0:x1] = buf
+    return {
+        "forward_s": written - started,
+        "write_s": time.perf_counter() - written,
+        "written_bytes": float(sum(buf.nbytes for buf in buffers.values())),
+        "patches": float(len(tiles)),
+    }
+
+
+def _run_on_cluster(
+    client: Any,
+    job: ChunkJob,
+    preloaded: Backbone | None,
+    pending: list[tuple[int, int]],
+    advance: Callable[[int], None],
+    chunk_done: Callable[[int, int, dict[str, float]], None],
+    stop_after_chunks: int | None,
+    resources: dict[str, float] | None,
+) -> None:
+    """One dask task per pending chunk; this process marks each chunk done as it arrives."""
+    from distributed import as_completed
+
+    model = client.scatter(preloaded, broadcast=True) if preloaded is not None else None
+    tag = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(_chunk_task, job, ci, cj, model, key=f"hsicache-chunk-{tag}-{ci}-{cj}",
+                      pure=False, resources=resources): (ci, cj)
+        for ci, cj in pending
+    }  # fmt: skip
+    try:
+        for n_chunks, fut in enumerate(as_completed(futures), start=1):
+            figures = fut.result()
+            ci, cj = futures[fut]
+            chunk_done(ci, cj, figures)
+            advance(int(figures["patches"]))
+            if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+                return
+    finally:
+        client.cancel(list(futures))
+
+
+def _chunk_task(job: ChunkJob, ci: int, cj: int, model: Backbone | None) -> dict[str, float]:
+    """A dask task: compute and write one chunk with this worker's backbone (loaded once)."""
+    from pipeline.cluster import worker_state
+
+    if model is None:
+        model = worker_state("backbone", (job.backbone, job.device, job.dtype),
+                             lambda: _load_for_worker(job))  # fmt: skip
+    image = worker_state("image", (job.scene, *dataclasses.astuple(job.layout)),
+                         lambda: _SceneImage(_rendering(job.scene), job.layout))  # fmt: skip
+    root = worker_state("cache", job.out, lambda: _open_for_writing(job))
+    with _writing(Location.of(job.out)):
+        return compute_chunk(job, model, image, root, ci, cj)
+
+
+def _rendering(scene: str) -> Any:
+    """The scene's ``rgb`` as a zarr array: slices read only their chunks, and no dask graph
+    runs inside a dask task."""
+    import zarr
+
+    return zarr.open_array(Location.of(scene).zarr_store(read_only=True), path="rgb", mode="r")
+
+
+def _load_for_worker(job: ChunkJob) -> Backbone:
+    dev = resolve_device(job.device)
+    bb = load_backbone(job.backbone, device=dev, dtype=getattr(torch, job.dtype))
+    if bb.weights_sha256 != job.weights_sha256:
+        raise StoreError(
+            f"backbone `{job.backbone}` on this worker has weights {bb.weights_sha256[:12]}, "
+            f"not {job.weights_sha256[:12]} as on the client: give every worker the same files"
+        )
+    return bb
+
+
+def _open_for_writing(job: ChunkJob) -> Any:
+    import zarr
+
+    return zarr.open_group(Location.of(job.out).zarr_store(read_only=False), mode="r+")
 
 
 def _auto_cpu_dtype(
     bb: Backbone,
-    out: str | Path,
+    out: Location,
     layout: TileLayout,
-    padded: np.ndarray,
-    eps: torch.Tensor,
+    rgb: Any,
+    noise_seed: int,
     timestep: int,
     chosen: list[Site],
     batch_size: int,
@@ -364,56 +592,14 @@ def _auto_cpu_dtype(
         report: dict[str, Any] = {"choice": started, "resumed": True}
     else:
         tiles = layout.tiles_of_chunk(0, 0)[: min(batch_size, 2)]
+        padded, _, _ = _SceneImage(rgb, layout).chunk_input(0, 0)
+        eps = seeded_noise((3, layout.patch, layout.patch), noise_seed)
         x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)
         labels = patch_class_labels(bb, tiles, 0, device=eps.device)
         dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels)
     if dt != bb.dtype:
         bb.cast(dt)
     return dt, report
-
-
-def _extract_chunk(
-    bb: Backbone,
-    layout: TileLayout,
-    padded: np.ndarray,
-    eps: torch.Tensor,
-    tiles: list[tuple[int, int]],
-    bounds: tuple[int, int, int, int],
-    timesteps: Sequence[int],
-    chosen: list[Site],
-    *,
-    batch_size: int,
-    dtype: torch.dtype,
-    class_seed: int,
-    class_label: int | None,
-    truncate: bool,
-    on_batch: Callable[[int], None],
-) -> dict[tuple[int, str], np.ndarray]:
-    """Features of one cache chunk: ``{(timestep, site): (y1 - y0, x1 - x0, C) float16}``."""
-    y0, y1, x0, x1 = bounds
-    stride = layout.stride
-    buffers = {
-        (t, s.name): np.empty((y1 - y0, x1 - x0, s.channels), dtype=np.float16)
-        for t in timesteps
-        for s in chosen
-    }
-    names = [s.name for s in chosen]
-    for b0 in range(0, len(tiles), batch_size):
-        batch = tiles[b0 : b0 + batch_size]
-        x0_batch = layout.batch(padded, batch).to(eps.device)
-        labels = patch_class_labels(bb, batch, class_seed, class_label, device=eps.device)
-        for t in timesteps:
-            xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
-            feats = bb.features(xt, int(t), names, class_labels=labels, truncate=truncate)
-            for name in names:
-                core = layout.owned_squares(feats[name])
-                buf = buffers[(t, name)]
-                for n, (ti, tj) in enumerate(batch):  # edge squares are clipped to the scene
-                    ry, rx = ti * stride - y0, tj * stride - x0
-                    hh, ww = min(stride, buf.shape[0] - ry), min(stride, buf.shape[1] - rx)
-                    buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
-        on_batch(len(batch))
-    return buffers
 
 
 def patch_class_labels(

@@ -21,6 +21,7 @@ SHA-256 over cube, labels, masks and rendering parameters.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SceneNotFoundError, StoreError
+from pipeline.storage import Location, publish_folder
 from pipeline.store import atomic_output, jsonable, package_versions, sha256_arrays
 
 __all__ = [
@@ -117,16 +119,17 @@ def image_fingerprint(cube: np.ndarray, rendering: dict[str, Any]) -> str:
     return sha256_arrays(np.asarray(cube, dtype=np.float32), rendering)
 
 
-def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
+def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
     """Write ``scene`` to a Zarr v3 store at ``path`` atomically (nothing half-written is left).
 
     Args:
         scene: the scene; ``scene.attrs`` must hold ``fingerprint`` and ``rendering``.
-        path: the store folder (conventionally ``*.zarr``); replaced if it exists.
+        path: the store folder (conventionally ``*.zarr``) or an fsspec URL; replaced if it
+            exists. A URL is written locally first and uploaded with its root metadata last.
         chunk: spatial chunk side.
 
     Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+        Where it was written.
     """
     import xarray as xr
 
@@ -169,9 +172,15 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Path:
         "train": {"chunks": (cy, cx)},
         "test": {"chunks": (cy, cx)},
     }
-    with atomic_output(path) as tmp:
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
-    return Path(path)
+    where = Location.of(path)
+    if where.is_local:
+        with atomic_output(where.path) as tmp:
+            ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+        return where
+    with tempfile.TemporaryDirectory(prefix="hsicache-scene-") as tmp:
+        ds.to_zarr(Path(tmp) / "scene.zarr", zarr_format=3, consolidated=False, encoding=encoding)
+        publish_folder(Path(tmp) / "scene.zarr", where)
+    return where
 
 
 def open_scene(
@@ -180,7 +189,7 @@ def open_scene(
     """Read a scene store written by :func:`write_scene`.
 
     Args:
-        path: the store.
+        path: the store: a folder or an fsspec URL.
         expect_fingerprint: when given, refuse a store whose fingerprint differs.
         lazy: leave ``cube`` and ``rgb`` as dask arrays read chunk by chunk on demand (for
             streaming over scenes larger than memory); the label maps are always read.
@@ -191,11 +200,11 @@ def open_scene(
     """
     import xarray as xr
 
-    p = Path(path)
-    if not p.exists():
+    p = Location.of(path)
+    if not (p.path.exists() if p.is_local else p.exists()):
         raise SceneNotFoundError(f"scene store `{p}` does not exist: run `hsicache prepare` first")
     try:
-        ds = xr.open_zarr(p, consolidated=False)
+        ds = xr.open_zarr(p.zarr_store(read_only=True), consolidated=False)
     except Exception as exc:
         raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from exc
     fmt = ds.attrs.get("format")

@@ -18,6 +18,28 @@ BACKBONE_HELP = (
 )
 DTYPE_HELP = "auto (GPU: bf16/fp16; CPU: the faster of fp32/bf16, measured) | fp32 | bf16 | fp16."
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors.")
+STORE_HELP = " A folder or an fsspec URL (s3://bucket/path.zarr, file://...)."
+WORKERS_OPTION = typer.Option(
+    None, "--workers", help="Run on a new local dask cluster of this many worker processes."
+)
+SCHEDULER_OPTION = typer.Option(
+    None,
+    "--scheduler",
+    help="Run on the existing dask cluster at this address (tcp://host:8786); the stores must "
+    "be reachable from its workers.",
+)
+
+
+@contextlib.contextmanager
+def cluster(workers: int | None, scheduler: str | None) -> Iterator[Any]:
+    """The dask client of ``--workers``/``--scheduler`` (``None`` for neither); its dashboard
+    address goes to stderr."""
+    from pipeline.cluster import dask_client
+
+    with dask_client(workers, scheduler) as client:
+        if client is not None:
+            typer.echo(f"dask dashboard: {client.dashboard_link}", err=True)
+        yield client
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
@@ -11,6 +10,7 @@ from stages._common import (
     BACKBONE_HELP,
     DEBUG_OPTION,
     DTYPE_HELP,
+    STORE_HELP,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 @app.command()
 def extract(
     backbone: str = typer.Option("builtin:adm64", "--backbone", help=BACKBONE_HELP),
-    scene: Path | None = typer.Option(
+    scene: str | None = typer.Option(
         None, "--scene", help="Scene store (default: a synthetic 96 x 96 scene)."
     ),
     sites: str | None = typer.Option(
@@ -75,8 +75,12 @@ def extract(
 
 @app.command()
 def heads(
-    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
-    features: Path = typer.Option(..., "--features", help="Feature cache from `hsicache extract`."),
+    scene: str = typer.Option(
+        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+    ),
+    features: str = typer.Option(
+        ..., "--features", help="Feature cache from `hsicache extract`." + STORE_HELP
+    ),
     names: str | None = typer.Option(
         None,
         "--heads",

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
-from stages._common import DEBUG_OPTION, run_app, user_errors
+from pipeline.storage import LOCK_KEY, Location
+from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 @app.command()
 def info(
-    store: Path = typer.Argument(..., help="The feature cache (FEATURES.zarr)."),
+    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -42,8 +42,8 @@ def info(
 
 @app.command()
 def verify(
-    store: Path = typer.Argument(..., help="The feature cache (FEATURES.zarr)."),
-    scene: Path | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
+    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
+    scene: str | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Check every chunk is present, readable and finite, and made from this scene's image."""
@@ -57,6 +57,28 @@ def verify(
         typer.echo(f"error: cache `{store}` failed verification: {'; '.join(problems)}", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"{store}: ok")
+
+
+@app.command()
+def unlock(
+    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Remove the writer lock of a cache whose `extract` died on another host.
+
+    A lock left by a killed process on the same host is taken over by the next `extract`
+    without this; use it only when you are sure no `extract` still writes the cache.
+    """
+    from pipeline.storage import StoreLock
+
+    with user_errors(debug):
+        lock = StoreLock(Location.of(store))
+        owner = lock.owner()
+        lock.where.remove(LOCK_KEY)
+    if owner is None:
+        typer.echo(f"{store}: was not locked")
+    else:
+        typer.echo(f"{store}: removed the lock of pid {owner.get('pid')} on {owner.get('host')}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
+    STORE_HELP,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -20,8 +21,10 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def evaluate(
-    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
-    features: Path | None = typer.Option(
+    scene: str = typer.Option(
+        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+    ),
+    features: str | None = typer.Option(
         None, "--features", help="Feature cache the head was trained on."
     ),
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),

@@ -11,6 +11,10 @@ from stages._common import (
     DEBUG_OPTION,
     DTYPE_HELP,
     PARAMS_OPTION,
+    SCHEDULER_OPTION,
+    STORE_HELP,
+    WORKERS_OPTION,
+    cluster,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -22,13 +26,17 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def extract(
-    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
+    scene: str = typer.Option(
+        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+    ),
     backbone: str = typer.Option(..., "--backbone", help=BACKBONE_HELP),
     timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps, e.g. 0,25."),
     sites: str = typer.Option(
         ..., "--sites", help="Comma-separated site names (`hsicache layers` lists them)."
     ),
-    out: Path = typer.Option(..., "--out", help="Feature cache to write (FEATURES.zarr)."),
+    out: str = typer.Option(
+        ..., "--out", help="Feature cache to write (FEATURES.zarr)." + STORE_HELP
+    ),
     patch: int | None = typer.Option(
         None, "--patch", help="Patch side (default: the backbone's sample size)."
     ),
@@ -45,13 +53,32 @@ def extract(
         "--class-label",
         help="Give every patch this class id instead of a seeded random one per patch.",
     ),
+    workers: int | None = WORKERS_OPTION,
+    scheduler: str | None = SCHEDULER_OPTION,
+    resources: str | None = typer.Option(
+        None, "--resources", help="dask resources per chunk task, e.g. GPU=1 (one per GPU)."
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="torch threads per forward pass (default: torch's; workers use the same number, "
+        "so their cache is bit-identical to a single process's).",
+    ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Extract per-pixel multi-layer, multi-timestep features; resumes an unfinished cache."""
+    """Extract per-pixel multi-layer, multi-timestep features; resumes an unfinished cache.
+
+    One writer per cache: a second `extract` into a cache being written is refused.
+    """
+    from pipeline.cluster import parse_resources
     from pipeline.extract import extract_features
 
-    with user_errors(debug), progress_bar("extract") as progress:
+    with (
+        user_errors(debug),
+        cluster(workers, scheduler) as client,
+        progress_bar("extract") as progress,
+    ):
         extract_features(
             scene=scene,
             backbone=backbone,
@@ -67,6 +94,9 @@ def extract(
             class_seed=class_seed,
             class_label=class_label,
             progress=progress,
+            client=client,
+            resources=parse_resources(resources),
+            threads=threads,
         )
     typer.echo(f"wrote {out}")
 

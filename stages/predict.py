@@ -6,16 +6,28 @@ from pathlib import Path
 
 import typer
 
-from stages._common import DEBUG_OPTION, PARAMS_OPTION, progress_bar, run_app, user_errors
+from stages._common import (
+    DEBUG_OPTION,
+    PARAMS_OPTION,
+    SCHEDULER_OPTION,
+    STORE_HELP,
+    WORKERS_OPTION,
+    cluster,
+    progress_bar,
+    run_app,
+    user_errors,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
 def predict(
-    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
-    features: Path | None = typer.Option(
-        None, "--features", help="Feature cache the head was trained on."
+    scene: str = typer.Option(
+        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+    ),
+    features: str | None = typer.Option(
+        None, "--features", help="Feature cache the head was trained on." + STORE_HELP
     ),
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
     out: Path = typer.Option(..., "--out", help="Map to write (.npy of the scene's class ids)."),
@@ -26,16 +38,22 @@ def predict(
     confidence: Path | None = typer.Option(
         None, "--confidence", help="Per-pixel confidence (.npy, winning class probability)."
     ),
+    workers: int | None = WORKERS_OPTION,
+    scheduler: str | None = SCHEDULER_OPTION,
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Predict every pixel without loading all features into memory."""
     from pipeline.evaluation import predict_map
 
-    with user_errors(debug), progress_bar("predict") as progress:
+    with (
+        user_errors(debug),
+        cluster(workers, scheduler) as client,
+        progress_bar("predict") as progress,
+    ):
         summary = predict_map(scene=scene, cache=features, head=head, out=out, png=png,
                               geotiff=geotiff, confidence=confidence,
-                              progress=progress)  # fmt: skip
+                              progress=progress, client=client)  # fmt: skip
     h, w = summary["shape"]
     typer.echo(f"wrote {out} ({h}x{w}, {summary['blocks']} blocks)")
 

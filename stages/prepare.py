@@ -6,14 +6,21 @@ from pathlib import Path
 
 import typer
 
-from stages._common import DEBUG_OPTION, PARAMS_OPTION, parse_csv_ints, run_app, user_errors
+from stages._common import (
+    DEBUG_OPTION,
+    PARAMS_OPTION,
+    STORE_HELP,
+    parse_csv_ints,
+    run_app,
+    user_errors,
+)
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
 def prepare(
-    out: Path = typer.Option(..., "--out", help="Scene store to write (SCENE.zarr)."),
+    out: str = typer.Option(..., "--out", help="Scene store to write (SCENE.zarr)." + STORE_HELP),
     cube: Path | None = typer.Option(
         None, "--cube", help="Cube file: .mat (v5 or v7.3), .npy/.npz, ENVI .hdr, GeoTIFF."
     ),

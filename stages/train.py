@@ -11,6 +11,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
+    STORE_HELP,
     parse_csv_ints,
     run_app,
     user_errors,
@@ -46,8 +47,10 @@ def head_params_for(head: str, given: str | None, params_file: Path | None) -> d
 
 @app.command()
 def train(
-    scene: Path = typer.Option(..., "--scene", help="Scene store from `hsicache prepare`."),
-    features: Path | None = typer.Option(
+    scene: str = typer.Option(
+        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+    ),
+    features: str | None = typer.Option(
         None, "--features", help="Feature cache from `hsicache extract` (not needed: spectral)."
     ),
     head: str = typer.Option(..., "--head", help=HEAD_HELP),

@@ -1,0 +1,233 @@
+"""Where stores live: local folders or fsspec URLs (``s3://bucket/x.zarr``, ``gs://``,
+``file://``, ``memory://``...), and the writer lock a feature cache is extracted under.
+
+Object-store credentials and endpoints come from the usual places of each fsspec backend: for
+S3, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL`` or ``~/.aws``; any
+backend option can also be set as ``FSSPEC_<PROTOCOL>_<OPTION>`` (e.g.
+``FSSPEC_S3_ENDPOINT_URL``), which fsspec reads at start-up.
+
+The lock: one writer per feature cache. ``StoreLock`` creates ``.hsicache-lock.json`` inside the
+store *exclusively* (a hard link on local disks, a conditional ``If-None-Match`` PUT on S3), so
+of two processes racing for a store exactly one wins; the other is refused with the owner's
+host, pid and start time. A lock left by a killed process on the same host (its pid gone, or
+reused by a younger process) is taken over; one from another host can only be broken by hand
+(``hsicache cache unlock``), because there is no way to tell from here whether it still runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StoreError
+
+__all__ = ["Location", "StoreLock", "publish_folder"]
+
+LOCK_KEY = ".hsicache-lock.json"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store: a local folder or an fsspec URL.
+
+    Attributes:
+        url: as the user spelled it (used in messages); ``file://`` URLs become local paths.
+    """
+
+    url: str
+
+    @classmethod
+    def of(cls, where: str | Path | Location) -> Location:
+        """A location from a path, a URL or another location."""
+        if isinstance(where, Location):
+            return where
+        text = str(where)
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        return cls(text)
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def is_local(self) -> bool:
+        """A folder on this machine's file system."""
+        return "://" not in self.url
+
+    @property
+    def path(self) -> Path:
+        """The local folder (local locations only)."""
+        if not self.is_local:
+            raise ValueError(f"`{self.url}` is not a local path")
+        return Path(self.url).expanduser()
+
+    def filesystem(self) -> tuple[Any, str]:
+        """``(fsspec filesystem, root path inside it)``; a clear error when the backend is not
+        installed or cannot be reached."""
+        import fsspec
+
+        if self.is_local:
+            return fsspec.filesystem("file"), str(self.path.absolute())
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url)
+        except ImportError as exc:
+            protocol = self.url.split("://", 1)[0]
+            extra = " (pip install 'hsicache[s3]')" if protocol in ("s3", "s3a") else ""
+            raise StoreError(f"cannot open `{self.url}`: {exc}{extra}") from None
+        except ValueError as exc:
+            raise StoreError(f"cannot open `{self.url}`: {exc}") from None
+        return fs, root.rstrip("/")
+
+    def key(self, name: str) -> str:
+        """The fsspec path of ``name`` inside the store."""
+        return f"{self.filesystem()[1]}/{name}"
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        """A Zarr v3 store over this location."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.path, read_only=read_only)
+        self.filesystem()  # turns a missing backend into a one-line error
+        return FsspecStore.from_url(self.url, read_only=read_only)
+
+    def exists(self, name: str = "zarr.json") -> bool:
+        """Whether ``name`` exists inside the store (its root metadata by default)."""
+        if self.is_local:
+            return (self.path / name).exists()
+        fs, _ = self.filesystem()
+        try:
+            return bool(fs.exists(self.key(name)))
+        except OSError as exc:  # an unreachable endpoint, a missing bucket, no credentials
+            raise StoreError(f"cannot reach `{self.url}`: {exc}") from None
+
+    def read_bytes(self, name: str) -> bytes:
+        """The content of ``name`` inside the store."""
+        if self.is_local:
+            return (self.path / name).read_bytes()
+        fs, _ = self.filesystem()
+        return bytes(fs.cat_file(self.key(name)))
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write ``name`` only if it does not exist yet, atomically; ``False`` if it did."""
+        if self.is_local:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f".{name}.{uuid.uuid4().hex[:8]}"
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, self.path / name)  # atomic, and fails if the name exists
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink()
+            return True
+        fs, _ = self.filesystem()
+        try:
+            fs.pipe_file(self.key(name), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    def remove(self, name: str | None = None) -> None:
+        """Delete ``name`` inside the store, or the whole store; missing is fine."""
+        if self.is_local:
+            target = self.path / name if name else self.path
+            if target.is_dir():
+                import shutil
+
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            return
+        fs, root = self.filesystem()
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(self.key(name) if name else root, recursive=name is None)
+
+    def nbytes(self, prefix: str) -> int:
+        """Bytes stored under ``prefix`` inside the store."""
+        if self.is_local:
+            return sum(f.stat().st_size for f in (self.path / prefix).rglob("*") if f.is_file())
+        fs, _ = self.filesystem()
+        return int(fs.du(self.key(prefix)))
+
+
+def publish_folder(local: Path, where: Location) -> None:
+    """Upload a finished local store to an object store, root ``zarr.json`` last.
+
+    Readers find a store by its root metadata, so a store whose upload was cut off reads as
+    absent rather than half there; an existing store at ``where`` is replaced.
+    """
+    fs, root = where.filesystem()
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(root, recursive=True)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    last = local / "zarr.json"
+    for f in [p for p in files if p != last] + [last]:
+        fs.put_file(str(f), f"{root}/{f.relative_to(local).as_posix()}")
+
+
+@dataclass
+class StoreLock:
+    """Hold ``.hsicache-lock.json`` in a store while writing it (a context manager).
+
+    Attributes:
+        where: the store.
+        what: how messages name it ("feature cache").
+    """
+
+    where: Location
+    what: str = "feature cache"
+    token: str = ""
+
+    def __enter__(self) -> StoreLock:
+        self.token = uuid.uuid4().hex
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        mine = json.dumps({**me, "started": time.time()}).encode()
+        for _ in range(3):
+            if self.where.create_exclusive(LOCK_KEY, mine):
+                return self
+            owner = self.owner()
+            if owner is None or _stale(owner):
+                self.where.remove(LOCK_KEY)  # its writer died: take the store over
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+            raise StoreError(
+                f"{self.what} `{self.where}` is being written by pid {owner.get('pid')} on "
+                f"{owner.get('host')} since {when}: wait for it to finish; if that process is "
+                f"gone, run `hsicache cache unlock {self.where}`"
+            )
+        raise StoreError(f"could not lock {self.what} `{self.where}`: another writer keeps racing")
+
+    def owner(self) -> dict[str, Any] | None:
+        """Who holds the lock, or ``None`` when nobody (or an unreadable lock file) does."""
+        try:
+            return dict(json.loads(self.where.read_bytes(LOCK_KEY)))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.owner()
+        if owner is not None and owner.get("token") == self.token:
+            self.where.remove(LOCK_KEY)
+
+
+def _stale(owner: dict[str, Any]) -> bool:
+    """A lock from this host whose process is gone (or whose pid now names a younger one)."""
+    if owner.get("host") != socket.gethostname():
+        return False
+    import psutil
+
+    try:
+        proc = psutil.Process(int(owner["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its parent
+            return True
+        return proc.create_time() > float(owner["started"]) + 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
+        return True
