@@ -32,7 +32,14 @@ from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.storage import Location
 from pipeline.store import jsonable
 
-__all__ = ["CACHE_FORMAT", "FeatureCache", "array_path", "count_reads", "create_or_resume"]
+__all__ = [
+    "CACHE_FORMAT",
+    "FeatureCache",
+    "array_path",
+    "count_reads",
+    "create_or_resume",
+    "read_features",
+]
 
 _READ_COUNTER: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "hsicache_read_counter", default=None
@@ -276,7 +283,10 @@ class FeatureCache:
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
-        parts = [_gather_points(arr, rows, cols) for arr in self.selection(timesteps, sites)]
+        parts = [
+            _gather_points(arr, rows, cols, str(self.path))
+            for arr in self.selection(timesteps, sites)
+        ]
         return np.concatenate(parts, axis=1) if parts else np.empty((rows.size, 0), np.float32)
 
     def to_dask(
@@ -290,7 +300,30 @@ class FeatureCache:
         )
 
 
-def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def read_features(arr: Any, y0: int, y1: int, x0: int, x1: int, source: str = "") -> np.ndarray:
+    """``arr[y0:y1, x0:x1]`` as float32, refusing a chunk that is missing or corrupt.
+
+    A missing chunk reads as the fill value (NaN) and a corrupt one fails to decode; either is
+    a one-line :class:`StoreError` naming the cache, the array and the block, rather than NaN
+    features passed on to a head.
+    """
+    where = f"feature cache `{source}`" if source else "the feature cache"
+    try:
+        block = np.asarray(arr[y0:y1, x0:x1], dtype=np.float32)
+    except Exception as exc:  # the codec's own error type differs per codec
+        raise StoreError(
+            f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} cannot be decoded "
+            f"({type(exc).__name__}): a corrupt chunk; `hsicache cache verify` lists all"
+        ) from None
+    if not np.isfinite(block).all():
+        raise StoreError(
+            f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} holds missing "
+            "(deleted or never written) or non-finite values; `hsicache cache verify` lists all"
+        )
+    return block
+
+
+def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, source: str) -> np.ndarray:
     """``arr[rows[i], cols[i], :]`` reading each chunk that holds a requested pixel once."""
     cy, cx = arr.chunks[0], arr.chunks[1]
     out = np.empty((rows.size, arr.shape[-1]), dtype=np.float32)
@@ -302,7 +335,7 @@ def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
             continue
         y0 = int(rows[group[0]] // cy) * cy
         x0 = int(cols[group[0]] // cx) * cx
-        block = arr[y0 : y0 + cy, x0 : x0 + cx]
+        block = read_features(arr, y0, y0 + cy, x0, x0 + cx, source)
         out[group] = block[rows[group] - y0, cols[group] - x0]
     return out
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cache import FeatureCache
+from pipeline.cache import FeatureCache, read_features
 from pipeline.errors import ConfigError
 from pipeline.heads import make_head
 from pipeline.metrics import (
@@ -202,9 +202,10 @@ def predict_map(
         conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
                 if tmp_conf is not None else None)  # fmt: skip
         if client is None:
+            source = str(cache)
             blocks: Any = (
-                (bounds, _predict_block(sc.cube, arrays, est, sel, class_ids, bounds, want_conf))
-                for bounds in grid
+                (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, source))
+                for b in grid
             )
         else:
             blocks = _predict_on_cluster(client, scene, cache, est, sel, class_ids, grid,
@@ -235,11 +236,12 @@ def _predict_block(
     class_ids: np.ndarray,
     bounds: tuple[int, int, int, int],
     want_conf: bool,
+    source: str = "",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Class ids (and the winning probability) of the block ``(y0, x0, y1, x1)``."""
     y0, x0, y1, x1 = bounds
     parts = [np.asarray(cube[y0:y1, x0:x1], dtype=np.float32)] if sel.spectral else []
-    parts += [np.asarray(a[y0:y1, x0:x1], dtype=np.float32) for a in arrays]
+    parts += [read_features(a, y0, y1, x0, x1, source) for a in arrays]
     X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
     best = None
     if want_conf:
@@ -299,7 +301,7 @@ def _predict_task(
     if sel.spatial and cache:
         fc = worker_state("features", cache, lambda: FeatureCache.open(cache))
         arrays = fc.selection(sel.timesteps, sel.sites)
-    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf)
+    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf, str(cache))
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer vendors click from 0.2x on; its usage errors are typer._click's
+    from typer._click import exceptions as _usage
+except ImportError:  # pragma: no cover - older typer on click
+    from click import exceptions as _usage  # type: ignore[no-redef]
 
 from pipeline.errors import ConfigError, HsicacheError
 from pipeline.params import load_section
@@ -151,6 +158,43 @@ def progress_bar(description: str) -> Iterator[Any]:
             bar.stop()
 
 
+def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extra: Any) -> NoReturn:
+    """Run a click ``main`` so that a usage error (unknown option, a value of the wrong type,
+    a missing option) is one line on stderr with exit code 2, like every other user error."""
+    try:
+        rv = main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+    except _usage.NoArgsIsHelpError:
+        main(args=args, prog_name=prog_name, standalone_mode=True, **extra)  # the help; exits
+        raise
+    except _usage.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else prog_name or "hsicache"
+        typer.echo(f"error: {exc.format_message()} (`{where} --help` lists the options)", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The ``hsicache`` command group, with usage errors as one line (see :func:`_one_line`)."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = functools.partial(super().main, complete_var=complete_var)
+        if not standalone_mode:
+            return run(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        _one_line(run, args, prog_name, **extra)
+
+
 def run_app(app: typer.Typer) -> None:
     """Entry point for ``python -m stages.<name>``."""
-    app(prog_name=f"python -m {sys.modules['__main__'].__spec__.name}")  # type: ignore[union-attr]
+    name = sys.modules["__main__"].__spec__.name  # type: ignore[union-attr]
+    _one_line(typer.main.get_command(app).main, None, f"python -m {name}")

@@ -1,4 +1,4 @@
-"""``hsicache cache info|verify``: inspect and check a feature cache."""
+"""``hsicache cache info|verify|unlock``: inspect, check and unlock a feature cache."""
 
 from __future__ import annotations
 

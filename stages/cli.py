@@ -15,8 +15,10 @@ from stages import (
     pretrain,
     train,
 )
+from stages._common import OneLineErrorsGroup
 
 app = typer.Typer(
+    cls=OneLineErrorsGroup,
     add_completion=False,
     no_args_is_help=True,
     help="Precomputed diffusion-feature cache and cheap heads for hyperspectral classification.",
