@@ -29,6 +29,9 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     """A ``distributed.Client``: a fresh ``LocalCluster`` of ``workers`` processes (one task at
     a time each), or the cluster at ``scheduler``; ``None`` when neither is given.
 
+    It is not made dask's default scheduler: only the tasks hsicache submits run on the
+    cluster, small reads (a scene's label maps) stay in this process.
+
     Raises:
         ConfigError: both or a bad value given, or the scheduler cannot be reached.
     """
@@ -41,7 +44,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
 
     if scheduler:
         try:
-            client = Client(scheduler, timeout="15s")
+            client = Client(scheduler, timeout="15s", set_as_default=False)
         except (OSError, TimeoutError, ValueError) as exc:
             raise ConfigError(f"cannot reach the dask scheduler at `{scheduler}`: {exc}") from None
         with client:
@@ -52,7 +55,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     with (
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=False) as client,
     ):  # fmt: skip
         yield client
 

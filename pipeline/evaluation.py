@@ -274,8 +274,9 @@ def _predict_on_cluster(
         for bounds in grid
     }  # fmt: skip
     try:
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+        with client.as_current():  # as_completed finds its client there
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
     finally:
         client.cancel(list(futures))
 

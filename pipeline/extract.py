@@ -523,13 +523,14 @@ def _run_on_cluster(
         for ci, cj in pending
     }  # fmt: skip
     try:
-        for n_chunks, fut in enumerate(as_completed(futures), start=1):
-            figures = fut.result()
-            ci, cj = futures[fut]
-            chunk_done(ci, cj, figures)
-            advance(int(figures["patches"]))
-            if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-                return
+        with client.as_current():  # as_completed finds its client there
+            for n_chunks, fut in enumerate(as_completed(futures), start=1):
+                figures = fut.result()
+                ci, cj = futures[fut]
+                chunk_done(ci, cj, figures)
+                advance(int(figures["patches"]))
+                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+                    return
     finally:
         client.cancel(list(futures))
 
