@@ -276,13 +276,13 @@ def extract_features(
 
     h, w = sc.shape
     min_channels = min(s.channels for s in chosen)
-    k = chunk_tiles or 1
+    k = chunk_tiles if chunk_tiles is not None else 1
     while chunk_tiles is None and (k * stride) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
         if k * stride >= max(h, w):
             break
         k += 1
     if k < 1:
-        raise ConfigError(f"`chunk_tiles` must be at least 1, got {k}")
+        raise ConfigError(f"`--chunk-tiles` must be at least 1, got {k}")
     if threads is not None and threads < 1:
         raise ConfigError(f"`--threads` must be at least 1, got {threads}")
     layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)

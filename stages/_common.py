@@ -116,7 +116,7 @@ def progress_bar(description: str) -> Iterator[Any]:
     """A rich progress bar with items/s on stderr, yielded as a ``progress(done, total)`` callback.
 
     On stderr so that stdout stays clean for ``--json`` output and pipes; it appears with the
-    first update, so an input error found before any work is the only line printed.
+    first update and is taken away when the work fails, so an error is the only line printed.
     """
     from rich.console import Console
     from rich.progress import (
@@ -153,6 +153,9 @@ def progress_bar(description: str) -> Iterator[Any]:
 
     try:
         yield update
+    except BaseException:
+        bar.live.transient = True  # an error stands alone: the bar goes
+        raise
     finally:
         if bar.live.is_started:
             bar.stop()

@@ -53,6 +53,12 @@ def extract(
         "--class-label",
         help="Give every patch this class id instead of a seeded random one per patch.",
     ),
+    chunk_tiles: int | None = typer.Option(
+        None,
+        "--chunk-tiles",
+        help="Owned squares per cache chunk side (default: the fewest giving chunks of >= 1 MB)."
+        " A chunk is the unit of work, of resume and of a dask task.",
+    ),
     workers: int | None = WORKERS_OPTION,
     scheduler: str | None = SCHEDULER_OPTION,
     resources: str | None = typer.Option(
@@ -94,6 +100,7 @@ def extract(
             class_seed=class_seed,
             class_label=class_label,
             progress=progress,
+            chunk_tiles=chunk_tiles,
             client=client,
             resources=parse_resources(resources),
             threads=threads,
