@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
 
-__all__ = ["dask_client", "parse_resources", "worker_loads", "worker_state"]
+__all__ = ["connected", "dask_client", "parse_resources", "worker_loads", "worker_state"]
 
 T = TypeVar("T")
 _STATE: dict[tuple[str, Any], Any] = {}
@@ -57,6 +57,17 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):  # fmt: skip
+        yield client
+
+
+@contextlib.contextmanager
+def connected(client: Any) -> Iterator[Any]:
+    """``client`` itself, or the client opened by calling it (a callable returning a context
+    manager, such as ``lambda: dask_client(workers=2)``), closed afterwards."""
+    if callable(client):
+        with client() as opened:
+            yield opened
+    else:
         yield client
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import FeatureCache, read_features
+from pipeline.cluster import connected
 from pipeline.errors import ConfigError
 from pipeline.heads import make_head
 from pipeline.metrics import (
@@ -168,7 +169,8 @@ def predict_map(
         confidence: ``.npy`` of the winning class probability (``float32``).
         block: block side (default: the cache's chunk side, else 256).
         progress: ``progress(done_blocks, total_blocks)``.
-        client: a ``distributed.Client``: predict the blocks on its workers (the head is sent
+        client: a ``distributed.Client`` (or a callable opening one, see
+            :func:`pipeline.cluster.connected`): predict the blocks on its workers (the head is sent
             to each worker once; they read scene and cache themselves, so both stores must be
             reachable from them); only the class ids come back.
 
@@ -201,21 +203,22 @@ def predict_map(
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
         conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
                 if tmp_conf is not None else None)  # fmt: skip
-        if client is None:
-            source = str(cache)
-            blocks: Any = (
-                (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, source))
-                for b in grid
-            )
-        else:
-            blocks = _predict_on_cluster(client, scene, cache, est, sel, class_ids, grid,
-                                         want_conf)  # fmt: skip
-        for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
-            labels[y0:y1, x0:x1] = pred
-            if conf is not None:
-                conf[y0:y1, x0:x1] = best
-            if progress:
-                progress(k + 1, len(grid))
+        with connected(client) as dask:
+            if dask is None:
+                source = str(cache)
+                blocks: Any = (
+                    (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, source))
+                    for b in grid
+                )
+            else:
+                blocks = _predict_on_cluster(dask, scene, cache, est, sel, class_ids, grid,
+                                             want_conf)  # fmt: skip
+            for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
+                labels[y0:y1, x0:x1] = pred
+                if conf is not None:
+                    conf[y0:y1, x0:x1] = best
+                if progress:
+                    progress(k + 1, len(grid))
         labels.flush()
         del labels, conf
     result = np.load(out, mmap_mode="r")

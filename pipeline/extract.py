@@ -28,6 +28,7 @@ import torch
 
 from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
 from pipeline.cache import array_path, create_or_resume, read_identity
+from pipeline.cluster import connected
 from pipeline.errors import ConfigError, StoreError
 from pipeline.scene import open_scene
 from pipeline.storage import Location, StoreLock
@@ -228,7 +229,9 @@ def extract_features(
         stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
         stats: if given, filled with ``patches``, ``forward_s`` (forward passes and stitching),
             ``write_s`` and ``written_bytes`` (uncompressed) of this call, and the dtype report.
-        client: a ``distributed.Client``: run one task per chunk on its workers (each loads the
+        client: a ``distributed.Client``, or a zero-argument callable opening one as a context
+            manager (:func:`pipeline.cluster.dask_client`; opened only once the inputs are
+            checked and there is work): one task per chunk on its workers (each loads the
             backbone once and writes its own chunk-aligned region; ``out`` and ``scene`` must
             be reachable from the workers: a shared file system or an object store).
         resources: dask resources each chunk task needs (``{"GPU": 1}``: one task per GPU).
@@ -328,8 +331,6 @@ def extract_features(
         pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
         total = layout.tiles[0] * layout.tiles[1]
         finished = total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
-        if progress:
-            progress(finished, total)
 
         def advance(n: int) -> None:
             nonlocal finished
@@ -343,15 +344,19 @@ def extract_features(
             for key in ("forward_s", "write_s", "written_bytes"):
                 tally[key] += figures[key]
 
-        if client is not None:
-            _run_on_cluster(client, job, bb if isinstance(backbone, Backbone) else None, pending,
-                            advance, chunk_done, stop_after_chunks, resources)  # fmt: skip
-        else:
-            rgb = _SceneImage(_rendering(job.scene), layout)
-            for n_chunks, (ci, cj) in enumerate(pending, start=1):
-                chunk_done(ci, cj, compute_chunk(job, bb, rgb, root, ci, cj, on_batch=advance))
-                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-                    return where
+        with connected(client if pending else None) as dask:
+            advance(0)
+            if dask is not None:
+                preloaded = bb if isinstance(backbone, Backbone) else None
+                _run_on_cluster(dask, job, preloaded, pending, advance, chunk_done,
+                                stop_after_chunks, resources)  # fmt: skip
+            else:
+                rgb = _SceneImage(_rendering(job.scene), layout)
+                for n_chunks, (ci, cj) in enumerate(pending, start=1):
+                    figures = compute_chunk(job, bb, rgb, root, ci, cj, on_batch=advance)
+                    chunk_done(ci, cj, figures)
+                    if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+                        return where
         if stop_after_chunks is not None and len(pending) > stop_after_chunks:
             return where
         root.attrs["complete"] = True

@@ -37,16 +37,26 @@ SCHEDULER_OPTION = typer.Option(
 )
 
 
-@contextlib.contextmanager
-def cluster(workers: int | None, scheduler: str | None) -> Iterator[Any]:
-    """The dask client of ``--workers``/``--scheduler`` (``None`` for neither); its dashboard
-    address goes to stderr."""
-    from pipeline.cluster import dask_client
+def cluster(workers: int | None, scheduler: str | None) -> Callable[[], Any] | None:
+    """What opens the dask client of ``--workers``/``--scheduler`` once there is work (``None``
+    for neither); the options are checked now, before any work. The dashboard address goes to
+    stderr when the client opens."""
+    if workers is not None and scheduler:
+        raise ConfigError("give `--workers` (a local cluster) or `--scheduler` (yours), not both")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"`--workers` must be at least 1, got {workers}")
+    if workers is None and not scheduler:
+        return None
 
-    with dask_client(workers, scheduler) as client:
-        if client is not None:
+    @contextlib.contextmanager
+    def opened() -> Iterator[Any]:
+        from pipeline.cluster import dask_client
+
+        with dask_client(workers, scheduler) as client:
             typer.echo(f"dask dashboard: {client.dashboard_link}", err=True)
-        yield client
+            yield client
+
+    return opened
 
 
 @contextlib.contextmanager

@@ -80,11 +80,8 @@ def extract(
     from pipeline.cluster import parse_resources
     from pipeline.extract import extract_features
 
-    with (
-        user_errors(debug),
-        cluster(workers, scheduler) as client,
-        progress_bar("extract") as progress,
-    ):
+    with user_errors(debug), progress_bar("extract") as progress:
+        wanted = parse_resources(resources)
         extract_features(
             scene=scene,
             backbone=backbone,
@@ -101,8 +98,8 @@ def extract(
             class_label=class_label,
             progress=progress,
             chunk_tiles=chunk_tiles,
-            client=client,
-            resources=parse_resources(resources),
+            client=cluster(workers, scheduler),
+            resources=wanted,
             threads=threads,
         )
     typer.echo(f"wrote {out}")

@@ -46,14 +46,11 @@ def predict(
     """Predict every pixel without loading all features into memory."""
     from pipeline.evaluation import predict_map
 
-    with (
-        user_errors(debug),
-        cluster(workers, scheduler) as client,
-        progress_bar("predict") as progress,
-    ):
+    with user_errors(debug), progress_bar("predict") as progress:
         summary = predict_map(scene=scene, cache=features, head=head, out=out, png=png,
                               geotiff=geotiff, confidence=confidence,
-                              progress=progress, client=client)  # fmt: skip
+                              progress=progress,
+                              client=cluster(workers, scheduler))  # fmt: skip
     h, w = summary["shape"]
     typer.echo(f"wrote {out} ({h}x{w}, {summary['blocks']} blocks)")
 
