@@ -284,10 +284,11 @@ def bench_heads(
     Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` = seconds to
     re-extract the features the head reads with the cache's backbone ÷ the head's three steps
     (``None`` for spectral-only heads or when the backbone is not available here);
-    ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps)
-    ÷ bytes of the features the head actually needs (float16, every pixel it touches).
+    ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps,
+    from a cold :data:`~pipeline.cache.block_cache`) ÷ bytes of the features the head actually
+    needs (float16, every pixel it touches).
     """
-    from pipeline.cache import FeatureCache, count_reads
+    from pipeline.cache import FeatureCache, block_cache, count_reads
     from pipeline.evaluation import evaluate, predict_map
     from pipeline.scene import open_scene
     from pipeline.training import train_head
@@ -302,6 +303,7 @@ def bench_heads(
         work = Path(tmp)
         for k, (name, params) in enumerate(heads.items()):
             slug = name.replace(".", "_")
+            block_cache.clear()  # every head starts cold: its own reads are counted
             with count_reads() as read:
                 started = time.perf_counter()
                 trained = train_head(scene=scene, cache=features, head=name,

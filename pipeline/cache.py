@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,11 @@ import numpy as np
 
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.storage import Location
-from pipeline.store import jsonable
+from pipeline.store import jsonable, sha256_arrays
 
 __all__ = [
     "CACHE_FORMAT",
+    "BlockCache",
     "FeatureCache",
     "array_path",
     "count_reads",
@@ -238,6 +241,11 @@ class FeatureCache:
         return tuple(self.attrs["shape"])  # type: ignore[return-value]
 
     @property
+    def digest(self) -> str:
+        """SHA-256 of everything that determines the content (the identity attributes)."""
+        return sha256_arrays(self.attrs["identity"])
+
+    @property
     def fingerprint(self) -> str:
         """The image fingerprint of the scene the cache was made from."""
         return str(self.attrs["identity"]["image_fingerprint"])
@@ -283,10 +291,7 @@ class FeatureCache:
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
-        parts = [
-            _gather_points(arr, rows, cols, str(self.path))
-            for arr in self.selection(timesteps, sites)
-        ]
+        parts = [_gather_points(arr, rows, cols, self) for arr in self.selection(timesteps, sites)]
         return np.concatenate(parts, axis=1) if parts else np.empty((rows.size, 0), np.float32)
 
     def to_dask(
@@ -300,16 +305,64 @@ class FeatureCache:
         )
 
 
-def read_features(arr: Any, y0: int, y1: int, x0: int, x1: int, source: str = "") -> np.ndarray:
+class BlockCache:
+    """Decoded feature blocks kept in memory, least recently used first out.
+
+    Training, evaluating and predicting in one process (``bench heads``, ``evaluate --seeds``,
+    a notebook) then read each chunk from storage once. Blocks are kept as stored (float16) up
+    to ``limit_bytes`` (``$HSICACHE_BLOCK_CACHE_MB``, default 256; 0 turns it off), which also
+    bounds the memory it adds to a streamed ``predict``.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._blocks: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+        return block
+
+    def put(self, key: tuple[Any, ...], block: np.ndarray) -> None:
+        if block.nbytes > self.limit_bytes or key in self._blocks:
+            return
+        self._blocks[key] = block
+        self._bytes += block.nbytes
+        while self._bytes > self.limit_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self._blocks.clear()
+        self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+
+block_cache = BlockCache(int(float(os.environ.get("HSICACHE_BLOCK_CACHE_MB", "256")) * 2**20))
+
+
+def read_features(
+    arr: Any, y0: int, y1: int, x0: int, x1: int, cache: FeatureCache | None = None
+) -> np.ndarray:
     """``arr[y0:y1, x0:x1]`` as float32, refusing a chunk that is missing or corrupt.
 
     A missing chunk reads as the fill value (NaN) and a corrupt one fails to decode; either is
     a one-line :class:`StoreError` naming the cache, the array and the block, rather than NaN
-    features passed on to a head.
+    features passed on to a head. Blocks of ``cache`` are kept in :data:`block_cache`.
     """
-    where = f"feature cache `{source}`" if source else "the feature cache"
+    key = (str(cache.path), cache.digest, arr.path, y0, y1, x0, x1) if cache else None
+    kept = block_cache.get(key) if key else None
+    if kept is not None:
+        return kept.astype(np.float32)
+    where = f"feature cache `{cache.path}`" if cache else "the feature cache"
     try:
-        block = np.asarray(arr[y0:y1, x0:x1], dtype=np.float32)
+        block = np.asarray(arr[y0:y1, x0:x1])
     except Exception as exc:  # the codec's own error type differs per codec
         raise StoreError(
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} cannot be decoded "
@@ -320,10 +373,12 @@ def read_features(arr: Any, y0: int, y1: int, x0: int, x1: int, source: str = ""
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} holds missing "
             "(deleted or never written) or non-finite values; `hsicache cache verify` lists all"
         )
-    return block
+    if key:
+        block_cache.put(key, block)
+    return block.astype(np.float32)
 
 
-def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, source: str) -> np.ndarray:
+def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, cache: FeatureCache) -> np.ndarray:
     """``arr[rows[i], cols[i], :]`` reading each chunk that holds a requested pixel once."""
     cy, cx = arr.chunks[0], arr.chunks[1]
     out = np.empty((rows.size, arr.shape[-1]), dtype=np.float32)
@@ -335,7 +390,7 @@ def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, source: str) ->
             continue
         y0 = int(rows[group[0]] // cy) * cy
         x0 = int(cols[group[0]] // cx) * cx
-        block = read_features(arr, y0, y0 + cy, x0, x0 + cx, source)
+        block = read_features(arr, y0, y0 + cy, x0, x0 + cx, cache)
         out[group] = block[rows[group] - y0, cols[group] - x0]
     return out
 

@@ -205,9 +205,8 @@ def predict_map(
                 if tmp_conf is not None else None)  # fmt: skip
         with connected(client) as dask:
             if dask is None:
-                source = str(cache)
                 blocks: Any = (
-                    (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, source))
+                    (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, fc))
                     for b in grid
                 )
             else:
@@ -239,12 +238,12 @@ def _predict_block(
     class_ids: np.ndarray,
     bounds: tuple[int, int, int, int],
     want_conf: bool,
-    source: str = "",
+    cache: FeatureCache | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Class ids (and the winning probability) of the block ``(y0, x0, y1, x1)``."""
     y0, x0, y1, x1 = bounds
     parts = [np.asarray(cube[y0:y1, x0:x1], dtype=np.float32)] if sel.spectral else []
-    parts += [read_features(a, y0, y1, x0, x1, source) for a in arrays]
+    parts += [read_features(a, y0, y1, x0, x1, cache) for a in arrays]
     X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
     best = None
     if want_conf:
@@ -301,11 +300,11 @@ def _predict_task(
 
     cube = worker_state("cube", scene, lambda: zarr.open_array(
         Location.of(scene).zarr_store(read_only=True), path="cube", mode="r"))  # fmt: skip
-    arrays = []
+    arrays, fc = [], None
     if sel.spatial and cache:
         fc = worker_state("features", cache, lambda: FeatureCache.open(cache))
         arrays = fc.selection(sel.timesteps, sel.sites)
-    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf, str(cache))
+    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf, fc)
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

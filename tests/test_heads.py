@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,11 +175,43 @@ class TestSavedHeads:
 
 
 def _predict_peak(scene, cache, head, out) -> int:
+    from pipeline.cache import block_cache
+
+    block_cache.clear()  # kept blocks are bounded on their own (test_block_cache_is_bounded...)
+    limit, block_cache.limit_bytes = block_cache.limit_bytes, 0
     tracemalloc.start()
-    predict_map(scene=scene, cache=cache, head=head, out=out, confidence=out.with_suffix(".c.npy"))
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak
+    try:
+        predict_map(scene=scene, cache=cache, head=head, out=out,
+                    confidence=out.with_suffix(".c.npy"))  # fmt: skip
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        block_cache.limit_bytes = limit
+
+
+def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, monkeypatch):
+    from pipeline.cache import BlockCache, count_reads
+
+    kept = BlockCache(limit_bytes=1000)
+    for k in range(5):
+        kept.put((k,), np.zeros(100, np.float16))  # 200 bytes each
+    kept.put(("big",), np.zeros(1000, np.float16))  # larger than the whole limit: not kept
+    assert kept.nbytes == 1000 and kept.get((0,)) is not None and kept.get(("big",)) is None
+    kept.put((9,), np.zeros(100, np.float16))  # evicts the least recently used: (1,)
+    assert kept.get((1,)) is None and kept.get((0,)) is not None and kept.nbytes == 1000
+
+    scene, (cache, _) = stage_one
+    monkeypatch.setattr("pipeline.cache.block_cache", BlockCache(64 * 2**20))
+    with count_reads() as first:
+        train_head(scene=scene, cache=cache, head="concat", out=tmp_path / "h",
+                   params={"max_epochs": 3})  # fmt: skip
+        predict_map(scene=scene, cache=cache, head=tmp_path / "h", out=tmp_path / "m.npy")
+    with count_reads() as again:  # everything is in memory now
+        predict_map(scene=scene, cache=cache, head=tmp_path / "h", out=tmp_path / "n.npy")
+    stored = sum(p.stat().st_size for p in Path(cache).rglob("*") if "/c/" in str(p)
+                 and p.is_file() and "progress" not in str(p))  # fmt: skip
+    assert stored <= first[0] < 1.1 * stored  # each chunk once (+ metadata), not twice
+    assert again[0] < 0.02 * stored  # metadata only: the blocks come from memory
 
 
 def test_predict_streams_with_memory_independent_of_scene_size(tmp_path):
