@@ -198,11 +198,13 @@ def _train(
     )
     target = torch.from_numpy(codes.astype(np.int64)).to(dev)
     opt = torch.optim.AdamW(module.parameters(), lr=head.learning_rate,
-                            weight_decay=head.weight_decay)  # fmt: skip
+                            weight_decay=head.weight_decay,
+                            fused=dev.type in ("cpu", "cuda"))  # one kernel per step  # fmt: skip
     best, best_state, since, epochs = math.inf, None, 0, 0
     for epoch in range(head.max_epochs):
         module.train()
         order = train_idx[rng.permutation(len(train_idx))]
+        epoch_loss = 0.0
         for b0 in range(0, len(order), head.batch_size):
             idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
             xs, xf, yt = spec[idx], spat[idx], target[idx]
@@ -218,7 +220,15 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            epoch_loss += loss.item() * len(idx) / len(order)
         epochs = epoch + 1
+        if not len(val_idx):  # too few labels to hold some out: stop once training converged
+            if epoch_loss < best - _TRAIN_TOL:
+                best, since = epoch_loss, 0
+            else:
+                since += 1
+                if since >= head.patience:
+                    break
         if len(val_idx):
             module.eval()
             with torch.inference_mode():
@@ -236,6 +246,9 @@ def _train(
     return epochs, (best if best_state is not None else None)
 
 
+_TRAIN_TOL = 1e-4  # the least decrease of the training loss that counts as progress
+
+
 _TRAIN_DOC = """
     Training args:
         hidden: width of the hidden layers.
@@ -246,7 +259,9 @@ _TRAIN_DOC = """
         class_balanced: weight the loss by inverse class frequency.
         validation_fraction: part of each class held out for early stopping, used only when
             every class then has at least ``min_val_per_class`` validation pixels.
-        patience: epochs without validation improvement before stopping.
+        patience: epochs without improvement before stopping: of the validation loss, or,
+            when there is no validation part, of the training loss by more than 1e-4 (as
+            scikit-learn's ``MLPClassifier`` stops), so tiny label sets stop once learned.
         random_state: seed of initialisation, shuffling, mixup and the validation part.
         device: ``auto`` (CUDA when present, else CPU) or a torch device.
 """

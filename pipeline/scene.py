@@ -191,8 +191,8 @@ def open_scene(
     Args:
         path: the store: a folder or an fsspec URL.
         expect_fingerprint: when given, refuse a store whose fingerprint differs.
-        lazy: leave ``cube`` and ``rgb`` as dask arrays read chunk by chunk on demand (for
-            streaming over scenes larger than memory); the label maps are always read.
+        lazy: leave ``cube`` and ``rgb`` as zarr arrays whose slices read only their chunks
+            (for streaming over scenes larger than memory); the label maps are always read.
 
     Raises:
         SceneNotFoundError: no store at ``path``.
@@ -204,7 +204,8 @@ def open_scene(
     if not (p.path.exists() if p.is_local else p.exists()):
         raise SceneNotFoundError(f"scene store `{p}` does not exist: run `hsicache prepare` first")
     try:
-        ds = xr.open_zarr(p.zarr_store(read_only=True), consolidated=False)
+        store = p.zarr_store(read_only=True)
+        ds = xr.open_zarr(store, consolidated=False, chunks=None)  # no dask: direct reads
     except Exception as exc:
         raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from exc
     fmt = ds.attrs.get("format")
@@ -222,8 +223,8 @@ def open_scene(
     wl = ds["wavelength"].values
     transform = ds.attrs.get("transform")
     return Scene(
-        cube=ds["cube"].data if lazy else ds["cube"].values,
-        rgb=ds["rgb"].data if lazy else ds["rgb"].values,
+        cube=_zarr_array(store, "cube") if lazy else ds["cube"].values,
+        rgb=_zarr_array(store, "rgb") if lazy else ds["rgb"].values,
         labels=ds["labels"].values,
         train=ds["train"].values,
         test=ds["test"].values,
@@ -234,3 +235,10 @@ def open_scene(
         transform=tuple(transform) if transform is not None else None,
         attrs=dict(ds.attrs),
     )
+
+
+def _zarr_array(store: Any, name: str) -> Any:
+    """One array of a scene store, read slice by slice."""
+    import zarr
+
+    return zarr.open_array(store, path=name, mode="r")
