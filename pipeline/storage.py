@@ -85,9 +85,10 @@ class Location:
             raise StoreError(f"cannot open `{self.url}`: {exc}") from None
         return fs, root.rstrip("/")
 
-    def key(self, name: str) -> str:
-        """The fsspec path of ``name`` inside the store."""
-        return f"{self.filesystem()[1]}/{name}"
+    def remote(self, name: str) -> tuple[Any, str]:
+        """``(fsspec filesystem, path of name inside the store)``."""
+        fs, root = self.filesystem()
+        return fs, f"{root}/{name}"
 
     def zarr_store(self, *, read_only: bool) -> Any:
         """A Zarr v3 store over this location."""
@@ -102,9 +103,9 @@ class Location:
         """Whether ``name`` exists inside the store (its root metadata by default)."""
         if self.is_local:
             return (self.path / name).exists()
-        fs, _ = self.filesystem()
+        fs, key = self.remote(name)
         try:
-            return bool(fs.exists(self.key(name)))
+            return bool(fs.exists(key))
         except OSError as exc:  # an unreachable endpoint, a missing bucket, no credentials
             raise StoreError(f"cannot reach `{self.url}`: {exc}") from None
 
@@ -112,8 +113,8 @@ class Location:
         """The content of ``name`` inside the store."""
         if self.is_local:
             return (self.path / name).read_bytes()
-        fs, _ = self.filesystem()
-        return bytes(fs.cat_file(self.key(name)))
+        fs, key = self.remote(name)
+        return bytes(fs.cat_file(key))
 
     def create_exclusive(self, name: str, data: bytes) -> bool:
         """Write ``name`` only if it does not exist yet, atomically; ``False`` if it did."""
@@ -128,9 +129,9 @@ class Location:
             finally:
                 tmp.unlink()
             return True
-        fs, _ = self.filesystem()
+        fs, key = self.remote(name)
         try:
-            fs.pipe_file(self.key(name), data, mode="create")
+            fs.pipe_file(key, data, mode="create")
         except FileExistsError:
             return False
         return True
@@ -146,16 +147,16 @@ class Location:
             else:
                 target.unlink(missing_ok=True)
             return
-        fs, root = self.filesystem()
+        fs, target = self.remote(name) if name else self.filesystem()
         with contextlib.suppress(FileNotFoundError):
-            fs.rm(self.key(name) if name else root, recursive=name is None)
+            fs.rm(target, recursive=name is None)
 
     def nbytes(self, prefix: str) -> int:
         """Bytes stored under ``prefix`` inside the store."""
         if self.is_local:
             return sum(f.stat().st_size for f in (self.path / prefix).rglob("*") if f.is_file())
-        fs, _ = self.filesystem()
-        return int(fs.du(self.key(prefix)))
+        fs, key = self.remote(prefix)
+        return int(fs.du(key))
 
 
 def publish_folder(local: Path, where: Location) -> None:
