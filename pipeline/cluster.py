@@ -12,22 +12,62 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from pipeline.errors import ConfigError
 
-__all__ = ["connected", "dask_client", "parse_resources", "worker_loads", "worker_state"]
+__all__ = [
+    "as_they_finish",
+    "cluster_opener",
+    "connected",
+    "dask_client",
+    "parse_resources",
+    "worker_loads",
+    "worker_state",
+]
 
 T = TypeVar("T")
 _STATE: dict[tuple[str, Any], Any] = {}
 _LOADS: dict[str, int] = {}
 
 
-@contextlib.contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A ``distributed.Client``: a fresh ``LocalCluster`` of ``workers`` processes (one task at
-    a time each), or the cluster at ``scheduler``; ``None`` when neither is given.
+def cluster_opener(
+    workers: int | None, scheduler: str | None, on_open: Callable[[Any], None] | None = None
+) -> Callable[[], Any] | None:
+    """What opens the client of ``workers``/``scheduler`` later, once there is work; ``None``
+    for neither. The options are checked now, so a bad one fails before any work.
+
+    Args:
+        workers: start a ``LocalCluster`` of this many worker processes (one task at a time).
+        scheduler: or connect to the cluster at this address.
+        on_open: called with the client when it opens (to show the dashboard address).
+
+    Raises:
+        ConfigError: both given, or fewer than one worker.
+    """
+    if workers is not None and scheduler:
+        raise ConfigError("give `--workers` (a local cluster) or `--scheduler` (yours), not both")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"`--workers` must be at least 1, got {workers}")
+    if workers is None and not scheduler:
+        return None
+
+    @contextlib.contextmanager
+    def opened() -> Iterator[Any]:
+        with _client(workers, scheduler) as client:
+            if on_open is not None:
+                on_open(client)
+            yield client
+
+    return opened
+
+
+def dask_client(workers: int | None = None, scheduler: str | None = None) -> Any:
+    """A context manager yielding a ``distributed.Client``: a fresh ``LocalCluster`` of
+    ``workers`` processes (one task at a time each), or the cluster at ``scheduler``; ``None``
+    when neither is given.
 
     It is not made dask's default scheduler: only the tasks hsicache submits run on the
     cluster, small reads (a scene's label maps) stay in this process.
@@ -35,11 +75,12 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     Raises:
         ConfigError: both or a bad value given, or the scheduler cannot be reached.
     """
-    if workers is not None and scheduler:
-        raise ConfigError("give `--workers` (a local cluster) or `--scheduler` (yours), not both")
-    if workers is None and not scheduler:
-        yield None
-        return
+    opener = cluster_opener(workers, scheduler)
+    return opener() if opener is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -50,8 +91,6 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         with client:
             yield client
         return
-    if workers is None or workers < 1:
-        raise ConfigError(f"`--workers` must be at least 1, got {workers}")
     with (
         LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                      dashboard_address=":0", silence_logs=logging.ERROR) as cluster,
@@ -63,12 +102,38 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
 @contextlib.contextmanager
 def connected(client: Any) -> Iterator[Any]:
     """``client`` itself, or the client opened by calling it (a callable returning a context
-    manager, such as ``lambda: dask_client(workers=2)``), closed afterwards."""
+    manager, such as :func:`cluster_opener`'s), closed afterwards."""
     if callable(client):
         with client() as opened:
             yield opened
     else:
         yield client
+
+
+def as_they_finish(
+    client: Any,
+    task: Callable[..., T],
+    items: list[Any],
+    *args: Any,
+    name: str,
+    resources: dict[str, float] | None = None,
+) -> Iterator[tuple[Any, T]]:
+    """Run ``task(item, *args)`` for every item on the cluster; yield ``(item, result)`` in the
+    order they finish. A task's error is raised here; leaving early cancels the rest."""
+    from distributed import as_completed
+
+    tag = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(task, item, *args, key=f"{name}-{tag}-{k}", pure=False,
+                      resources=resources): item
+        for k, item in enumerate(items)
+    }  # fmt: skip
+    try:
+        with client.as_current():  # as_completed finds its client there
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+    finally:
+        client.cancel(list(futures))
 
 
 def parse_resources(text: str | None) -> dict[str, float] | None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import FeatureCache, read_features
-from pipeline.cluster import connected
+from pipeline.cluster import as_they_finish, connected
 from pipeline.errors import ConfigError
 from pipeline.heads import make_head
 from pipeline.metrics import (
@@ -25,7 +25,7 @@ from pipeline.metrics import (
     summarise_seeds,
     write_confusion_csv,
 )
-from pipeline.scene import Scene
+from pipeline.scene import Scene, scene_array
 from pipeline.splits import make_split
 from pipeline.store import atomic_output, jsonable
 from pipeline.training import TrainedHead, assemble, load_head, open_inputs, split_recipe
@@ -267,39 +267,24 @@ def _predict_on_cluster(
     want_conf: bool,
 ) -> Any:
     """``(bounds, block result)`` pairs as the workers finish them (one task per block)."""
-    from distributed import as_completed
-
     model = client.scatter(est, broadcast=True)
-    futures = {
-        client.submit(_predict_task, str(scene), str(cache) if cache else None, model, sel,
-                      class_ids, bounds, want_conf, pure=False): bounds
-        for bounds in grid
-    }  # fmt: skip
-    try:
-        with client.as_current():  # as_completed finds its client there
-            for fut in as_completed(futures):
-                yield futures[fut], fut.result()
-    finally:
-        client.cancel(list(futures))
+    return as_they_finish(client, _predict_task, grid, str(scene), str(cache) if cache else None,
+                          model, sel, class_ids, want_conf, name="hsicache-block")  # fmt: skip
 
 
 def _predict_task(
+    bounds: tuple[int, int, int, int],
     scene: str,
     cache: str | None,
     est: Any,
     sel: Any,
     class_ids: np.ndarray,
-    bounds: tuple[int, int, int, int],
     want_conf: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A dask task: one map block, reading the stores with this worker's open handles."""
-    import zarr
-
     from pipeline.cluster import worker_state
-    from pipeline.storage import Location
 
-    cube = worker_state("cube", scene, lambda: zarr.open_array(
-        Location.of(scene).zarr_store(read_only=True), path="cube", mode="r"))  # fmt: skip
+    cube = worker_state("cube", scene, lambda: scene_array(scene, "cube"))
     arrays, fc = [], None
     if sel.spatial and cache:
         fc = worker_state("features", cache, lambda: FeatureCache.open(cache))

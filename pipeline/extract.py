@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,9 @@ import torch
 
 from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
 from pipeline.cache import array_path, create_or_resume, read_identity
-from pipeline.cluster import connected
+from pipeline.cluster import as_they_finish, connected
 from pipeline.errors import ConfigError, StoreError
-from pipeline.scene import open_scene
+from pipeline.scene import open_scene, scene_array
 from pipeline.storage import Location, StoreLock
 from pipeline.store import package_versions
 
@@ -100,9 +99,12 @@ class TileLayout:
         y0, x0 = ci * self.chunk, cj * self.chunk
         return y0, min(y0 + self.chunk, self.height), x0, min(x0 + self.chunk, self.width)
 
-    def window(self, padded: np.ndarray, ti: int, tj: int) -> np.ndarray:
-        """Window ``(ti, tj)`` of the padded image, ``(patch, patch, C)``."""
-        y, x = ti * self.stride, tj * self.stride
+    def window(
+        self, padded: np.ndarray, ti: int, tj: int, origin: tuple[int, int] = (0, 0)
+    ) -> np.ndarray:
+        """Window ``(ti, tj)`` of the padded image, ``(patch, patch, C)``; ``padded`` may be a
+        part of it whose first pixel lies at ``origin`` of the whole."""
+        y, x = ti * self.stride - origin[0], tj * self.stride - origin[1]
         return padded[y : y + self.patch, x : x + self.patch]
 
     def owned_squares(self, features: torch.Tensor) -> np.ndarray:
@@ -128,9 +130,15 @@ class TileLayout:
         """The rendering in [0, 1] as the backbone sees it: scaled to [-1, 1], reflect-padded."""
         return self.pad_image(np.asarray(rgb, dtype=np.float32) * 2.0 - 1.0)
 
-    def batch(self, padded: np.ndarray, tiles: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """Windows ``tiles`` of the padded image as one ``(N, C, patch, patch)`` tensor."""
-        windows = np.stack([self.window(padded, ti, tj) for ti, tj in tiles])
+    def batch(
+        self,
+        padded: np.ndarray,
+        tiles: Sequence[tuple[int, int]],
+        origin: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """Windows ``tiles`` of the padded image (or of its part at ``origin``) as one
+        ``(N, C, patch, patch)`` tensor."""
+        windows = np.stack([self.window(padded, ti, tj, origin) for ti, tj in tiles])
         return torch.from_numpy(np.ascontiguousarray(windows.transpose(0, 3, 1, 2)))
 
     def pad_image(self, image: np.ndarray) -> np.ndarray:
@@ -351,7 +359,7 @@ def extract_features(
                 _run_on_cluster(dask, job, preloaded, pending, advance, chunk_done,
                                 stop_after_chunks, resources)  # fmt: skip
             else:
-                rgb = _SceneImage(_rendering(job.scene), layout)
+                rgb = _SceneImage(sc.rgb, layout)
                 for n_chunks, (ci, cj) in enumerate(pending, start=1):
                     figures = compute_chunk(job, bb, rgb, root, ci, cj, on_batch=advance)
                     chunk_done(ci, cj, figures)
@@ -479,10 +487,7 @@ def compute_chunk(
     names = list(job.sites)
     for b0 in range(0, len(tiles), job.batch_size):
         batch = tiles[b0 : b0 + job.batch_size]
-        windows = np.stack([padded[ti * lay.stride - r0 : ti * lay.stride - r0 + lay.patch,
-                                   tj * lay.stride - c0 : tj * lay.stride - c0 + lay.patch]
-                            for ti, tj in batch])  # fmt: skip
-        x0_batch = torch.from_numpy(np.ascontiguousarray(windows.transpose(0, 3, 1, 2))).to(dev)
+        x0_batch = lay.batch(padded, batch, origin=(r0, c0)).to(dev)
         labels = patch_class_labels(bb, batch, job.class_seed, job.class_label, device=dev)
         for t in job.timesteps:
             xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
@@ -518,48 +523,32 @@ def _run_on_cluster(
     resources: dict[str, float] | None,
 ) -> None:
     """One dask task per pending chunk; this process marks each chunk done as it arrives."""
-    from distributed import as_completed
-
     model = client.scatter(preloaded, broadcast=True) if preloaded is not None else None
-    tag = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(_chunk_task, job, ci, cj, model, key=f"hsicache-chunk-{tag}-{ci}-{cj}",
-                      pure=False, resources=resources): (ci, cj)
-        for ci, cj in pending
-    }  # fmt: skip
-    try:
-        with client.as_current():  # as_completed finds its client there
-            for n_chunks, fut in enumerate(as_completed(futures), start=1):
-                figures = fut.result()
-                ci, cj = futures[fut]
-                chunk_done(ci, cj, figures)
-                advance(int(figures["patches"]))
-                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-                    return
-    finally:
-        client.cancel(list(futures))
+    finished = as_they_finish(client, _chunk_task, pending, job, model, name="hsicache-chunk",
+                              resources=resources)  # fmt: skip
+    for n_chunks, ((ci, cj), figures) in enumerate(finished, start=1):
+        chunk_done(ci, cj, figures)
+        advance(int(figures["patches"]))
+        if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+            finished.close()  # cancels the rest
+            return
 
 
-def _chunk_task(job: ChunkJob, ci: int, cj: int, model: Backbone | None) -> dict[str, float]:
+def _chunk_task(chunk: tuple[int, int], job: ChunkJob, model: Backbone | None) -> dict[str, float]:
     """A dask task: compute and write one chunk with this worker's backbone (loaded once)."""
     from pipeline.cluster import worker_state
 
     if model is None:
         model = worker_state("backbone", (job.backbone, job.device, job.dtype),
                              lambda: _load_for_worker(job))  # fmt: skip
-    image = worker_state("image", (job.scene, *dataclasses.astuple(job.layout)),
-                         lambda: _SceneImage(_rendering(job.scene), job.layout))  # fmt: skip
+
+    def rendering() -> _SceneImage:
+        return _SceneImage(scene_array(job.scene, "rgb"), job.layout)
+
+    image = worker_state("image", (job.scene, *dataclasses.astuple(job.layout)), rendering)
     root = worker_state("cache", job.out, lambda: _open_for_writing(job))
     with _writing(Location.of(job.out)):
-        return compute_chunk(job, model, image, root, ci, cj)
-
-
-def _rendering(scene: str) -> Any:
-    """The scene's ``rgb`` as a zarr array: slices read only their chunks, and no dask graph
-    runs inside a dask task."""
-    import zarr
-
-    return zarr.open_array(Location.of(scene).zarr_store(read_only=True), path="rgb", mode="r")
+        return compute_chunk(job, model, image, root, *chunk)
 
 
 def _load_for_worker(job: ChunkJob) -> Backbone:

@@ -37,6 +37,7 @@ __all__ = [
     "Scene",
     "image_fingerprint",
     "open_scene",
+    "scene_array",
     "scene_fingerprint",
     "write_scene",
 ]
@@ -223,8 +224,8 @@ def open_scene(
     wl = ds["wavelength"].values
     transform = ds.attrs.get("transform")
     return Scene(
-        cube=_zarr_array(store, "cube") if lazy else ds["cube"].values,
-        rgb=_zarr_array(store, "rgb") if lazy else ds["rgb"].values,
+        cube=scene_array(p, "cube") if lazy else ds["cube"].values,
+        rgb=scene_array(p, "rgb") if lazy else ds["rgb"].values,
         labels=ds["labels"].values,
         train=ds["train"].values,
         test=ds["test"].values,
@@ -237,8 +238,9 @@ def open_scene(
     )
 
 
-def _zarr_array(store: Any, name: str) -> Any:
-    """One array of a scene store, read slice by slice."""
+def scene_array(path: str | Path | Location, name: str) -> Any:
+    """One array of a scene store (``cube``, ``rgb``...) as a zarr array whose slices read only
+    their chunks, without opening the rest of the store (what a dask task needs)."""
     import zarr
 
-    return zarr.open_array(store, path=name, mode="r")
+    return zarr.open_array(Location.of(path).zarr_store(read_only=True), path=name, mode="r")

@@ -38,25 +38,14 @@ SCHEDULER_OPTION = typer.Option(
 
 
 def cluster(workers: int | None, scheduler: str | None) -> Callable[[], Any] | None:
-    """What opens the dask client of ``--workers``/``--scheduler`` once there is work (``None``
-    for neither); the options are checked now, before any work. The dashboard address goes to
-    stderr when the client opens."""
-    if workers is not None and scheduler:
-        raise ConfigError("give `--workers` (a local cluster) or `--scheduler` (yours), not both")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"`--workers` must be at least 1, got {workers}")
-    if workers is None and not scheduler:
-        return None
+    """``--workers``/``--scheduler`` checked now, the cluster opened once there is work, with
+    its dashboard address on stderr (see :func:`pipeline.cluster.cluster_opener`)."""
+    from pipeline.cluster import cluster_opener
 
-    @contextlib.contextmanager
-    def opened() -> Iterator[Any]:
-        from pipeline.cluster import dask_client
+    def show(client: Any) -> None:
+        typer.echo(f"dask dashboard: {client.dashboard_link}", err=True)
 
-        with dask_client(workers, scheduler) as client:
-            typer.echo(f"dask dashboard: {client.dashboard_link}", err=True)
-            yield client
-
-    return opened
+    return cluster_opener(workers, scheduler, on_open=show)
 
 
 @contextlib.contextmanager
