@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-import os
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.storage import Location
 from pipeline.store import jsonable, sha256_arrays
 
 __all__ = [
     "CACHE_FORMAT",
-    "BlockCache",
     "FeatureCache",
     "array_path",
     "count_reads",
@@ -305,48 +303,6 @@ class FeatureCache:
         )
 
 
-class BlockCache:
-    """Decoded feature blocks kept in memory, least recently used first out.
-
-    Training, evaluating and predicting in one process (``bench heads``, ``evaluate --seeds``,
-    a notebook) then read each chunk from storage once. Blocks are kept as stored (float16) up
-    to ``limit_bytes`` (``$HSICACHE_BLOCK_CACHE_MB``, default 256; 0 turns it off), which also
-    bounds the memory it adds to a streamed ``predict``.
-    """
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self._blocks: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
-        block = self._blocks.get(key)
-        if block is not None:
-            self._blocks.move_to_end(key)
-        return block
-
-    def put(self, key: tuple[Any, ...], block: np.ndarray) -> None:
-        if block.nbytes > self.limit_bytes or key in self._blocks:
-            return
-        self._blocks[key] = block
-        self._bytes += block.nbytes
-        while self._bytes > self.limit_bytes:
-            _, old = self._blocks.popitem(last=False)
-            self._bytes -= old.nbytes
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._bytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now."""
-        return self._bytes
-
-
-block_cache = BlockCache(int(float(os.environ.get("HSICACHE_BLOCK_CACHE_MB", "256")) * 2**20))
-
-
 def read_features(
     arr: Any, y0: int, y1: int, x0: int, x1: int, cache: FeatureCache | None = None
 ) -> np.ndarray:
@@ -354,10 +310,12 @@ def read_features(
 
     A missing chunk reads as the fill value (NaN) and a corrupt one fails to decode; either is
     a one-line :class:`StoreError` naming the cache, the array and the block, rather than NaN
-    features passed on to a head. Blocks of ``cache`` are kept in :data:`block_cache`.
+    features passed on to a head. Blocks of ``cache`` are kept in
+    :data:`pipeline.storage.memory_cache`.
     """
-    key = (str(cache.path), cache.digest, arr.path, y0, y1, x0, x1) if cache else None
-    kept = block_cache.get(key) if key else None
+    y1, x1 = min(y1, arr.shape[0]), min(x1, arr.shape[1])  # one key per block, however asked
+    key = ("features", str(cache.path), cache.digest, arr.path, y0, y1, x0, x1) if cache else None
+    kept = storage.memory_cache.get(key) if key else None
     if kept is not None:
         return kept.astype(np.float32)
     where = f"feature cache `{cache.path}`" if cache else "the feature cache"
@@ -368,14 +326,20 @@ def read_features(
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} cannot be decoded "
             f"({type(exc).__name__}): a corrupt chunk; `hsicache cache verify` lists all"
         ) from None
-    if not np.isfinite(block).all():
+    if not _all_finite(block):
         raise StoreError(
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} holds missing "
             "(deleted or never written) or non-finite values; `hsicache cache verify` lists all"
         )
     if key:
-        block_cache.put(key, block)
+        storage.memory_cache.put(key, block)
     return block.astype(np.float32)
+
+
+def _all_finite(block: np.ndarray) -> bool:
+    if block.dtype == np.float16:  # all exponent bits set = inf or NaN; 3-4x faster than isfinite
+        return not ((block.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(block).all())
 
 
 def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, cache: FeatureCache) -> np.ndarray:

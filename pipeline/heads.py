@@ -201,8 +201,8 @@ def _train(
                             weight_decay=head.weight_decay,
                             fused=dev.type in ("cpu", "cuda"))  # one kernel per step  # fmt: skip
     best, best_state, since, epochs = math.inf, None, 0, 0
+    module.train()
     for epoch in range(head.max_epochs):
-        module.train()
         order = train_idx[rng.permutation(len(train_idx))]
         epoch_loss = 0.0
         for b0 in range(0, len(order), head.batch_size):
@@ -234,6 +234,7 @@ def _train(
             with torch.inference_mode():
                 vi = torch.from_numpy(val_idx).to(dev)
                 val_loss = float(loss_fn(module(spec[vi], spat[vi]), target[vi]))
+            module.train()
             if val_loss < best - 1e-4:
                 best, since = val_loss, 0
                 best_state = copy.deepcopy(module.state_dict())

@@ -21,13 +21,15 @@ SHA-256 over cube, labels, masks and rendering parameters.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.storage import Location, publish_folder
 from pipeline.store import atomic_output, jsonable, package_versions, sha256_arrays
@@ -77,6 +79,11 @@ class Scene:
     def shape(self) -> tuple[int, int]:
         """``(height, width)``."""
         return self.labels.shape  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held in memory (a lazy ``cube``/``rgb`` counts nothing)."""
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
     @property
     def n_classes(self) -> int:
@@ -194,48 +201,75 @@ def open_scene(
         expect_fingerprint: when given, refuse a store whose fingerprint differs.
         lazy: leave ``cube`` and ``rgb`` as zarr arrays whose slices read only their chunks
             (for streaming over scenes larger than memory); the label maps are always read.
+            A scene this process has already read in full (and still keeps in
+            :data:`pipeline.storage.memory_cache`) is returned from memory either way.
+
+    The arrays of the returned scene are read-only: a scene read in full is kept in
+    :data:`~pipeline.storage.memory_cache` under the hash of the store's root metadata (which
+    holds its content fingerprint), so reading the same store again in this process costs one
+    small read.
 
     Raises:
         SceneNotFoundError: no store at ``path``.
         StoreError: not a hsicache scene store, another format version, or another fingerprint.
     """
-    import xarray as xr
-
     p = Location.of(path)
     if not (p.path.exists() if p.is_local else p.exists()):
         raise SceneNotFoundError(f"scene store `{p}` does not exist: run `hsicache prepare` first")
-    try:
-        store = p.zarr_store(read_only=True)
-        ds = xr.open_zarr(store, consolidated=False, chunks=None)  # no dask: direct reads
-    except Exception as exc:
+    try:  # the root metadata holds the content fingerprint: it names this version of the store
+        key = ("scene", str(p), hashlib.sha256(p.read_bytes("zarr.json")).hexdigest())
+    except OSError as exc:
         raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from exc
-    fmt = ds.attrs.get("format")
-    if fmt != SCENE_FORMAT:
-        raise StoreError(
-            f"`{p}` is not a hsicache scene store of format {SCENE_FORMAT} (found {fmt!r}): "
-            "re-run `hsicache prepare`"
-        )
-    fp = ds.attrs["fingerprint"]
+    scene = storage.memory_cache.get(key)
+    if scene is None:
+        scene = _read_scene(p, lazy=lazy)
+        if not lazy:
+            storage.memory_cache.put(key, scene)
+    fp = scene.attrs["fingerprint"]
     if expect_fingerprint is not None and fp != expect_fingerprint:
         raise StoreError(
             f"scene `{p}` has fingerprint {fp[:12]}, expected {expect_fingerprint[:12]}: "
             "it was prepared from other data or parameters"
         )
-    wl = ds["wavelength"].values
-    transform = ds.attrs.get("transform")
-    return Scene(
-        cube=scene_array(p, "cube") if lazy else ds["cube"].values,
-        rgb=scene_array(p, "rgb") if lazy else ds["rgb"].values,
-        labels=ds["labels"].values,
-        train=ds["train"].values,
-        test=ds["test"].values,
-        class_ids=ds["class_id"].values,
-        class_names=[str(s) for s in ds["class_name"].values],
-        wavelengths=wl if ds.attrs.get("has_wavelengths") else None,
-        crs=ds.attrs.get("crs"),
+    return replace(scene, attrs=dict(scene.attrs))  # the caller may reassign fields freely
+
+
+def _read_scene(p: Location, *, lazy: bool) -> Scene:
+    import zarr
+
+    try:  # zarr directly rather than xarray: the same arrays, a third faster to open
+        group = zarr.open_group(p.zarr_store(read_only=True), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as exc:
+        raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from exc
+    fmt = attrs.get("format")
+    if fmt != SCENE_FORMAT:
+        raise StoreError(
+            f"`{p}` is not a hsicache scene store of format {SCENE_FORMAT} (found {fmt!r}): "
+            "re-run `hsicache prepare`"
+        )
+
+    def read(name: str) -> np.ndarray:
+        return np.asarray(group[name][...])
+
+    transform = attrs.get("transform")
+    scene = Scene(
+        cube=group["cube"] if lazy else read("cube"),
+        rgb=group["rgb"] if lazy else read("rgb"),
+        labels=read("labels"),
+        train=read("train"),
+        test=read("test"),
+        class_ids=read("class_id"),
+        class_names=[str(s) for s in read("class_name")],
+        wavelengths=read("wavelength") if attrs.get("has_wavelengths") else None,
+        crs=attrs.get("crs"),
         transform=tuple(transform) if transform is not None else None,
-        attrs=dict(ds.attrs),
+        attrs=attrs,
     )
+    for value in vars(scene).values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False  # shared through the memory cache: read-only
+    return scene
 
 
 def scene_array(path: str | Path | Location, name: str) -> Any:

@@ -12,6 +12,10 @@ of two processes racing for a store exactly one wins; the other is refused with 
 host, pid and start time. A lock left by a killed process on the same host (its pid gone, or
 reused by a younger process) is taken over; one from another host can only be broken by hand
 (``hsicache cache unlock``), because there is no way to tell from here whether it still runs.
+
+What one process has decoded from stores (feature blocks, opened scenes) is kept in
+:data:`memory_cache`, a bounded LRU, so that training, evaluating and predicting heads one after
+another in one process (``bench heads``, ``evaluate --seeds``, a notebook) read each byte once.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import os
 import socket
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
 
-__all__ = ["Location", "StoreLock", "publish_folder"]
+__all__ = ["Location", "MemoryCache", "StoreLock", "memory_cache", "publish_folder"]
 
 LOCK_KEY = ".hsicache-lock.json"
 
@@ -232,3 +237,50 @@ def _stale(owner: dict[str, Any]) -> bool:
         return proc.create_time() > float(owner["started"]) + 1.0
     except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
         return True
+
+
+class MemoryCache:
+    """Values decoded from stores, kept in memory up to ``limit_bytes``, least recently used
+    first out.
+
+    A value is anything with ``nbytes`` (a decoded feature block, an opened scene); keys say
+    what was read and from which version of the store, so a rewritten store is never answered
+    from memory. The process-wide instance :data:`memory_cache` is bounded by
+    ``$HSICACHE_BLOCK_CACHE_MB`` (default 256; 0 turns it off), which also bounds the memory it
+    adds to a streamed ``predict``.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._values: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[Any, ...]) -> Any:
+        """The value kept under ``key``, or ``None``."""
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[Any, ...], value: Any) -> None:
+        """Keep ``value`` (unless it alone is over the limit), evicting the oldest as needed."""
+        if value.nbytes > self.limit_bytes or key in self._values:
+            return
+        self._values[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self.limit_bytes:
+            _, old = self._values.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._values.clear()
+        self._bytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+
+memory_cache = MemoryCache(int(float(os.environ.get("HSICACHE_BLOCK_CACHE_MB", "256")) * 2**20))

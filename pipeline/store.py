@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +77,11 @@ def _json_default(obj: Any) -> Any:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages that shape a store's content."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:  # read once: installed versions do not change under us
     out = {}
     for name in _VERSIONED:
         with contextlib.suppress(metadata.PackageNotFoundError):

@@ -86,6 +86,13 @@ def heads(
         "--heads",
         help="Comma-separated heads (default: film,concat,spatial,spectral,svm,xgboost).",
     ),
+    repeats: int = typer.Option(
+        3,
+        "--repeats",
+        min=1,
+        help="Timed runs per head after its untimed first run; "
+        "the median of each step is reported.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object keyed by head."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -97,7 +104,8 @@ def heads(
         chosen = {n.strip(): dict(DEFAULT_BENCH_HEADS.get(n.strip(), {}))
                   for n in names.split(",") if n.strip()}  # fmt: skip
     with user_errors(debug), progress_bar("bench heads") as progress:
-        rep = bench_heads(scene=scene, features=features, heads=chosen, progress=progress)
+        rep = bench_heads(scene=scene, features=features, heads=chosen, repeats=repeats,
+                          progress=progress)  # fmt: skip
     if as_json:
         typer.echo(json.dumps({n: {k: r[k] for k in HEADS_KEYS} for n, r in rep.items()}))
         return

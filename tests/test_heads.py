@@ -175,10 +175,10 @@ class TestSavedHeads:
 
 
 def _predict_peak(scene, cache, head, out) -> int:
-    from pipeline.cache import block_cache
+    from pipeline.storage import memory_cache
 
-    block_cache.clear()  # kept blocks are bounded on their own (test_block_cache_is_bounded...)
-    limit, block_cache.limit_bytes = block_cache.limit_bytes, 0
+    memory_cache.clear()  # kept blocks are bounded on their own (test_block_cache_is_bounded...)
+    limit, memory_cache.limit_bytes = memory_cache.limit_bytes, 0
     tracemalloc.start()
     try:
         predict_map(scene=scene, cache=cache, head=head, out=out,
@@ -186,13 +186,14 @@ def _predict_peak(scene, cache, head, out) -> int:
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        block_cache.limit_bytes = limit
+        memory_cache.limit_bytes = limit
 
 
 def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, monkeypatch):
-    from pipeline.cache import BlockCache, count_reads
+    from pipeline.cache import count_reads
+    from pipeline.storage import MemoryCache
 
-    kept = BlockCache(limit_bytes=1000)
+    kept = MemoryCache(limit_bytes=1000)
     for k in range(5):
         kept.put((k,), np.zeros(100, np.float16))  # 200 bytes each
     kept.put(("big",), np.zeros(1000, np.float16))  # larger than the whole limit: not kept
@@ -201,7 +202,7 @@ def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, m
     assert kept.get((1,)) is None and kept.get((0,)) is not None and kept.nbytes == 1000
 
     scene, (cache, _) = stage_one
-    monkeypatch.setattr("pipeline.cache.block_cache", BlockCache(64 * 2**20))
+    monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(64 * 2**20))
     with count_reads() as first:
         train_head(scene=scene, cache=cache, head="concat", out=tmp_path / "h",
                    params={"max_epochs": 3})  # fmt: skip
