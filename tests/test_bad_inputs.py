@@ -142,6 +142,9 @@ CASES = [
     ("bench-heads-unknown-head", lambda w: ["bench", "heads", "--scene", w["a.zarr"],
                                             "--features", w["fa.zarr"], "--heads", "nope"],
      "nope", []),
+    ("bench-heads-zero-repeats", lambda w: ["bench", "heads", "--scene", w["a.zarr"],
+                                            "--features", w["fa.zarr"], "--repeats", "0"],
+     "--repeats", []),
 ]  # fmt: skip
 
 

@@ -215,6 +215,31 @@ def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, m
     assert again[0] < 0.02 * stored  # metadata only: the blocks come from memory
 
 
+def test_an_edge_block_is_kept_under_one_key_however_it_is_asked_for(tmp_path, monkeypatch):
+    """Training reads whole chunks (``y0:y0 + chunk``), predict clips its blocks to the scene:
+    the same edge block must not be fetched twice."""
+    from pipeline.cache import FeatureCache, count_reads, read_features
+    from pipeline.storage import MemoryCache
+
+    monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(2**20))
+    scene, cache = tmp_path / "s.zarr", tmp_path / "f.zarr"
+    prepare(out=scene, builtin="synthetic", per_class=2)
+    extract_features(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"],
+                     out=cache, stride=16, chunk_tiles=5)  # fmt: skip
+    with count_reads() as read:  # counts what caches opened inside fetch
+        fc = FeatureCache.open(cache)
+        arr = fc.selection()[0]
+        c, h = arr.chunks[0], arr.shape[0]
+        assert h % c  # the last row of chunks is shorter than a chunk
+        opened = read[0]
+        whole = read_features(arr, c, 2 * c, 0, c, fc)
+        first = read[0]
+        clipped = read_features(arr, c, h, 0, c, fc)
+    assert first > opened and read[0] == first
+    np.testing.assert_array_equal(whole, clipped)
+    assert whole.shape == (h - c, c, arr.shape[2])
+
+
 def test_predict_streams_with_memory_independent_of_scene_size(tmp_path):
     """Peak memory of predict on an Augsburg-size scene (332 x 485) vs a 96 x 112 one."""
     peaks = {}
@@ -301,7 +326,8 @@ class TestCli:
 def test_bench_heads_json(runner, stage_one):
     scene, (cache, _) = stage_one
     result = runner.invoke(app, ["bench", "heads", "--scene", str(scene), "--features",
-                                 str(cache), "--heads", "spatial,spectral", "--json"])  # fmt: skip
+                                 str(cache), "--heads", "spatial,spectral", "--repeats", "2",
+                                 "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)
     assert list(figures) == ["spatial", "spectral"]

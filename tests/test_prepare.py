@@ -99,6 +99,28 @@ class TestPrepareCli:
         assert int(open_scene(out).train.sum()) == 9
         assert leftovers(tmp_path) == ["s.zarr"]
 
+    def test_a_scene_read_again_comes_from_memory_until_the_store_changes(
+        self, runner, scenes, tmp_path, monkeypatch
+    ):
+        import shutil
+
+        from pipeline.storage import MemoryCache
+
+        monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(2**20))
+        out = tmp_path / "s.zarr"
+        base = ["--cube", scenes / "tiny.npy", "--labels", scenes / "tiny_gt.npy", "--out", out]
+        assert _prepare(runner, *base, "--per-class", 2).exit_code == 0
+        first = open_scene(out)
+        with pytest.raises(ValueError, match="read-only"):
+            first.train[0, 0] = True  # shared with later readers: not writable
+        shutil.rmtree(out / "cube")  # the second read must not touch the arrays
+        again = open_scene(out, lazy=True)  # read in full once: served in full from memory
+        np.testing.assert_array_equal(again.cube, first.cube)
+        again.train = None  # each caller gets its own Scene
+        assert first.train is not None and int(open_scene(out).train.sum()) == 6
+        assert _prepare(runner, *base, "--per-class", 3).exit_code == 0  # a new store version
+        assert int(open_scene(out).train.sum()) == 9
+
     def test_builtin_indian_pines(self, runner, tmp_path):
         out = tmp_path / "ip.zarr"
         result = _prepare(runner, "--builtin", "indian_pines", "--out", out)
