@@ -233,17 +233,32 @@ DEFAULT_BENCH_HEADS: dict[str, dict[str, Any]] = {
 
 
 def extraction_seconds(
-    cache: Any, scene: Any, timesteps: Sequence[int], sites: Sequence[str], batch_size: int = 16
+    cache: Any,
+    scene: str | Path,
+    timesteps: Sequence[int],
+    sites: Sequence[str],
+    *,
+    run: bool = True,
+    batch_size: int = 16,
 ) -> float | None:
-    """Seconds stage one would take to re-extract these features with the cache's backbone.
+    """Seconds stage one takes to re-extract these features with the cache's backbone.
 
-    What stage one would spend: loading the backbone named in the cache's provenance (timed)
-    plus the truncated forward passes over all the scene's patches (one batch of real patches
-    timed per timestep, scaled to all patches; cache writes are left out). ``None`` when the
-    backbone cannot be loaded here.
+    Both ways time loading the backbone named in the cache's provenance. ``run=True``: then
+    stage one itself, :func:`~pipeline.extract.extract_features` over the whole scene into a
+    temporary store, with the cache's parameters restricted to these timesteps and sites.
+    ``run=False``: an estimate for scenes where that takes too long, one batch of real
+    patches per timestep scaled to all patches (rendering and cache writes left out, so it
+    errs low). ``None`` when the backbone cannot be loaded here.
     """
     from pipeline.errors import HsicacheError
-    from pipeline.extract import TileLayout, patch_class_labels, resolve_device, resolve_dtype
+    from pipeline.extract import (
+        TileLayout,
+        extract_features,
+        patch_class_labels,
+        resolve_device,
+        resolve_dtype,
+    )
+    from pipeline.scene import open_scene
 
     ident = cache.attrs["identity"]
     dev = resolve_device("auto")
@@ -252,24 +267,34 @@ def extraction_seconds(
         bb = load_backbone(ident["backbone"], device=dev)
     except (HsicacheError, OSError):
         return None
-    load_s = time.perf_counter() - started
     bb.cast(getattr(torch, ident.get("compute_dtype") or "float32")
             if dev.type == "cpu" else resolve_dtype("auto", dev))  # fmt: skip
-    layout = TileLayout(height=scene.shape[0], width=scene.shape[1], patch=ident["patch"],
+    load_s = time.perf_counter() - started
+    if run:
+        with tempfile.TemporaryDirectory(prefix="hsicache-bench-extract-") as tmp:
+            started = time.perf_counter()
+            extract_features(scene=scene, backbone=bb, timesteps=list(timesteps),
+                             sites=list(sites), out=Path(tmp) / "features.zarr",
+                             patch=ident["patch"], stride=ident["stride"], batch_size=batch_size,
+                             noise_seed=ident["noise_seed"], class_seed=ident["class_seed"],
+                             class_label=ident["class_label"])  # fmt: skip
+            return load_s + time.perf_counter() - started
+    sc = open_scene(scene)
+    layout = TileLayout(height=sc.shape[0], width=sc.shape[1], patch=ident["patch"],
                         stride=ident["stride"], chunk_tiles=1)  # fmt: skip
     tiles = layout.all_tiles
     sel = tiles[: min(batch_size, len(tiles))]
-    x0 = layout.batch(layout.model_input(scene.rgb), sel).to(dev)
-    eps = seeded_noise((3, layout.patch, layout.patch), 0).to(dev)
-    labels = patch_class_labels(bb, sel, 0, device=dev)
+    x0 = layout.batch(layout.model_input(sc.rgb), sel).to(dev)
+    eps = seeded_noise((3, layout.patch, layout.patch), ident["noise_seed"]).to(dev)
+    labels = patch_class_labels(bb, sel, ident["class_seed"], ident["class_label"], device=dev)
     per_batch = 0.0
     for t in timesteps:
         x = noised(x0, eps, int(t), bb.scheduler).to(bb.dtype)
 
-        def run(x: torch.Tensor = x, t: int = int(t)) -> Any:
+        def forward(x: torch.Tensor = x, t: int = int(t)) -> Any:
             return bb.features(x, t, list(sites), class_labels=labels)
 
-        per_batch += time_call(run, repeats=1)
+        per_batch += time_call(forward, repeats=1)
     return load_s + per_batch * len(tiles) / len(sel)
 
 
@@ -279,6 +304,7 @@ def bench_heads(
     features: str | Path,
     heads: dict[str, dict[str, Any]] | None = None,
     repeats: int = 3,
+    run_extraction: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train, evaluate and predict each head against an existing cache and time it.
@@ -286,8 +312,10 @@ def bench_heads(
     Every head first runs once untimed (the process's one-off costs: imports, kernel set-up),
     then ``repeats`` times from a cold :data:`~pipeline.storage.memory_cache`; each step's
     median counts. Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` =
-    seconds to re-extract the features the head reads with the cache's backbone ÷ the head's
-    three steps (``None`` for spectral-only heads or when the backbone is not available here);
+    seconds to re-extract the features the head reads with the cache's backbone (stage one run
+    for real, or estimated with ``run_extraction=False``: see :func:`extraction_seconds`) ÷
+    the head's three steps (``None`` for spectral-only heads or when the backbone is not
+    available here);
     ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps,
     cold) ÷ bytes of the features the head actually needs (float16, every pixel it touches).
     """
@@ -336,7 +364,7 @@ def bench_heads(
             if sel.spatial:
                 key = (sel.timesteps, sel.sites)
                 if key not in extraction:
-                    extraction[key] = extraction_seconds(cache, sc, *key)
+                    extraction[key] = extraction_seconds(cache, scene, *key, run=run_extraction)
                 if extraction[key] is not None:
                     reuse = extraction[key] / total
                 needed = h * w * cache.channels(sel.timesteps, sel.sites) * 2

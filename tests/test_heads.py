@@ -338,3 +338,8 @@ def test_bench_heads_json(runner, stage_one):
     assert figures["spatial"]["reuse_ratio"] > 0
     assert 0 < figures["spatial"]["read_amplification"] < 10
     assert figures["spectral"]["reuse_ratio"] is None  # reads no cached features
+    estimated = runner.invoke(app, ["bench", "heads", "--scene", str(scene), "--features",
+                                    str(cache), "--heads", "spatial", "--repeats", "1",
+                                    "--estimate-extraction"])  # fmt: skip
+    assert estimated.exit_code == 0, estimated.output
+    assert "estimated from one batch" in estimated.stdout
