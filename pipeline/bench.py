@@ -303,7 +303,7 @@ def bench_heads(
     scene: str | Path,
     features: str | Path,
     heads: dict[str, dict[str, Any]] | None = None,
-    repeats: int = 3,
+    repeats: int = 5,
     run_extraction: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:

@@ -274,10 +274,15 @@ class FiLMClassifier(_TorchHead):
     Args:
         n_spectral: the first ``n_spectral`` columns of ``X`` are the spectrum, the rest spatial
             features (``None``: half of the columns, for generic use).
-        spectral_pca: reduce the normalised spectrum to this many principal components first.
+        spectral_pca: reduce the normalised spectrum to this many principal components
+            (fitted on the train pixels) first; ``None`` keeps every band. With a few labels
+            per class an encoder on 200 raw bands overfits: 30 components gave 1-4 points OA
+            more on Indian Pines and SalinasA at 5 and 10 labels per class (README).
         width: channels of the projected spatial features that ``gamma``/``beta`` modulate.
         spectral_skip: also hand the spectral encoder's hidden features to the classifier, so
-            the spectrum is not only a modulator (helps when the spatial features are weak).
+            the spectrum is not only a modulator (the paper's head modulates only). With weak
+            spatial features this helps: with ``spectral_pca=30`` it beat ``concat`` in all
+            eight settings measured.
     """
 
     __doc__ = (__doc__ or "") + _TRAIN_DOC
@@ -286,7 +291,7 @@ class FiLMClassifier(_TorchHead):
         self,
         n_spectral: int | None = None,
         *,
-        spectral_pca: int | None = None,
+        spectral_pca: int | None = 30,
         width: int = 128,
         spectral_skip: bool = False,
         hidden: int = 128,

@@ -260,7 +260,7 @@ def fit_head(
 
     ``params`` may name the head's ``kind`` (a :data:`~pipeline.heads.HEADS` key or an import
     path; default: ``name`` itself), so several configurations of one kind can coexist
-    (``film_pca: {kind: film, spectral_pca: 30}``), and for classic heads ``use``.
+    (``film_skip: {kind: film, spectral_skip: true}``), and for classic heads ``use``.
     """
     kind, mode, kwargs = split_recipe(name, params)
     selection = FeatureSelection.resolve(mode, cache, timesteps, sites)

@@ -87,7 +87,7 @@ def heads(
         help="Comma-separated heads (default: film,concat,spatial,spectral,svm,xgboost).",
     ),
     repeats: int = typer.Option(
-        3,
+        5,
         "--repeats",
         min=1,
         help="Timed runs per head after its untimed first run; "
