@@ -310,12 +310,13 @@ def bench_heads(
     """Train, evaluate and predict each head against an existing cache and time it.
 
     Every head first runs once untimed (the process's one-off costs: imports, kernel set-up),
-    then ``repeats`` times from a cold :data:`~pipeline.storage.memory_cache`; each step's
-    median counts. Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` =
-    seconds to re-extract the features the head reads with the cache's backbone (stage one run
-    for real, or estimated with ``run_extraction=False``: see :func:`extraction_seconds`) ÷
-    the head's three steps (``None`` for spectral-only heads or when the backbone is not
-    available here);
+    then stage one is timed once per feature selection, then each head runs ``repeats`` times
+    from a cold :data:`~pipeline.storage.memory_cache`; each step's median counts.
+
+    Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` = seconds to
+    re-extract the features the head reads with the cache's backbone (stage one run for real,
+    or estimated with ``run_extraction=False``: see :func:`extraction_seconds`) ÷ the head's
+    three steps (``None`` for spectral-only heads or when the backbone is not available here);
     ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps,
     cold) ÷ bytes of the features the head actually needs (float16, every pixel it touches).
     """
@@ -347,24 +348,27 @@ def bench_heads(
             times.append(time.perf_counter())
             return trained, [b - a for a, b in itertools.pairwise(times)]
 
+        selections = {}  # untimed first runs: each head's one-off costs, and what it reads
+        for name, params in heads.items():
+            selections[name] = steps(name, params, name.replace(".", "_"))[0].selection
+        for sel in selections.values():  # stage one, before the timed runs, for all of them alike
+            key = (sel.timesteps, sel.sites)
+            if sel.spatial and key not in extraction:
+                extraction[key] = extraction_seconds(cache, scene, *key, run=run_extraction)
         for k, (name, params) in enumerate(heads.items()):
-            slug = name.replace(".", "_")
-            steps(name, params, slug)  # untimed: this head's first-call costs
             runs, reads = [], []
             for _ in range(repeats):
                 memory_cache.clear()  # every run starts cold: its own reads are counted
                 with count_reads() as read:
-                    trained, seconds = steps(name, params, slug)
+                    seconds = steps(name, params, name.replace(".", "_"))[1]
                 runs.append(seconds)
                 reads.append(read[0])
             train_s, evaluate_s, predict_s = np.median(np.asarray(runs), axis=0).tolist()
-            sel = trained.selection
+            sel = selections[name]
+            key = (sel.timesteps, sel.sites)
             total = train_s + evaluate_s + predict_s
             reuse = amplification = None
             if sel.spatial:
-                key = (sel.timesteps, sel.sites)
-                if key not in extraction:
-                    extraction[key] = extraction_seconds(cache, scene, *key, run=run_extraction)
                 if extraction[key] is not None:
                     reuse = extraction[key] / total
                 needed = h * w * cache.channels(sel.timesteps, sel.sites) * 2
@@ -375,7 +379,7 @@ def bench_heads(
                 "predict_s": predict_s,
                 "reuse_ratio": reuse,
                 "read_amplification": amplification,
-                "extract_s": extraction.get((sel.timesteps, sel.sites)) if sel.spatial else None,
+                "extract_s": extraction.get(key) if sel.spatial else None,
                 "bytes_read": max(reads),
             }
             if progress:
