@@ -26,6 +26,9 @@ BACKBONE_HELP = (
 DTYPE_HELP = "auto (GPU: bf16/fp16; CPU: the faster of fp32/bf16, measured) | fp32 | bf16 | fp16."
 DEBUG_OPTION = typer.Option(False, "--debug", help="Show the full traceback on errors.")
 STORE_HELP = " A folder or an fsspec URL (s3://bucket/path.zarr, file://...)."
+SCENE_OPTION = typer.Option(
+    ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
+)
 WORKERS_OPTION = typer.Option(
     None, "--workers", help="Run on a new local dask cluster of this many worker processes."
 )

@@ -10,6 +10,7 @@ from stages._common import (
     BACKBONE_HELP,
     DEBUG_OPTION,
     DTYPE_HELP,
+    SCENE_OPTION,
     STORE_HELP,
     parse_csv_ints,
     progress_bar,
@@ -75,9 +76,7 @@ def extract(
 
 @app.command()
 def heads(
-    scene: str = typer.Option(
-        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
-    ),
+    scene: str = SCENE_OPTION,
     features: str = typer.Option(
         ..., "--features", help="Feature cache from `hsicache extract`." + STORE_HELP
     ),

@@ -9,12 +9,13 @@ import typer
 from pipeline.storage import LOCK_KEY, Location
 from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
 
+STORE_ARGUMENT = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 @app.command()
 def info(
-    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
+    store: str = STORE_ARGUMENT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -42,7 +43,7 @@ def info(
 
 @app.command()
 def verify(
-    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
+    store: str = STORE_ARGUMENT,
     scene: str | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -61,7 +62,7 @@ def verify(
 
 @app.command()
 def unlock(
-    store: str = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP),
+    store: str = STORE_ARGUMENT,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Remove the writer lock of a cache whose `extract` died on another host.

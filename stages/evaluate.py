@@ -9,7 +9,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
-    STORE_HELP,
+    SCENE_OPTION,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -21,9 +21,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def evaluate(
-    scene: str = typer.Option(
-        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
-    ),
+    scene: str = SCENE_OPTION,
     features: str | None = typer.Option(
         None, "--features", help="Feature cache the head was trained on."
     ),

@@ -11,6 +11,7 @@ from stages._common import (
     DEBUG_OPTION,
     DTYPE_HELP,
     PARAMS_OPTION,
+    SCENE_OPTION,
     SCHEDULER_OPTION,
     STORE_HELP,
     WORKERS_OPTION,
@@ -26,9 +27,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def extract(
-    scene: str = typer.Option(
-        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
-    ),
+    scene: str = SCENE_OPTION,
     backbone: str = typer.Option(..., "--backbone", help=BACKBONE_HELP),
     timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps, e.g. 0,25."),
     sites: str = typer.Option(

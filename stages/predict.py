@@ -9,6 +9,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
+    SCENE_OPTION,
     SCHEDULER_OPTION,
     STORE_HELP,
     WORKERS_OPTION,
@@ -23,9 +24,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def predict(
-    scene: str = typer.Option(
-        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
-    ),
+    scene: str = SCENE_OPTION,
     features: str | None = typer.Option(
         None, "--features", help="Feature cache the head was trained on." + STORE_HELP
     ),

@@ -11,7 +11,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
-    STORE_HELP,
+    SCENE_OPTION,
     parse_csv_ints,
     run_app,
     user_errors,
@@ -47,9 +47,7 @@ def head_params_for(head: str, given: str | None, params_file: Path | None) -> d
 
 @app.command()
 def train(
-    scene: str = typer.Option(
-        ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
-    ),
+    scene: str = SCENE_OPTION,
     features: str | None = typer.Option(
         None, "--features", help="Feature cache from `hsicache extract` (not needed: spectral)."
     ),

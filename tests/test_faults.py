@@ -18,7 +18,6 @@ import pytest
 from pipeline.cache import FeatureCache, verify_cache
 from pipeline.errors import HsicacheError
 from pipeline.extract import extract_features
-from pipeline.prepare import prepare
 from pipeline.storage import LOCK_KEY
 from stages.cli import app
 from tests.killpoint import POINTS
@@ -45,13 +44,6 @@ def _one_line(result) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("faults") / "scene.zarr"
-    prepare(out=path, builtin="synthetic", per_class=3, seed=0)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pipeline.cache import FeatureCache, verify_cache
 from pipeline.cluster import dask_client, worker_loads
 from pipeline.evaluation import predict_map
 from pipeline.extract import extract_features
-from pipeline.prepare import prepare
 from pipeline.scene import open_scene
 from pipeline.training import train_head
 from stages.cli import app
@@ -26,13 +25,6 @@ KW = dict(backbone="builtin:tiny", timesteps=[0, 25], sites=["up1.res1"], stride
 
 def _features(path) -> np.ndarray:
     return np.asarray(FeatureCache.open(path).to_dask().compute())
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("scale") / "scene.zarr"
-    prepare(out=path, builtin="synthetic", per_class=3, seed=0)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
