@@ -202,17 +202,26 @@ def _train(
     opt = torch.optim.AdamW(module.parameters(), lr=head.learning_rate,
                             weight_decay=head.weight_decay,
                             fused=dev.type in ("cpu", "cuda"))  # one kernel per step  # fmt: skip
+    # a few labels fit in one batch: no shuffling or gathering each epoch (6 % of an epoch at
+    # 30 pixels, where an epoch is ~1.3 ms of fixed per-op overhead on a CPU)
+    full_batch = len(train_idx) <= head.batch_size
+    if full_batch:
+        ti = torch.from_numpy(train_idx).to(dev)
+        whole = (spec[ti], spat[ti], target[ti])
     best, best_state, since, epochs = math.inf, None, 0, 0
     module.train()
     for epoch in range(head.max_epochs):
-        order = train_idx[rng.permutation(len(train_idx))]
         epoch_loss = 0.0
+        order = train_idx if full_batch else train_idx[rng.permutation(len(train_idx))]
         for b0 in range(0, len(order), head.batch_size):
-            idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
-            xs, xf, yt = spec[idx], spat[idx], target[idx]
-            if head.mixup_alpha and len(idx) > 1:
+            if full_batch:
+                xs, xf, yt = whole
+            else:
+                idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
+                xs, xf, yt = spec[idx], spat[idx], target[idx]
+            if head.mixup_alpha and len(yt) > 1:
                 lam = float(rng.beta(head.mixup_alpha, head.mixup_alpha))
-                perm = torch.from_numpy(rng.permutation(len(idx))).to(dev)
+                perm = torch.from_numpy(rng.permutation(len(yt))).to(dev)
                 xs = lam * xs + (1 - lam) * xs[perm]
                 xf = lam * xf + (1 - lam) * xf[perm]
                 logits = module(xs, xf)
@@ -222,9 +231,11 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            epoch_loss += loss.item() * len(idx) / len(order)
+            epoch_loss += loss.item() * len(yt) / len(order)
         epochs = epoch + 1
         if not len(val_idx):  # too few labels to hold some out: stop once training converged
+            if head.converged_loss is not None and epoch_loss < head.converged_loss:
+                break
             if epoch_loss < best - _TRAIN_TOL:
                 best, since = epoch_loss, 0
             else:
@@ -265,6 +276,9 @@ _TRAIN_DOC = """
         patience: epochs without improvement before stopping: of the validation loss, or,
             when there is no validation part, of the training loss by more than 1e-4 (as
             scikit-learn's ``MLPClassifier`` stops), so tiny label sets stop once learned.
+        converged_loss: without a validation part, also stop as soon as an epoch's training
+            loss is below this (``None``: only ``patience``). 1e-3 trains 2-3x fewer epochs at
+            5 labels per class; training on to the plateau gained up to 1 point OA (README).
         random_state: seed of initialisation, shuffling, mixup and the validation part.
         device: ``auto`` (CUDA when present, else CPU) or a torch device.
 """
@@ -307,6 +321,7 @@ class FiLMClassifier(_TorchHead):
         validation_fraction: float = 0.2,
         min_val_per_class: int = 2,
         patience: int = 40,
+        converged_loss: float | None = 1e-3,
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
@@ -343,6 +358,7 @@ class MLPHead(_TorchHead):
         validation_fraction: float = 0.2,
         min_val_per_class: int = 2,
         patience: int = 40,
+        converged_loss: float | None = 1e-3,
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
@@ -426,9 +442,13 @@ def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: An
         elif name == "xgboost":
             from xgboost import XGBClassifier
 
-            params.setdefault("n_estimators", 300)
+            # XGBoost's own rounds and step (300 rounds at 0.1 were 3x slower and no better);
+            # each tree sees a tenth of the columns: with 5-10 labels per class that gained
+            # 3-14 points OA over all columns (5 seeds, Indian Pines and SalinasA: README)
+            params.setdefault("n_estimators", 100)
             params.setdefault("max_depth", 4)
-            params.setdefault("learning_rate", 0.1)
+            params.setdefault("learning_rate", 0.3)
+            params.setdefault("colsample_bytree", 0.1)
             est = _EncodedXGB(XGBClassifier(random_state=random_state, n_jobs=-1, **params))
         elif "." in name:
             est = _by_import_path(name, random_state, params)
@@ -443,10 +463,15 @@ def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: An
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    steps: list[Any] = [StandardScaler()]
+    steps: list[Any] = []
+    if pca or name not in _SCALE_FREE:  # trees split on thresholds: scaling changes nothing
+        steps.append(StandardScaler())
     if pca:
         steps.append(PCA(n_components=int(pca), random_state=random_state))
     return make_pipeline(*steps, est)
+
+
+_SCALE_FREE = ("rf", "xgboost")
 
 
 def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any:

@@ -71,6 +71,23 @@ class TestFiLM:
         assert film.components_.shape == (16, 4)
         assert film.n_epochs_ < 400 and film.best_val_ is not None
 
+    def test_few_labels_stop_once_the_training_loss_converged(self):
+        X, y = _twins(10, separable_by="spectral")  # 5 per class: no validation part
+        kw = dict(n_spectral=16, max_epochs=400, patience=40, random_state=0)
+        quick = FiLMClassifier(**kw).fit(X, y)
+        plateau = FiLMClassifier(converged_loss=None, **kw).fit(X, y)
+        assert quick.best_val_ is None and quick.n_epochs_ < plateau.n_epochs_
+        assert quick.score(X, y) == 1.0
+
+
+@pytest.mark.parametrize("name, step", [("xgboost", "_encodedxgb"),
+                                        ("rf", "randomforestclassifier")])  # fmt: skip
+def test_tree_heads_skip_standardisation_unless_pca(name, step):
+    assert [n for n, _ in make_head(name, n_spectral=4).steps] == [step]
+    with_pca = [n for n, _ in make_head(name, n_spectral=4, pca=2).steps]
+    assert with_pca == ["standardscaler", "pca", step]
+    assert make_head("svm", n_spectral=4).steps[0][0] == "standardscaler"
+
 
 class TestMetrics:
     def test_against_a_hand_computed_confusion_matrix(self):
