@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -238,9 +239,11 @@ class FeatureCache:
         """``(height, width)``."""
         return tuple(self.attrs["shape"])  # type: ignore[return-value]
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """SHA-256 of everything that determines the content (the identity attributes)."""
+        """SHA-256 of everything that determines the content (the identity attributes): what a
+        saved head records as the cache it was trained on, and what names its blocks in
+        :data:`~pipeline.storage.memory_cache`."""
         return sha256_arrays(self.attrs["identity"])
 
     @property

@@ -18,7 +18,6 @@ the one it was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ __all__ = [
     "FeatureSelection",
     "TrainedHead",
     "assemble",
-    "cache_identity_sha256",
     "fit_head",
     "load_head",
     "train_head",
@@ -93,11 +91,6 @@ class FeatureSelection:
             for s in ss:
                 cache.array(t, s)  # unknown ones are a clear error here
         return cls(mode, ts, ss)
-
-
-def cache_identity_sha256(cache: FeatureCache) -> str:
-    """SHA-256 of everything that determines a cache's content (its identity attributes)."""
-    return hashlib.sha256(json.dumps(cache.attrs["identity"], sort_keys=True).encode()).hexdigest()
 
 
 def assemble(
@@ -157,7 +150,7 @@ class TrainedHead:
             raise ConfigError(
                 f"head `{self.meta['name']}` reads cached features: give `--features FEATURES.zarr`"
             )
-        got = cache_identity_sha256(cache)
+        got = cache.digest
         if got != want:
             raise StoreError(
                 f"head `{self.meta['name']}` was trained on feature cache {want[:12]}, but "
@@ -282,7 +275,7 @@ def fit_head(
         "n_features": int(X.shape[1]),
         "scene_fingerprint": scene.fingerprint,
         "image_fingerprint": scene.image_fingerprint,
-        "cache_identity_sha256": cache_identity_sha256(cache) if selection.spatial else None,
+        "cache_identity_sha256": cache.digest if selection.spatial else None,
         "cache_path": str(cache.path) if cache is not None and selection.spatial else None,
         "class_ids": scene.class_ids.tolist(),
         "class_names": list(scene.class_names),
