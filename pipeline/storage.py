@@ -218,6 +218,12 @@ class StoreLock:
         except (FileNotFoundError, ValueError):
             return None
 
+    def force_release(self) -> dict[str, Any] | None:
+        """Remove the lock whoever holds it (``hsicache cache unlock``); returns who held it."""
+        owner = self.owner()
+        self.where.remove(LOCK_KEY)
+        return owner
+
     def __exit__(self, *exc: object) -> None:
         owner = self.owner()
         if owner is not None and owner.get("token") == self.token:

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from pipeline.storage import LOCK_KEY, Location
+from pipeline.storage import Location
 from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
 
 STORE_ARGUMENT = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP)
@@ -73,9 +73,7 @@ def unlock(
     from pipeline.storage import StoreLock
 
     with user_errors(debug):
-        lock = StoreLock(Location.of(store))
-        owner = lock.owner()
-        lock.where.remove(LOCK_KEY)
+        owner = StoreLock(Location.of(store)).force_release()
     if owner is None:
         typer.echo(f"{store}: was not locked")
     else:
