@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -204,21 +205,25 @@ def _train(
                             fused=dev.type in ("cpu", "cuda"))  # one kernel per step  # fmt: skip
     # a few labels fit in one batch: no shuffling or gathering each epoch (6 % of an epoch at
     # 30 pixels, where an epoch is ~1.3 ms of fixed per-op overhead on a CPU)
-    full_batch = len(train_idx) <= head.batch_size
-    if full_batch:
+    whole = None
+    if len(train_idx) <= head.batch_size:
         ti = torch.from_numpy(train_idx).to(dev)
         whole = (spec[ti], spat[ti], target[ti])
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if whole is not None:
+            yield whole
+            return
+        order = train_idx[rng.permutation(len(train_idx))]
+        for b0 in range(0, len(order), head.batch_size):
+            idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
+            yield spec[idx], spat[idx], target[idx]
+
     best, best_state, since, epochs = math.inf, None, 0, 0
     module.train()
     for epoch in range(head.max_epochs):
         epoch_loss = 0.0
-        order = train_idx if full_batch else train_idx[rng.permutation(len(train_idx))]
-        for b0 in range(0, len(order), head.batch_size):
-            if full_batch:
-                xs, xf, yt = whole
-            else:
-                idx = torch.from_numpy(order[b0 : b0 + head.batch_size]).to(dev)
-                xs, xf, yt = spec[idx], spat[idx], target[idx]
+        for xs, xf, yt in batches():
             if head.mixup_alpha and len(yt) > 1:
                 lam = float(rng.beta(head.mixup_alpha, head.mixup_alpha))
                 perm = torch.from_numpy(rng.permutation(len(yt))).to(dev)
@@ -231,36 +236,32 @@ def _train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            epoch_loss += loss.item() * len(yt) / len(order)
+            epoch_loss += loss.item() * len(yt) / len(train_idx)
         epochs = epoch + 1
-        if not len(val_idx):  # too few labels to hold some out: stop once training converged
-            if head.converged_loss is not None and epoch_loss < head.converged_loss:
-                break
-            if epoch_loss < best - _TRAIN_TOL:
-                best, since = epoch_loss, 0
-            else:
-                since += 1
-                if since >= head.patience:
-                    break
-        if len(val_idx):
+        if len(val_idx):  # early stopping on the held-out part, keeping its best state
             module.eval()
             with torch.inference_mode():
                 vi = torch.from_numpy(val_idx).to(dev)
-                val_loss = float(loss_fn(module(spec[vi], spat[vi]), target[vi]))
+                score = float(loss_fn(module(spec[vi], spat[vi]), target[vi]))
             module.train()
-            if val_loss < best - 1e-4:
-                best, since = val_loss, 0
+        elif head.converged_loss is not None and epoch_loss < head.converged_loss:
+            break  # too few labels to hold some out: stop once training converged
+        else:
+            score = epoch_loss
+        if score < best - _TOL:
+            best, since = score, 0
+            if len(val_idx):
                 best_state = copy.deepcopy(module.state_dict())
-            else:
-                since += 1
-                if since >= head.patience:
-                    break
+        else:
+            since += 1
+            if since >= head.patience:
+                break
     if best_state is not None:
         module.load_state_dict(best_state)
     return epochs, (best if best_state is not None else None)
 
 
-_TRAIN_TOL = 1e-4  # the least decrease of the training loss that counts as progress
+_TOL = 1e-4  # the least decrease of the (validation or training) loss that counts as progress
 
 
 _TRAIN_DOC = """
