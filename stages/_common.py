@@ -29,6 +29,9 @@ STORE_HELP = " A folder or an fsspec URL (s3://bucket/path.zarr, file://...)."
 SCENE_OPTION = typer.Option(
     ..., "--scene", help="Scene store from `hsicache prepare`." + STORE_HELP
 )
+HEAD_FEATURES_OPTION = typer.Option(
+    None, "--features", help="Feature cache the head was trained on." + STORE_HELP
+)
 WORKERS_OPTION = typer.Option(
     None, "--workers", help="Run on a new local dask cluster of this many worker processes."
 )

@@ -8,6 +8,7 @@ import typer
 
 from stages._common import (
     DEBUG_OPTION,
+    HEAD_FEATURES_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
     parse_csv_ints,
@@ -22,9 +23,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def evaluate(
     scene: str = SCENE_OPTION,
-    features: str | None = typer.Option(
-        None, "--features", help="Feature cache the head was trained on."
-    ),
+    features: str | None = HEAD_FEATURES_OPTION,
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
     metrics: Path = typer.Option(..., "--metrics", help="metrics.json to write (DVC metrics)."),
     plot: Path | None = typer.Option(

@@ -8,10 +8,10 @@ import typer
 
 from stages._common import (
     DEBUG_OPTION,
+    HEAD_FEATURES_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
     SCHEDULER_OPTION,
-    STORE_HELP,
     WORKERS_OPTION,
     cluster,
     progress_bar,
@@ -25,9 +25,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def predict(
     scene: str = SCENE_OPTION,
-    features: str | None = typer.Option(
-        None, "--features", help="Feature cache the head was trained on." + STORE_HELP
-    ),
+    features: str | None = HEAD_FEATURES_OPTION,
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
     out: Path = typer.Option(..., "--out", help="Map to write (.npy of the scene's class ids)."),
     png: Path | None = typer.Option(None, "--png", help="Colour map PNG with a class legend."),
