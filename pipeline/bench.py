@@ -337,7 +337,8 @@ def bench_heads(
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-heads-") as tmp:
         work = Path(tmp)
 
-        def steps(name: str, params: dict[str, Any], slug: str) -> tuple[Any, list[float]]:
+        def steps(name: str, params: dict[str, Any]) -> tuple[Any, list[float]]:
+            slug = name.replace(".", "_")  # an import path names a head folder too
             times = [time.perf_counter()]
             trained = train_head(scene=scene, cache=features, head=name, out=work / slug,
                                  params=dict(params))  # fmt: skip
@@ -350,7 +351,7 @@ def bench_heads(
 
         selections = {}  # untimed first runs: each head's one-off costs, and what it reads
         for name, params in heads.items():
-            selections[name] = steps(name, params, name.replace(".", "_"))[0].selection
+            selections[name] = steps(name, params)[0].selection
         for sel in selections.values():  # stage one, before the timed runs, for all of them alike
             key = (sel.timesteps, sel.sites)
             if sel.spatial and key not in extraction:
@@ -360,7 +361,7 @@ def bench_heads(
             for _ in range(repeats):
                 memory_cache.clear()  # every run starts cold: its own reads are counted
                 with count_reads() as read:
-                    seconds = steps(name, params, name.replace(".", "_"))[1]
+                    seconds = steps(name, params)[1]
                 runs.append(seconds)
                 reads.append(read[0])
             train_s, evaluate_s, predict_s = np.median(np.asarray(runs), axis=0).tolist()
