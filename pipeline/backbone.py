@@ -39,7 +39,10 @@ __all__ = [
     "BUILTIN_BACKBONES",
     "Backbone",
     "Site",
+    "check_timesteps",
     "load_backbone",
+    "noised",
+    "seeded_noise",
 ]
 
 BUILTIN_BACKBONES: dict[str, dict[str, Any]] = {
@@ -167,8 +170,8 @@ class Backbone:
             "spec": self.spec,
             "weights_sha256": self.weights_sha256,
             "conditioning": conditioning,
-            "config": jsonable(dict(self.unet.config)),
-            "scheduler": jsonable(dict(self.scheduler.config)),
+            "config": _stable_config(self.unet.config),
+            "scheduler": _stable_config(self.scheduler.config),
         }
 
     @torch.inference_mode()
@@ -208,6 +211,15 @@ class Backbone:
         kwargs = self.forward_kwargs(x.shape[0], class_labels)
         _run_hooked(self.unet, x, timestep, kwargs, {s.module: tap(s) for s in wanted})
         return out
+
+
+def _stable_config(config: Any) -> dict[str, Any]:
+    """A diffusers config as JSON types, the same for every load: its ``_use_default_values``
+    list comes in the order of a set, which would make two identical caches differ."""
+    out = jsonable(dict(config))
+    if isinstance(out.get("_use_default_values"), list):
+        out["_use_default_values"] = sorted(out["_use_default_values"])
+    return out
 
 
 def load_backbone(
@@ -274,6 +286,12 @@ ADM_SUFFIXES = (".pt", ".pth", ".ckpt")
 def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
     path = Path(spec).expanduser()
     local = path.is_dir()
+    if path.is_file():
+        raise ConfigError(
+            f"backbone `{spec}` is a file but not a guided-diffusion checkpoint "
+            f"({', '.join(ADM_SUFFIXES)}): give a diffusers folder, such a checkpoint, a hub id "
+            "or builtin:NAME"
+        )
     if not local and (spec.startswith((".", "/", "~")) or path.suffix):
         raise SceneNotFoundError(f"backbone folder `{spec}` does not exist")
     try:
@@ -423,6 +441,17 @@ def _run_hooked(
 def _sample_size(unet: torch.nn.Module) -> int:
     size = unet.config.sample_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def check_timesteps(bb: Backbone, timesteps: Any) -> None:
+    """Refuse a timestep the backbone's scheduler does not have."""
+    n_train_t = int(bb.scheduler.config.num_train_timesteps)
+    for t in timesteps:
+        if not 0 <= int(t) < n_train_t:
+            raise ConfigError(
+                f"timestep {t} is out of range (`--timesteps`): the scheduler of `{bb.spec}` "
+                f"has 0..{n_train_t - 1}"
+            )
 
 
 def seeded_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -156,7 +156,7 @@ def create_or_resume(
             )
     if not where.exists("progress/done/zarr.json"):
         root.create_array("progress/done", shape=grid, chunks=(1, 1), dtype=bool, fill_value=False)
-    return root, _done_chunks(root)
+    return root, done_chunks(root)
 
 
 def read_identity(path: str | Path | Location) -> dict[str, Any]:
@@ -211,10 +211,22 @@ class FeatureCache:
         if attrs.get("format") != CACHE_FORMAT:
             raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")
         if not attrs.get("complete") and not allow_incomplete:
-            done = _done_chunks(root)
+            try:
+                done = done_chunks(root)
+            except Exception:  # the progress array itself is damaged
+                raise StoreError(
+                    f"feature cache `{p}` is incomplete and its progress array is missing: "
+                    "re-extract it"
+                ) from None
             raise StoreError(
                 f"feature cache `{p}` is incomplete ({int(done.sum())}/{done.size} chunks): "
                 "re-run the same `hsicache extract` command to finish it"
+            )
+        damage = _identity_damage(attrs)
+        if damage:
+            raise StoreError(
+                f"feature cache `{p}` is damaged: {damage}; `hsicache cache verify {p}` lists "
+                "what else is wrong; re-extract it"
             )
         fp = attrs["identity"]["image_fingerprint"]
         if expect_fingerprint is not None and fp != expect_fingerprint:
@@ -261,7 +273,13 @@ class FeatureCache:
             raise StoreError(
                 f"site `{site}` is not in cache `{self.path}` ({', '.join(self.sites)})"
             )
-        return self._root[array_path(timestep, site)]
+        try:
+            return self._root[array_path(timestep, site)]
+        except (KeyError, OSError, ValueError):
+            raise StoreError(
+                f"feature cache `{self.path}` is damaged: array `{array_path(timestep, site)}` "
+                f"is missing or unreadable; `hsicache cache verify {self.path}` lists all"
+            ) from None
 
     def channels(
         self, timesteps: Sequence[int] | None = None, sites: Sequence[str] | None = None
@@ -329,7 +347,7 @@ def read_features(
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} cannot be decoded "
             f"({type(exc).__name__}): a corrupt chunk; `hsicache cache verify` lists all"
         ) from None
-    if not _all_finite(block):
+    if not all_finite(block):
         raise StoreError(
             f"{where}: `{arr.path}` at rows {y0}-{y1}, columns {x0}-{x1} holds missing "
             "(deleted or never written) or non-finite values; `hsicache cache verify` lists all"
@@ -339,7 +357,8 @@ def read_features(
     return block.astype(np.float32)
 
 
-def _all_finite(block: np.ndarray) -> bool:
+def all_finite(block: np.ndarray) -> bool:
+    """Whether every value of ``block`` is finite (float16 checked on its bits)."""
     if block.dtype == np.float16:  # all exponent bits set = inf or NaN; 3-4x faster than isfinite
         return not ((block.view(np.uint16) & 0x7C00) == 0x7C00).any()
     return bool(np.isfinite(block).all())
@@ -398,26 +417,99 @@ def cache_info(path: str | Path | Location) -> dict[str, Any]:
 
 
 def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None = None) -> list[str]:
-    """Every problem found: unfinished chunks, missing or non-finite values, another scene.
+    """Every problem found: a damaged identity, missing arrays or progress, unfinished chunks,
+    missing or non-finite values, another scene.
 
     Returns:
         One line per problem; empty when the cache is sound.
+
+    Raises:
+        SceneNotFoundError: nothing at ``path``.
+        StoreError: ``path`` is not a feature cache at all.
     """
-    cache = FeatureCache.open(path, allow_incomplete=True)
+    import zarr
+
+    where = Location.of(path)
+    if not where.exists():
+        raise SceneNotFoundError(f"feature cache `{where}` does not exist")
+    try:
+        root = zarr.open_group(where.zarr_store(read_only=True), mode="r")
+        attrs = dict(root.attrs)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"`{where}` is not a readable Zarr store: {exc}") from None
+    if attrs.get("format") != CACHE_FORMAT:
+        raise StoreError(f"`{where}` is not a hsicache feature cache of format {CACHE_FORMAT}")
     problems = []
-    done = _done_chunks(cache._root)
-    if not done.all():
-        problems.append(f"{int((~done).sum())} of {done.size} chunks not written")
-    if not cache.attrs.get("complete"):
+    damage = _identity_damage(attrs)
+    if damage:
+        problems.append(damage)
+    try:
+        done = done_chunks(root)
+        if not done.all():
+            problems.append(f"{int((~done).sum())} of {done.size} chunks not written")
+    except Exception:
+        problems.append("the progress array `progress/done` is missing or unreadable")
+    if not attrs.get("complete"):
         problems.append("the store is not marked complete")
-    if scene_fingerprint is not None and cache.fingerprint != scene_fingerprint:
+    if damage:
+        return problems  # without an identity there is no list of arrays to check
+    ident = attrs["identity"]
+    if scene_fingerprint is not None and ident["image_fingerprint"] != scene_fingerprint:
         problems.append(
-            f"image fingerprint {cache.fingerprint[:12]} differs from the scene's "
+            f"image fingerprint {ident['image_fingerprint'][:12]} differs from the scene's "
             f"{scene_fingerprint[:12]}"
         )
-    for arr in cache.selection():
-        problems.extend(_chunk_problems(arr))
+    for t in ident["timesteps"]:
+        for site in ident["sites"]:
+            name = array_path(t, site)
+            try:
+                arr = root[name]
+            except Exception:
+                problems.append(f"array `{name}` is missing or unreadable")
+                continue
+            problems.extend(_chunk_problems(arr))
     return problems
+
+
+_IDENTITY_KEYS = ("image_fingerprint", "backbone", "timesteps", "sites", "patch", "stride")
+
+
+def _identity_damage(attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a cache's identity and shape attributes, or ``None``."""
+    ident = attrs.get("identity")
+    if not isinstance(ident, dict):
+        return "its `identity` attribute is missing"
+    missing = [k for k in _IDENTITY_KEYS if k not in ident]
+    if missing:
+        return f"its `identity` attribute lacks {', '.join(f'`{k}`' for k in missing)}"
+    if not isinstance(attrs.get("shape"), list) or len(attrs["shape"]) != 2:
+        return "its `shape` attribute is missing"
+    return None
+
+
+def unlock_cache(path: str | Path | Location) -> dict[str, Any] | None:
+    """Remove the writer lock of a feature cache whoever holds it; who held it, or ``None``.
+
+    Raises:
+        SceneNotFoundError: no store (and no lock) at ``path``.
+        StoreError: ``path`` holds something that is not a hsicache store.
+    """
+    import json
+
+    from pipeline.storage import LOCK_KEY, StoreLock
+
+    where = Location.of(path)
+    if not where.exists("zarr.json"):
+        if not where.exists(LOCK_KEY):
+            raise SceneNotFoundError(f"no feature cache at `{where}`: check the path")
+    else:
+        try:
+            fmt = (json.loads(where.read_bytes("zarr.json")).get("attributes") or {}).get("format")
+        except (OSError, ValueError):
+            fmt = None
+        if not str(fmt).startswith("hsicache-"):
+            raise StoreError(f"`{where}` is not a hsicache store (format {fmt!r}); nothing done")
+    return StoreLock(where).force_release()
 
 
 def _chunk_problems(arr: Any) -> list[str]:
@@ -436,6 +528,6 @@ def _chunk_problems(arr: Any) -> list[str]:
     return problems
 
 
-def _done_chunks(root: Any) -> np.ndarray:
+def done_chunks(root: Any) -> np.ndarray:
     """``done[i, j]``: chunk ``(i, j)`` has been written."""
     return np.asarray(root["progress/done"][...])

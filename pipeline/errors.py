@@ -56,3 +56,14 @@ class StoreError(HsicacheError, ValueError):
 
 class ConfigError(HsicacheError, ValueError):
     """A parameter (option or ``params.yaml`` key) has a value it cannot have."""
+
+
+class OutputConflictError(HsicacheError, FileExistsError):
+    """An output path holds something hsicache did not write, or lies on one of the inputs."""
+
+    def __str__(self) -> str:  # FileExistsError formats args oddly; keep our message
+        return str(self.args[0]) if self.args else ""
+
+
+class HsicacheWarning(UserWarning):
+    """Something a user should know about that does not stop the run (a constant band...)."""

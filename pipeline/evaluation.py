@@ -15,16 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import __version__
 from pipeline.cache import FeatureCache, read_features
+from pipeline.checks import check_seed
 from pipeline.cluster import as_they_finish, connected
 from pipeline.errors import ConfigError
-from pipeline.heads import make_head
+from pipeline.heads import fit_estimator, make_head
 from pipeline.metrics import (
     classification_metrics,
     plot_confusion,
     summarise_seeds,
     write_confusion_csv,
 )
+from pipeline.outputs import CONFUSION_CSV, GEOTIFF, METRICS, NPY, check_outputs, mark_npy
 from pipeline.scene import Scene, scene_array
 from pipeline.splits import make_split
 from pipeline.store import atomic_output, jsonable
@@ -92,6 +95,8 @@ def evaluate_seeds(
     """
     if not seeds:
         raise ConfigError("`--seeds` needs at least one seed")
+    for seed in seeds:
+        check_seed("--seeds", seed)
     sc, fc = open_inputs(scene, cache)
     recipe = load_head(head)
     recipe.check_inputs(sc, fc, same_split=False)
@@ -105,7 +110,8 @@ def evaluate_seeds(
     for k, seed in enumerate(seeds):
         train, test = resplit(sc, seed)
         tr, te = position[train], position[test]  # row-major, as fit_head orders pixels
-        est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs).fit(X[tr], y[tr])
+        est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs)
+        fit_estimator(est, X[tr], y[tr], recipe.meta["name"])
         run = classification_metrics(y[te], np.asarray(est.predict(X[te]), dtype=np.int64),
                                      sc.class_names)  # fmt: skip
         runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
@@ -113,6 +119,26 @@ def evaluate_seeds(
         if progress:
             progress(k + 1, len(seeds))
     return {"head": recipe.meta["name"], **summarise_seeds(runs), "seeds": runs}
+
+
+METRICS_FORMAT = "hsicache-metrics/1"
+
+
+def check_evaluation_outputs(
+    *,
+    metrics: str | Path,
+    plot: str | Path | None = None,
+    png: str | Path | None = None,
+    inputs: dict[str, str | Path | None],
+) -> None:
+    """Refuse before any work an evaluation output that would replace what hsicache did not
+    write or one of ``inputs`` (see :func:`pipeline.outputs.check_outputs`)."""
+    from pipeline.outputs import PNG
+
+    check_outputs(
+        {"--metrics": (metrics, METRICS), "--plot": (plot, CONFUSION_CSV), "--png": (png, PNG)},
+        inputs,
+    )
 
 
 def write_evaluation(
@@ -127,23 +153,22 @@ def write_evaluation(
 ) -> None:
     """``metrics.json``, the DVC confusion plot CSV and the confusion-matrix PNG, atomically.
 
-    ``class_names`` defaults to the classes of ``metrics["per_class"]`` (in class order).
+    ``class_names`` defaults to the classes of ``metrics["per_class"]`` (in class order). Each
+    file replaces only a file of its kind that hsicache wrote (:mod:`pipeline.outputs`).
     """
+    from pipeline.plots import save_png
+
     class_names = class_names or list(metrics.get("per_class", {}))
-    with atomic_output(out) as tmp:
-        tmp.write_text(json.dumps(jsonable(metrics), indent=2))
+    with atomic_output(out, METRICS, option="--metrics") as tmp:
+        tmp.write_text(json.dumps(jsonable({"format": METRICS_FORMAT, **metrics}), indent=2))
     if plot is not None and actual is not None and predicted is not None and class_names:
-        with atomic_output(plot) as tmp:
+        with atomic_output(plot, CONFUSION_CSV, option="--plot") as tmp:
             write_confusion_csv(tmp, actual, predicted, class_names)
     if png is not None and "confusion_matrix" in metrics and class_names:
-        import matplotlib.pyplot as plt
-
         title = (f"{metrics.get('head', '')}: OA {metrics['oa']:.3f}, AA {metrics['aa']:.3f}, "
                  f"kappa {metrics['kappa']:.3f}")  # fmt: skip
         fig = plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, title)
-        with atomic_output(png) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
+        save_png(fig, png, option="--png")
 
 
 def predict_map(
@@ -177,6 +202,13 @@ def predict_map(
     Returns:
         A summary: shape, blocks, class pixel counts, outputs written.
     """
+    from pipeline.outputs import PNG
+
+    check_outputs(
+        {"--out": (out, NPY), "--png": (png, PNG), "--geotiff": (geotiff, GEOTIFF),
+         "--confidence": (confidence, NPY)},
+        {"--scene": scene, "--features": cache, "--head": head},
+    )  # fmt: skip
     sc, fc = open_inputs(scene, cache, lazy=True)
     trained = load_head(head)
     trained.check_inputs(sc, fc, same_split=False)
@@ -198,8 +230,8 @@ def predict_map(
     grid = [(y, x, min(y + block, h), min(x + block, w))
             for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
     want_conf = confidence is not None
-    conf_out = atomic_output(confidence) if want_conf else nullcontext()
-    with atomic_output(out) as tmp_map, conf_out as tmp_conf:
+    conf_out = atomic_output(confidence, NPY, option="--confidence") if want_conf else nullcontext()
+    with atomic_output(out, NPY, option="--out") as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
         conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
                 if tmp_conf is not None else None)  # fmt: skip
@@ -220,6 +252,9 @@ def predict_map(
                     progress(k + 1, len(grid))
         labels.flush()
         del labels, conf
+        mark_npy(tmp_map)
+        if tmp_conf is not None:
+            mark_npy(tmp_conf)
     result = np.load(out, mmap_mode="r")
     if png is not None:
         _write_png(result, sc, png, title=f"{trained.meta['name']} map")
@@ -297,7 +332,7 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from pipeline.plots import class_colors
+    from pipeline.plots import class_colors, save_png
 
     colors = class_colors(len(sc.class_ids))
     index = np.zeros(result.shape, dtype=np.int32)
@@ -313,9 +348,7 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
                                                                  strict=True)],
               loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)  # fmt: skip
     fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path, option="--png")
 
 
 def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
@@ -328,5 +361,9 @@ def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
     profile = {"driver": "GTiff", "height": h, "width": w, "count": 1, "dtype": "int32",
                "crs": CRS.from_wkt(sc.crs), "transform": transform, "nodata": -1,
                "compress": "deflate"}  # fmt: skip
-    with atomic_output(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+    with (
+        atomic_output(path, GEOTIFF, option="--geotiff") as tmp,
+        rasterio.open(tmp, "w", **profile) as dst,
+    ):
         dst.write(np.asarray(result), 1)
+        dst.update_tags(TIFFTAG_SOFTWARE=f"hsicache {__version__}")

@@ -25,10 +25,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, Site, load_backbone, noised, seeded_noise
-from pipeline.cache import array_path, create_or_resume, read_identity
+from pipeline.backbone import (
+    Backbone,
+    Site,
+    check_timesteps,
+    load_backbone,
+    noised,
+    seeded_noise,
+)
+from pipeline.cache import all_finite, array_path, create_or_resume, done_chunks, read_identity
+from pipeline.checks import check_int, check_seed
 from pipeline.cluster import as_they_finish, connected
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import ConfigError, StoreError
+from pipeline.outputs import FEATURES, check_outputs
 from pipeline.scene import open_scene, scene_array
 from pipeline.storage import Location, StoreLock
 from pipeline.store import package_versions
@@ -63,6 +73,11 @@ class TileLayout:
     patch: int
     stride: int
     chunk_tiles: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the scene."""
+        return self.height, self.width
 
     @property
     def pad(self) -> int:
@@ -149,43 +164,6 @@ class TileLayout:
         return np.pad(image, ((self.pad, after_y), (self.pad, after_x), (0, 0)), mode="reflect")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → cuda, then mps, then cpu; anything else as given."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"unknown `--device` `{device}`: use auto, cpu, cuda, cuda:N or mps"
-        ) from exc
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on a GPU that has it (else fp16), fp32 on CPU."""
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
-    if dtype not in table:
-        raise ConfigError(f"unknown `--dtype` `{dtype}`: use auto, fp32, bf16 or fp16")
-    return table[dtype]
-
-
 def extract_features(
     *,
     scene: str | Path,
@@ -250,12 +228,11 @@ def extract_features(
         Where the cache is. While it is written the store holds a writer lock
         (:class:`~pipeline.storage.StoreLock`): a second extraction into it is refused.
     """
-    if not timesteps:
-        raise ConfigError("give at least one timestep (`--timesteps 0`)")
-    if not sites:
-        raise ConfigError("give at least one site (`--sites NAME`; `hsicache layers` lists them)")
-    if batch_size < 1:
-        raise ConfigError(f"`--batch-size` must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    _check_values(timesteps, sites, patch, stride, batch_size, noise_seed, class_seed,
+                  chunk_tiles, threads)  # fmt: skip
+    spec_path = backbone if isinstance(backbone, (str, Path)) and Path(backbone).exists() else None
+    check_outputs({"--out": (out, FEATURES)}, {"--scene": scene, "--backbone": spec_path})
     sc = open_scene(scene, lazy=True)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -265,44 +242,15 @@ def extract_features(
         dt = bb.dtype if dtype == "auto" else dt
     else:
         bb = load_backbone(backbone, device=dev, dtype=dt)
-    chosen = [bb.site(s) for s in sites]
-    if class_label is not None and not 0 <= class_label < (bb.num_class_embeds or 0):
-        raise ConfigError(
-            f"`--class-label` {class_label} needs a class-conditional backbone with classes "
-            f"0..{(bb.num_class_embeds or 0) - 1}; `{bb.spec}` has "
-            + (f"{bb.num_class_embeds}" if bb.num_class_embeds else "none")
-        )
-    n_train_t = int(bb.scheduler.config.num_train_timesteps)
-    for t in timesteps:
-        if not 0 <= int(t) < n_train_t:
-            raise ConfigError(f"timestep {t} is out of range: the scheduler has 0..{n_train_t - 1}")
-    patch = patch or bb.sample_size
-    if not 0 < stride <= patch or (patch - stride) % 2:
-        raise ConfigError(
-            f"`--stride` {stride} must be in 1..{patch} (`--patch`) with patch - stride even"
-        )
-    levels = len(bb.unet.config.block_out_channels) - 1
-    if patch % (2**levels):
-        raise ConfigError(f"`--patch` {patch} must be a multiple of {2**levels} for this backbone")
-
-    h, w = sc.shape
-    min_channels = min(s.channels for s in chosen)
-    k = chunk_tiles if chunk_tiles is not None else 1
-    while chunk_tiles is None and (k * stride) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
-        if k * stride >= max(h, w):
-            break
-        k += 1
-    if k < 1:
-        raise ConfigError(f"`--chunk-tiles` must be at least 1, got {k}")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"`--threads` must be at least 1, got {threads}")
-    layout = TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
+    chosen, patch = _check_backbone_fit(bb, sites, timesteps, class_label, patch, stride)
+    layout = _layout(sc.shape, patch, stride, chunk_tiles, chosen)
+    check_rendering(sc.rgb, scene)  # before anything is written: a hole would become NaNs
     where = Location.of(out)
     with _writing(where), StoreLock(where):
-        report: dict[str, Any] = {}
+        report: dict[str, Any] = {"choice": str(dt).replace("torch.", "")}
         if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
             dt, report = _auto_cpu_dtype(bb, where, layout, sc.rgb, noise_seed, timesteps[0],
-                                         chosen, batch_size)  # fmt: skip
+                                         chosen)  # fmt: skip
         job = ChunkJob(
             scene=str(Location.of(scene)), out=str(where), backbone=bb.spec,
             weights_sha256=bb.weights_sha256, device=device, dtype=str(dt).replace("torch.", ""),
@@ -312,63 +260,210 @@ def extract_features(
         )  # fmt: skip
         root, done = create_or_resume(
             where,
-            shape=(h, w),
+            shape=layout.shape,
             chunk=layout.chunk,
             site_channels={s.name: s.channels for s in chosen},
             timesteps=timesteps,
             identity=job.identity(sc.image_fingerprint),
-            attrs={
-                "shape": [h, w],
-                "chunk": layout.chunk,
-                "site_info": {
-                    s.name: {"channels": s.channels, "resolution": s.resolution} for s in chosen
-                },
-                "backbone": bb.provenance(),
-                "rendering": sc.attrs.get("rendering"),
-                "package_versions": package_versions(),
-                "truncated_forward": truncate,
-                "compute_dtype_choice": report or {"choice": job.dtype},
-                "torch_threads": job.threads,
-            },
+            attrs=_provenance(job, bb, chosen, sc, report),
         )
         if root.attrs.get("complete"):
             return where
-
         tally = stats if stats is not None else {}
-        tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report)
-        pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
-        total = layout.tiles[0] * layout.tiles[1]
-        finished = total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
-
-        def advance(n: int) -> None:
-            nonlocal finished
-            finished += n
-            tally["patches"] += n
-            if progress:
-                progress(finished, total)
-
-        def chunk_done(ci: int, cj: int, figures: dict[str, float]) -> None:
-            root["progress/done"][ci, cj] = True
-            for key in ("forward_s", "write_s", "written_bytes"):
-                tally[key] += figures[key]
-
-        with connected(client if pending else None) as dask:
-            advance(0)
-            if dask is not None:
-                preloaded = bb if isinstance(backbone, Backbone) else None
-                _run_on_cluster(dask, job, preloaded, pending, advance, chunk_done,
-                                stop_after_chunks, resources)  # fmt: skip
-            else:
-                rgb = _SceneImage(sc.rgb, layout)
-                for n_chunks, (ci, cj) in enumerate(pending, start=1):
-                    figures = compute_chunk(job, bb, rgb, root, ci, cj, on_batch=advance)
-                    chunk_done(ci, cj, figures)
-                    if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-                        return where
-        if stop_after_chunks is not None and len(pending) > stop_after_chunks:
-            return where
-        root.attrs["complete"] = True
+        tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report,
+                     first_chunk_s=None)  # fmt: skip
+        finished = _run_chunks(job, bb, sc.rgb, root, done, tally, started, progress=progress,
+                               client=client, resources=resources,
+                               preloaded=isinstance(backbone, Backbone),
+                               stop_after_chunks=stop_after_chunks)  # fmt: skip
+        if finished:
+            _mark_complete(root, where)
     return where
+
+
+def _check_values(
+    timesteps: Sequence[int],
+    sites: Sequence[str],
+    patch: int | None,
+    stride: int,
+    batch_size: int,
+    noise_seed: int,
+    class_seed: int,
+    chunk_tiles: int | None,
+    threads: int | None,
+) -> None:
+    """The parameters that need no backbone to check, checked before anything is read."""
+    if not timesteps:
+        raise ConfigError("give at least one timestep (`--timesteps 0`)")
+    if not sites:
+        raise ConfigError("give at least one site (`--sites NAME`; `hsicache layers` lists them)")
+    for t in timesteps:
+        check_int("--timesteps", t, low=0)
+    if patch is not None:
+        check_int("--patch", patch, low=1)
+    check_int("--stride", stride, low=1)
+    check_int("--batch-size", batch_size, low=1)
+    check_seed("--noise-seed", noise_seed)
+    check_seed("--class-seed", class_seed)
+    if chunk_tiles is not None:
+        check_int("--chunk-tiles", chunk_tiles, low=1)
+    if threads is not None:
+        check_int("--threads", threads, low=1)
+
+
+def _check_backbone_fit(
+    bb: Backbone,
+    sites: Sequence[str],
+    timesteps: Sequence[int],
+    class_label: int | None,
+    patch: int | None,
+    stride: int,
+) -> tuple[list[Site], int]:
+    """The chosen sites and the patch side, checked against what the backbone can do."""
+    chosen = [bb.site(s) for s in sites]
+    if class_label is not None and not 0 <= class_label < (bb.num_class_embeds or 0):
+        raise ConfigError(
+            f"`--class-label` {class_label} needs a class-conditional backbone with classes "
+            f"0..{(bb.num_class_embeds or 0) - 1}; `{bb.spec}` has "
+            + (f"{bb.num_class_embeds}" if bb.num_class_embeds else "none")
+        )
+    check_timesteps(bb, timesteps)
+    patch = patch if patch is not None else bb.sample_size
+    if not 0 < stride <= patch or (patch - stride) % 2:
+        raise ConfigError(
+            f"`--stride` {stride} must be in 1..{patch} (`--patch`) with patch - stride even"
+        )
+    levels = len(bb.unet.config.block_out_channels) - 1
+    if patch % (2**levels):
+        raise ConfigError(f"`--patch` {patch} must be a multiple of {2**levels} for this backbone")
+    return chosen, patch
+
+
+def _layout(
+    shape: tuple[int, int], patch: int, stride: int, chunk_tiles: int | None, chosen: list[Site]
+) -> TileLayout:
+    """The tiling, with chunks of about 1 MB or more unless ``chunk_tiles`` is given."""
+    h, w = shape
+    min_channels = min(s.channels for s in chosen)
+    k = chunk_tiles if chunk_tiles is not None else 1
+    while chunk_tiles is None and (k * stride) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
+        if k * stride >= max(h, w):
+            break
+        k += 1
+    return TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
+
+
+def _provenance(
+    job: ChunkJob, bb: Backbone, chosen: list[Site], sc: Any, report: dict[str, Any]
+) -> dict[str, Any]:
+    """The cache's attributes beside its identity (all deterministic: no times, no hosts)."""
+    from pipeline.autotune import provenance_of
+
+    return {
+        "shape": list(job.layout.shape),
+        "chunk": job.layout.chunk,
+        "site_info": {s.name: {"channels": s.channels, "resolution": s.resolution} for s in chosen},
+        "backbone": bb.provenance(),
+        "rendering": sc.attrs.get("rendering"),
+        "package_versions": package_versions(),
+        "truncated_forward": job.truncate,
+        "compute_dtype_choice": provenance_of(report),
+        "torch_threads": job.threads,
+    }
+
+
+def _run_chunks(
+    job: ChunkJob,
+    bb: Backbone,
+    rgb: Any,
+    root: Any,
+    done: np.ndarray,
+    tally: dict[str, Any],
+    started: float,
+    *,
+    progress: ProgressFn | None,
+    client: Any,
+    resources: dict[str, float] | None,
+    preloaded: bool,
+    stop_after_chunks: int | None,
+) -> bool:
+    """Compute every chunk not yet done, here or on a dask cluster; whether all are done."""
+    layout = job.layout
+    pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
+    total = layout.tiles[0] * layout.tiles[1]
+    finished = total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
+
+    def advance(n: int) -> None:
+        nonlocal finished
+        finished += n
+        tally["patches"] += n
+        if progress:
+            progress(finished, total)
+
+    def chunk_done(ci: int, cj: int, figures: dict[str, float]) -> None:
+        root["progress/done"][ci, cj] = True
+        if tally["first_chunk_s"] is None:
+            tally["first_chunk_s"] = time.perf_counter() - started
+        for key in ("forward_s", "write_s", "written_bytes"):
+            tally[key] += figures[key]
+
+    with connected(client if pending else None) as dask:
+        advance(0)
+        if dask is not None:
+            _run_on_cluster(dask, job, bb if preloaded else None, pending, advance, chunk_done,
+                            stop_after_chunks, resources)  # fmt: skip
+        else:
+            image = _SceneImage(rgb, layout)
+            for n_chunks, (ci, cj) in enumerate(pending, start=1):
+                chunk_done(ci, cj, compute_chunk(job, bb, image, root, ci, cj, on_batch=advance))
+                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
+                    return False
+    return stop_after_chunks is None or len(pending) <= stop_after_chunks
+
+
+def _mark_complete(root: Any, where: Location) -> None:
+    """Mark the cache complete, once every chunk is recorded as written."""
+    done = done_chunks(root)
+    if not done.all():
+        raise StoreError(
+            f"feature cache `{where}`: {int((~done).sum())} of {done.size} chunks are not "
+            "recorded as written; re-run the same command to finish it"
+        )
+    root.attrs["complete"] = True
+
+
+def check_rendering(rgb: Any, scene: str | Path | Location) -> None:
+    """Refuse a scene whose rendering has a missing, undecodable or non-finite chunk.
+
+    The backbone would turn any of them into NaN features; every chunk is read once (a
+    missing one reads as NaN, the rendering's fill value).
+
+    Raises:
+        StoreError: naming the store, the array and the block.
+    """
+    cy, cx = (getattr(rgb, "chunks", None) or rgb.shape)[:2]  # a scene in memory: one block
+    for y0 in range(0, rgb.shape[0], cy):
+        for x0 in range(0, rgb.shape[1], cx):
+            block = f"rows {y0}-{min(y0 + cy, rgb.shape[0])}, columns {x0}-" + str(
+                min(x0 + cx, rgb.shape[1])
+            )
+            try:
+                values = np.asarray(rgb[y0 : y0 + cy, x0 : x0 + cx])
+            except Exception as exc:  # the codec's own error type differs per codec
+                raise StoreError(
+                    f"scene store `{scene}`: array `rgb` at {block} cannot be decoded "
+                    f"({type(exc).__name__}): a corrupt chunk; re-run `hsicache prepare`"
+                ) from None
+            if not np.isfinite(values).all():
+                raise StoreError(
+                    f"scene store `{scene}`: array `rgb` at {block} holds missing or "
+                    "non-finite values (a deleted chunk?); re-run `hsicache prepare`"
+                )
+
+
+def write_block(array: Any, region: tuple[slice, ...], values: np.ndarray) -> None:
+    """``array[region] = values``: every chunk an extraction writes goes through here."""
+    array[region] = values
 
 
 @contextlib.contextmanager
@@ -503,7 +598,15 @@ def compute_chunk(
             on_batch(len(batch))
     written = time.perf_counter()
     for (t, name), buf in buffers.items():
-        root[array_path(t, name)][y0:y1, x0:x1] = buf
+        if not all_finite(buf):  # never in a cache: it would pass as features
+            raise StoreError(
+                f"backbone `{job.backbone}` gave non-finite features at t={t}, site `{name}`, "
+                f"rows {y0}-{y1}, columns {x0}-{x1} (beyond float16's range, or NaN from the "
+                f"{job.dtype} forward); nothing of this chunk was written; try `--dtype fp32` "
+                "or another site"
+            )
+    for (t, name), buf in buffers.items():
+        write_block(root[array_path(t, name)], (slice(y0, y1), slice(x0, x1)), buf)
     return {
         "forward_s": written - started,
         "write_s": time.perf_counter() - written,
@@ -576,17 +679,21 @@ def _auto_cpu_dtype(
     noise_seed: int,
     timestep: int,
     chosen: list[Site],
-    batch_size: int,
 ) -> tuple[torch.dtype, dict[str, Any]]:
-    """``dtype=auto`` on CPU: the dtype an unfinished cache was started with, else measured."""
+    """``dtype=auto`` on CPU: the dtype an unfinished cache was started with, else fp32 where
+    the CPU has no native bf16, else the faster of the two on the scene's first patch."""
     from pipeline.autotune import choose_cpu_dtype
+    from pipeline.devices import cpu_capability
 
     started = read_identity(out).get("compute_dtype")
     if started:
+        cap = cpu_capability()
         dt = getattr(torch, started)
-        report: dict[str, Any] = {"choice": started, "resumed": True}
+        report: dict[str, Any] = {"choice": started, "reason": "resumed", "resumed": True,
+                                  "capability": cap["kernels"],
+                                  "native_bf16": cap["native_bf16"]}  # fmt: skip
     else:
-        tiles = layout.tiles_of_chunk(0, 0)[: min(batch_size, 2)]
+        tiles = layout.tiles_of_chunk(0, 0)[:1]
         padded, _, _ = _SceneImage(rgb, layout).chunk_input(0, 0)
         eps = seeded_noise((3, layout.patch, layout.patch), noise_seed)
         x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)

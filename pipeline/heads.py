@@ -24,11 +24,13 @@ import copy
 import importlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from numbers import Integral, Real
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils._param_validation import Interval, InvalidParameterError
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
@@ -51,8 +53,34 @@ HEADS: dict[str, str | None] = {
 FEATURE_MODES = ("spectral", "spatial", "both")
 
 
+def _at_least(low: int) -> Interval:
+    return Interval(Integral, low, None, closed="left")
+
+
+_TRAIN_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_spectral": [_at_least(0), None],
+    "spectral_pca": [_at_least(1), None],
+    "hidden": [_at_least(1)],
+    "dropout": [Interval(Real, 0, 1, closed="left")],
+    "learning_rate": [Interval(Real, 0, None, closed="neither")],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "max_epochs": [_at_least(1)],
+    "batch_size": [_at_least(1)],
+    "mixup_alpha": [Interval(Real, 0, None, closed="left")],
+    "class_balanced": ["boolean"],
+    "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+    "min_val_per_class": [_at_least(1)],
+    "patience": [_at_least(1)],
+    "converged_loss": [Interval(Real, 0, None, closed="neither"), None],
+    "random_state": [Interval(Integral, 0, 2**32 - 1, closed="both")],
+    "device": [str],
+}
+
+
 class _TorchHead(ClassifierMixin, BaseEstimator):
     """Shared training loop, preprocessing and prediction of the torch heads."""
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = _TRAIN_CONSTRAINTS
 
     def _split_sizes(self, n_features: int) -> tuple[int, int]:
         n_spec = self.n_spectral if self.n_spectral is not None else max(1, n_features // 2)
@@ -70,9 +98,11 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
     def _device(self) -> torch.device:
+        from pipeline.devices import resolve_device
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device, option="device")
 
     def _prepare_stats(self, X: np.ndarray, n_spec: int) -> None:
         mean, std = X.mean(axis=0), X.std(axis=0)
@@ -99,6 +129,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> _TorchHead:
         """Fit on ``X`` (``[spectrum | spatial]`` rows) and class labels ``y``."""
+        self._validate_params()  # hidden=-3 is a ValueError naming `hidden`, not a torch crash
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -303,6 +334,11 @@ class FiLMClassifier(_TorchHead):
     """
 
     __doc__ = (__doc__ or "") + _TRAIN_DOC
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **_TRAIN_CONSTRAINTS,
+        "width": [_at_least(1)],
+        "spectral_skip": ["boolean"],
+    }
 
     def __init__(
         self,
@@ -402,6 +438,41 @@ class _MLPNet(nn.Module):
 
     def forward(self, spec: torch.Tensor, spat: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([spec, spat], dim=1))
+
+
+def check_kind(kind: str) -> str:
+    """``kind`` if it names a head (a :data:`HEADS` key or an import path)."""
+    if kind not in HEADS and "." not in kind:
+        raise ConfigError(
+            f"unknown head `{kind}`: choose one of {', '.join(HEADS)} or give a scikit-learn "
+            "classifier's import path (sklearn.ensemble.ExtraTreesClassifier)"
+        )
+    return kind
+
+
+def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
+    """``est.fit(X, y)``, with a head's bad parameter value or failure to fit as one
+    :class:`ConfigError` naming the head (scikit-learn checks parameters before any work)."""
+    classes = np.unique(y)
+    if classes.size < 2:
+        raise ConfigError(
+            f"head `{name}`: the train pixels hold only one class ({classes.tolist()}); a "
+            "classifier needs at least two"
+        )
+    try:
+        return est.fit(X, y)
+    except InvalidParameterError as exc:
+        raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        if isinstance(_final(est), _TorchHead):
+            raise  # the torch heads' own code: a failure here is a bug, not a parameter
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"head `{name}` cannot be fitted with its parameters: {reason}") from None
+
+
+def _final(est: Any) -> Any:
+    steps = getattr(est, "steps", None)
+    return steps[-1][1] if steps else est
 
 
 def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: Any) -> Any:

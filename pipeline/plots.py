@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from pipeline.scene import Scene
 
-__all__ = ["class_colors", "plot_scene_preview"]
+__all__ = ["class_colors", "plot_scene_preview", "save_png"]
+
+
+def save_png(fig: Any, path: str | Path, *, option: str, dpi: int = 120) -> None:
+    """Write ``fig`` to ``path`` as a PNG marked as hsicache's, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.outputs import PNG, png_metadata
+    from pipeline.store import atomic_output
+
+    try:
+        with atomic_output(path, PNG, option=option) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, metadata=png_metadata())
+    finally:
+        plt.close(fig)
 
 
 def class_colors(n: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,19 @@ from typing import Any
 import numpy as np
 
 from pipeline.builtin import load_builtin
-from pipeline.errors import ConfigError, LabelError, NonFiniteError, ShapeMismatchError
+from pipeline.checks import check_choice, check_int, check_number, check_seed
+from pipeline.errors import (
+    ConfigError,
+    HsicacheWarning,
+    LabelError,
+    NonFiniteError,
+    SceneFormatError,
+    ShapeMismatchError,
+)
 from pipeline.readers import read_cube, read_map
-from pipeline.render import render_rgb
+from pipeline.render import RGB_MODES, render_rgb
 from pipeline.scene import Scene, image_fingerprint, scene_fingerprint, write_scene
-from pipeline.splits import encode_labels, make_split
-from pipeline.store import atomic_output
+from pipeline.splits import SPLIT_PROTOCOLS, encode_labels, make_split
 
 __all__ = ["NAN_POLICIES", "build_scene", "prepare"]
 
@@ -44,14 +52,15 @@ def build_scene(
     clip: tuple[float, float] = (2.0, 98.0),
     nan_policy: str = "error",
     class_names: Sequence[str] | None = None,
+    allow_degenerate: bool = False,
 ) -> Scene:
     """Read, validate, split and render a scene in memory (see :func:`prepare`)."""
     if (cube is None) == (builtin is None):
         raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
     if (train_mask is None) != (test_mask is None):
         raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
-    if nan_policy not in NAN_POLICIES:
-        raise ConfigError(f"unknown `--nan-policy` `{nan_policy}`: choose one of {NAN_POLICIES}")
+    _check_values(split, per_class, fraction, small_classes, block_size, margin, seed, rgb_mode,
+                  rgb_bands, gamma, clip, nan_policy)  # fmt: skip
 
     # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
     masks: tuple[np.ndarray, np.ndarray] | None = None
@@ -142,6 +151,7 @@ def build_scene(
     rgb, rendering = render_rgb(
         cube_f, mode=rgb_mode, bands=bands, wavelengths=wavelengths, gamma=gamma, clip=clip
     )
+    _check_degenerate(cube_f, rgb, class_ids, test, attrs["source"], allow_degenerate)
     split_params = {
         "protocol": protocol,
         "seed": seed,
@@ -192,18 +202,107 @@ def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any
     Returns:
         The prepared :class:`~pipeline.scene.Scene`.
     """
+    from pipeline.outputs import PNG, SCENE, check_outputs
+
+    check_outputs(
+        {"--out": (out, SCENE), "--preview": (preview, PNG)},
+        {f"--{k.replace('_', '-')}": kwargs.get(k) for k in _INPUT_FILES},
+    )
     scene = build_scene(**kwargs)
     if preview is None:
         write_scene(scene, out)
         return scene
+    from pipeline.outputs import png_metadata
     from pipeline.plots import plot_scene_preview
+    from pipeline.store import atomic_output
 
-    # the preview goes first, so that a failure leaves neither output behind
-    with atomic_output(preview) as tmp_png:
+    # the preview is published only once the scene is written: a failure leaves neither
+    with atomic_output(preview, PNG, option="--preview") as tmp_png:
         fig = plot_scene_preview(scene)
-        fig.savefig(tmp_png, format="png", dpi=110)
+        fig.savefig(tmp_png, format="png", dpi=110, metadata=png_metadata())
         write_scene(scene, out)
     return scene
+
+
+_INPUT_FILES = ("cube", "labels", "train_mask", "test_mask")
+
+
+def _check_values(
+    split: str | None,
+    per_class: int | None,
+    fraction: float | None,
+    small_classes: str,
+    block_size: int,
+    margin: int,
+    seed: int,
+    rgb_mode: str | None,
+    rgb_bands: Sequence[int] | None,
+    gamma: float,
+    clip: tuple[float, float],
+    nan_policy: str,
+) -> None:
+    """Every option that needs no file, checked before any file is read."""
+    if split is not None:
+        check_choice("--split", split, SPLIT_PROTOCOLS)
+    if per_class is not None:
+        check_int("--per-class", per_class, low=1)
+    if fraction is not None:
+        check_number("--fraction", fraction, low=0, high=1, low_open=True, high_open=True)
+    check_choice("--small-classes", small_classes, ("error", "take-all"))
+    check_int("--block-size", block_size, low=1)
+    check_int("--margin", margin, low=0)
+    check_seed("--seed", seed)
+    if rgb_mode is not None:
+        check_choice("--rgb-mode", rgb_mode, RGB_MODES)
+    if rgb_bands is not None:
+        if len(rgb_bands) != 3:
+            raise ConfigError(f"`--rgb-bands` needs exactly three indices, got {list(rgb_bands)}")
+        for band in rgb_bands:
+            check_int("--rgb-bands", band, low=0)
+    check_number("--gamma", gamma, low=0, low_open=True)
+    low = check_number("--clip-low", clip[0], low=0, high=100)
+    high = check_number("--clip-high", clip[1], low=0, high=100)
+    if low >= high:
+        raise ConfigError(f"`--clip-low` {low:g} must be below `--clip-high` {high:g}")
+    check_choice("--nan-policy", nan_policy, NAN_POLICIES)
+
+
+def _check_degenerate(
+    cube: np.ndarray,
+    rgb: np.ndarray,
+    class_ids: np.ndarray,
+    test: np.ndarray,
+    source: str,
+    allow: bool,
+) -> None:
+    """Refuse data no classifier can be trained or judged on, unless ``allow``; warn about
+    constant bands (they carry nothing)."""
+    flat = cube.reshape(-1, cube.shape[-1])
+    low, high = flat.min(axis=0), flat.max(axis=0)
+    problems = []
+    if len(class_ids) < 2:
+        problems.append(
+            f"the labels hold one class only (id {class_ids[0]}): a classifier needs two or more"
+        )
+    if not test.any():
+        problems.append("the split leaves no test pixel, so no accuracy can be measured")
+    if (low == high).all() and low.min() == high.max():
+        problems.append(f"the cube is constant (every value is {float(low[0]):g})")
+    elif float(rgb.min()) == float(rgb.max()):
+        problems.append("the 3-band rendering is constant: the backbone would see a flat image")
+    if problems and not allow:
+        raise SceneFormatError(
+            f"scene `{source}`: {problems[0]}; pass `--allow-degenerate` to prepare it anyway"
+        )
+    constant = np.flatnonzero(low == high)
+    if constant.size and constant.size < flat.shape[1]:
+        shown = ", ".join(str(b) for b in constant[:5]) + (", ..." if constant.size > 5 else "")
+        warnings.warn(
+            f"{constant.size} of {flat.shape[1]} bands of `{source}` are constant (0-based "
+            f"{shown}): they carry no information",
+            HsicacheWarning,
+            stacklevel=3,
+        )
 
 
 def _union_of_masks(

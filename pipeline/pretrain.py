@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.checks import check_int, check_number, check_seed
 from pipeline.errors import ConfigError, SceneFormatError, SceneNotFoundError
+from pipeline.outputs import BACKBONE, check_outputs
 from pipeline.store import atomic_output, jsonable, package_versions
 
 __all__ = ["BUILTIN_PHOTOS", "PretrainConfig", "load_photos", "pretrain"]
@@ -45,6 +47,11 @@ BUILTIN_PHOTOS = (
 )  # fmt: skip
 _SKLEARN_PHOTOS = ("china", "flower")
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+BACKBONE_FORMAT = "hsicache-backbone/1"
+_NORM_GROUPS = 8
+_CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
 
 
 class PretrainConfig(dict):
@@ -75,13 +82,37 @@ class PretrainConfig(dict):
                 f"unknown pretrain setting `{unknown[0]}`; known: " + ", ".join(self.DEFAULTS)
             )
         super().__init__({**self.DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}})
-        if self["crop"] % 2 ** (len(self["block_out_channels"]) - 1):
-            raise ConfigError(
-                f"`crop` {self['crop']} must be a multiple of "
-                f"{2 ** (len(self['block_out_channels']) - 1)} for this architecture"
-            )
-        if self["steps"] < 1 or self["batch_size"] < 1:
-            raise ConfigError("`steps` and `batch_size` must be at least 1")
+        self._check()
+
+    def _check(self) -> None:
+        """Every setting in range, and the widths a UNet with 8 norm groups can have."""
+        chans = self["block_out_channels"]
+        if not isinstance(chans, (list, tuple)) or not 1 <= len(chans) <= 6:
+            raise ConfigError(f"`block_out_channels` must list 1 to 6 widths, got {chans!r}")
+        for c in chans:
+            check_int("block_out_channels", c, low=8)
+            if c % _NORM_GROUPS:
+                raise ConfigError(
+                    f"`block_out_channels` {list(chans)}: every width must be a multiple of "
+                    f"{_NORM_GROUPS} (the UNet's group-norm groups), {c} is not"
+                )
+        step = 2 ** (len(chans) - 1)
+        for name in ("crop", "sample_size"):
+            if check_int(name, self[name], low=step) % step:
+                raise ConfigError(
+                    f"`{name}` {self[name]} must be a multiple of {step} for {len(chans)} levels"
+                )
+        for name in ("layers_per_block", "batch_size", "steps", "checkpoint_every", "eval_crops"):
+            check_int(name, self[name], low=1)
+        check_int("warmup", self["warmup"], low=0)
+        check_seed("seed", self["seed"])
+        check_number("learning_rate", self["learning_rate"], low=0, low_open=True)
+        check_number("ema", self["ema"], low=0, high=1, high_open=True)
+        scales = self["scales"]
+        if not isinstance(scales, (list, tuple)) or not scales:
+            raise ConfigError(f"`scales` must list one or more scales in (0, 1], got {scales!r}")
+        for v in scales:
+            check_number("scales", v, low=0, high=1, low_open=True)
 
     def unet_kwargs(self) -> dict[str, Any]:
         chans = [int(c) for c in self["block_out_channels"]]
@@ -94,9 +125,24 @@ class PretrainConfig(dict):
             "block_out_channels": tuple(chans),
             "down_block_types": ("DownBlock2D",) * (len(chans) - 1) + (deepest,),
             "up_block_types": (deepest.replace("Down", "Up"),) + ("UpBlock2D",) * (len(chans) - 1),
-            "norm_num_groups": 8,
+            "norm_num_groups": _NORM_GROUPS,
             "attention_head_dim": min(32, chans[-1]),
         }
+
+
+def _check_partial(partial: Path) -> None:
+    """The checkpoint folder beside the output may hold only pretrain's own checkpoint."""
+    from pipeline.errors import OutputConflictError
+    from pipeline.outputs import describe
+
+    if not partial.exists() and not partial.is_symlink():
+        return
+    if partial.is_dir() and all(p.name in _CHECKPOINT_FILES for p in partial.iterdir()):
+        return
+    raise OutputConflictError(
+        f"`{partial}` (where pretrain keeps its checkpoint, beside `--out`) holds "
+        f"{describe(partial)}: hsicache replaces only its own files; move that away first"
+    )
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -234,12 +280,14 @@ def pretrain(
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
-    from pipeline.extract import resolve_device
+    from pipeline.devices import resolve_device
 
     cfg = config or PretrainConfig()
-    dev = resolve_device(device)
     out = Path(out)
+    check_outputs({"--out": (out, BACKBONE)}, {"--images": images, "--scene": scene})
     partial = out.with_name(out.name + ".partial")
+    _check_partial(partial)
+    dev = resolve_device(device)
     photos = load_photos(images, scene, builtin_photos)
     holdout = [n for n in cfg["holdout"] if n in photos]
     train_photos = {n: p for n, p in photos.items() if n not in holdout}
@@ -331,6 +379,7 @@ def pretrain(
         "all_t": _heldout_loss(unet, scheduler, eval_x0, 1000, 2),
     }
     summary = {
+        "format": BACKBONE_FORMAT,
         "config": dict(cfg),
         "train_images": sorted(train_photos),
         "holdout_images": holdout,
@@ -341,7 +390,7 @@ def pretrain(
         "device": str(dev),
         "package_versions": package_versions(),
     }
-    with atomic_output(out) as tmp:
+    with atomic_output(out, BACKBONE, option="--out") as tmp:
         unet.to("cpu").save_pretrained(tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")
         with open(tmp / "train_log.csv", "w", newline="") as fh:

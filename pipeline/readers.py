@@ -271,7 +271,13 @@ def _read_envi(path: Path) -> Raster:
                 + " or ".join(f"`{h.name}`" for h in tried)
                 + " beside the data file"
             )
+    interleave = str(envi.read_envi_header(str(header)).get("interleave", "bsq")).lower()
+    if interleave not in ("bsq", "bil", "bip"):
+        raise SceneFormatError(
+            f"ENVI header `{header}` says `interleave = {interleave}`; it must be bsq, bil or bip"
+        )
     image = envi.open(str(header), None if data_file is None else str(data_file))
+    _check_envi_size(image, header)
     # a memory map in BIP order is (rows, cols, bands) in the file's own dtype
     data = np.array(image.open_memmap(interleave="bip", writable=False))
     wavelengths = None
@@ -283,3 +289,19 @@ def _read_envi(path: Path) -> Raster:
             wl = wl * 1000.0
         wavelengths = wl
     return Raster(data, wavelengths=wavelengths)
+
+
+def _check_envi_size(image: object, header: Path) -> None:
+    """Refuse a data file smaller than the header's lines x samples x bands say."""
+    import os
+
+    dims = (image.nrows, image.ncols, image.nbands)  # type: ignore[attr-defined]
+    item = np.dtype(image.dtype).itemsize  # type: ignore[attr-defined]
+    need = int(image.offset) + int(np.prod(dims)) * item  # type: ignore[attr-defined]
+    have = os.path.getsize(image.filename)  # type: ignore[attr-defined]
+    if have < need:
+        raise SceneFormatError(
+            f"ENVI header `{header}` describes {dims[0]} lines x {dims[1]} samples x {dims[2]} "
+            f"bands of {np.dtype(image.dtype).name} ({need:,} bytes with the header offset), "  # type: ignore[attr-defined]
+            f"but `{image.filename}` holds {have:,} bytes: the header does not match the file"  # type: ignore[attr-defined]
+        )

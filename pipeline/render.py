@@ -75,8 +75,8 @@ def render_rgb(
         mode = "bands" if bands is not None else "wavelengths" if wavelengths is not None else "pca"
     if mode not in RGB_MODES:
         raise ConfigError(f"unknown `--rgb-mode` `{mode}`: choose one of {', '.join(RGB_MODES)}")
-    if not gamma > 0:
-        raise ConfigError(f"`--gamma` must be > 0, got {gamma}")
+    if not 0 < gamma < float("inf"):
+        raise ConfigError(f"`--gamma` must be a finite number > 0, got {gamma}")
     lo, hi = clip
     if not 0.0 <= lo < hi <= 100.0:
         raise ConfigError(f"`clip` percentiles must satisfy 0 <= low < high <= 100, got {clip}")

@@ -27,6 +27,7 @@ __all__ = ["SPLIT_PROTOCOLS", "encode_labels", "make_split"]
 
 SPLIT_PROTOCOLS = ("official", "per-class", "fraction", "blocks")
 SmallClassPolicy = Literal["error", "take-all"]
+_MAX_ID = np.iinfo(np.int64).max
 
 
 def encode_labels(
@@ -63,6 +64,11 @@ def encode_labels(
             )
     elif values.dtype.kind not in "iu":
         raise LabelError(f"{source} has dtype {values.dtype}; labels must be integers")
+    if values.size and values.dtype.kind in "uf" and values.max() > _MAX_ID:
+        raise LabelError(
+            f"{source} holds label ids up to {values.max()}, beyond the largest id hsicache "
+            f"keeps ({_MAX_ID}); renumber the classes"
+        )
     ints = values.astype(np.int64)
     if (ints < 0).any():
         raise LabelError(

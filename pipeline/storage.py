@@ -114,6 +114,18 @@ class Location:
         except OSError as exc:  # an unreachable endpoint, a missing bucket, no credentials
             raise StoreError(f"cannot reach `{self.url}`: {exc}") from None
 
+    def is_empty(self) -> bool:
+        """Whether nothing is stored under this location (absent counts as empty)."""
+        if self.is_local:
+            return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+        fs, root = self.filesystem()
+        try:
+            return not fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            raise StoreError(f"cannot reach `{self.url}`: {exc}") from None
+
     def read_bytes(self, name: str) -> bytes:
         """The content of ``name`` inside the store."""
         if self.is_local:
@@ -252,14 +264,26 @@ class MemoryCache:
     A value is anything with ``nbytes`` (a decoded feature block, an opened scene); keys say
     what was read and from which version of the store, so a rewritten store is never answered
     from memory. The process-wide instance :data:`memory_cache` is bounded by
-    ``$HSICACHE_BLOCK_CACHE_MB`` (default 256; 0 turns it off), which also bounds the memory it
-    adds to a streamed ``predict``.
+    ``$HSICACHE_BLOCK_CACHE_MB`` (default 256; 0 turns it off), read when the cache is first
+    used (a bad value is a one-line :class:`~pipeline.errors.ConfigError` then, not an import
+    failure), which also bounds the memory it adds to a streamed ``predict``.
     """
 
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
+    def __init__(self, limit_bytes: int | None = None) -> None:
+        self._limit = limit_bytes
         self._values: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._bytes = 0
+
+    @property
+    def limit_bytes(self) -> int:
+        """The bound, from ``$HSICACHE_BLOCK_CACHE_MB`` unless given to the constructor."""
+        if self._limit is None:
+            self._limit = _limit_from_environment()
+        return self._limit
+
+    @limit_bytes.setter
+    def limit_bytes(self, value: int) -> None:
+        self._limit = value
 
     def get(self, key: tuple[Any, ...]) -> Any:
         """The value kept under ``key``, or ``None``."""
@@ -289,4 +313,20 @@ class MemoryCache:
         return self._bytes
 
 
-memory_cache = MemoryCache(int(float(os.environ.get("HSICACHE_BLOCK_CACHE_MB", "256")) * 2**20))
+def _limit_from_environment() -> int:
+    from pipeline.errors import ConfigError
+
+    text = os.environ.get("HSICACHE_BLOCK_CACHE_MB", "256")
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = float("nan")
+    if not (mb >= 0 and mb != float("inf")):
+        raise ConfigError(
+            f"environment variable `HSICACHE_BLOCK_CACHE_MB` must be a number of megabytes "
+            f">= 0 (0 turns the block cache off), got `{text}`"
+        )
+    return int(mb * 2**20)
+
+
+memory_cache = MemoryCache()

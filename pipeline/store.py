@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_output", "jsonable", "package_versions", "sha256_arrays"]
+from pipeline.outputs import OutputKind, check_output
+
+__all__ = ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"]
 
 _VERSIONED = (
     "hsicache", "numpy", "zarr", "xarray", "torch", "diffusers", "scikit-learn", "xgboost", "skops",
@@ -24,30 +26,64 @@ _VERSIONED = (
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it replaces ``path``, on error it goes.
 
     Readers therefore never see a half-written store or file, and a failed run leaves nothing
-    behind (a previous complete output at ``path`` survives a failed rewrite).
+    behind (a previous complete output at ``path`` survives a failed rewrite; folders this call
+    created to hold ``path`` are removed again). Only an output of the same ``kind`` that
+    hsicache wrote is ever replaced (:func:`pipeline.outputs.check_output`, asked again right
+    before the replacement); anything else is an :class:`~pipeline.errors.OutputConflictError`.
+
+    Args:
+        path: the final file or folder.
+        kind: what it is (:mod:`pipeline.outputs`).
+        option: how messages name the path (``--out``).
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    check_output(final, kind, option=option)
+    made = _make_parents(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        check_output(final, kind, option=option)  # nothing else appeared there meanwhile
+        publish(tmp, final)
     except BaseException:
-        if tmp.is_dir():
+        if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
+        elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+        for folder in made:  # innermost first; only while still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Put the finished ``tmp`` in the place of ``final`` (atomic for a file; for a folder the
+    old one is moved aside first and deleted after)."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+    return missing
 
 
 def sha256_arrays(*parts: np.ndarray | dict | str) -> str:

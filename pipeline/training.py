@@ -27,8 +27,18 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache import FeatureCache
+from pipeline.checks import check_seed
 from pipeline.errors import ConfigError, SceneNotFoundError, StoreError
-from pipeline.heads import FEATURE_MODES, HEADS, FiLMClassifier, MLPHead, make_head
+from pipeline.heads import (
+    FEATURE_MODES,
+    HEADS,
+    FiLMClassifier,
+    MLPHead,
+    check_kind,
+    fit_estimator,
+    make_head,
+)
+from pipeline.outputs import HEAD, check_outputs
 from pipeline.scene import Scene, open_scene
 from pipeline.store import atomic_output, jsonable, package_versions
 
@@ -158,8 +168,8 @@ class TrainedHead:
             )
 
     def save(self, path: str | Path) -> Path:
-        """Write the head folder atomically."""
-        with atomic_output(path) as tmp:
+        """Write the head folder atomically (replacing only a head folder hsicache wrote)."""
+        with atomic_output(path, HEAD, option="--out") as tmp:
             tmp.mkdir(parents=True)
             est = self.estimator
             if type(est).__name__ in _TORCH_HEADS:
@@ -234,7 +244,7 @@ def split_recipe(name: str, params: dict[str, Any]) -> tuple[str, str, dict[str,
     """A head entry's ``(kind, feature mode, constructor kwargs)``: ``kind`` defaults to ``name``
     and ``use`` (classic heads) is the feature mode."""
     kwargs = dict(params)
-    kind = str(kwargs.pop("kind", name))
+    kind = check_kind(str(kwargs.pop("kind", name)))
     return kind, _feature_mode(kind, kwargs), kwargs
 
 
@@ -255,6 +265,7 @@ def fit_head(
     path; default: ``name`` itself), so several configurations of one kind can coexist
     (``film_skip: {kind: film, spectral_skip: true}``), and for classic heads ``use``.
     """
+    check_seed("--seed", seed)
     kind, mode, kwargs = split_recipe(name, params)
     selection = FeatureSelection.resolve(mode, cache, timesteps, sites)
     rows, cols = np.nonzero(train_mask)
@@ -264,7 +275,7 @@ def fit_head(
     X, n_spec = assemble(scene, cache, rows, cols, selection)
     y = scene.labels[rows, cols]
     est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs)
-    est.fit(X, y)
+    fit_estimator(est, X, y, name)
     meta = {
         "name": name,
         "kind": kind,
@@ -307,6 +318,7 @@ def train_head(
     seed: int = 0,
 ) -> TrainedHead:
     """Fit one head on the scene's train pixels and save it to ``out``."""
+    check_outputs({"--out": (out, HEAD)}, {"--scene": scene, "--features": cache})
     sc, fc = open_inputs(scene, cache)
     trained = fit_head(head, params or {}, sc, fc, train_mask=sc.train, seed=seed,
                        timesteps=timesteps, sites=sites)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,7 +18,7 @@ try:  # typer vendors click from 0.2x on; its usage errors are typer._click's
 except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as _usage  # type: ignore[no-redef]
 
-from pipeline.errors import ConfigError, HsicacheError
+from pipeline.errors import ConfigError, HsicacheError, HsicacheWarning
 from pipeline.params import load_section
 
 BACKBONE_HELP = (
@@ -54,19 +55,55 @@ def cluster(workers: int | None, scheduler: str | None) -> Callable[[], Any] | N
     return cluster_opener(workers, scheduler, on_open=show)
 
 
+EXIT_USER = 2  # a mistake the user can fix: bad input, a path that cannot be written
+EXIT_INTERNAL = 3  # a bug in hsicache
+
+
+def failure_line(exc: BaseException) -> tuple[int, str]:
+    """``(exit code, one line)`` for an exception that ends a command.
+
+    hsicache's own errors and the operating system's (disk full, read-only, not a folder,
+    permission denied...) are the user's to fix: exit 2. Anything else is a bug: exit 3 and a
+    line that says so.
+    """
+    if isinstance(exc, HsicacheError):
+        return EXIT_USER, f"error: {exc}"
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = exc.filename or exc.filename2
+        return EXIT_USER, f"error: {reason}" + (f": `{where}`" if where else "")
+    if isinstance(exc, MemoryError):
+        return EXIT_USER, "error: out of memory: use a smaller input or a machine with more memory"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return EXIT_INTERNAL, (
+        f"internal error ({type(exc).__name__}{': ' + text[:200] if text else ''}): a bug in "
+        "hsicache, not in your input; re-run with --debug for the traceback and report it"
+    )
+
+
 @contextlib.contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
-    """Print a hsicache error as one line on stderr and exit 2; re-raise it with ``--debug``."""
+    """Print any error as one line on stderr and exit with :func:`failure_line`'s code;
+    re-raise it with ``--debug``."""
     try:
         yield
-    except HsicacheError as exc:
-        if debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+    except (typer.Exit, typer.Abort, _usage.ClickException):
+        raise  # the command line's own exits and usage errors pass through
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(code=130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        code, line = failure_line(exc)
+        typer.echo(line, err=True)
+        raise typer.Exit(code=code) from None
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
+    """A warning as one line on stderr (Python's default adds a line of source)."""
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    typer.echo(f"warning: {text}", err=True)
 
 
 def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path | None:
@@ -167,21 +204,41 @@ def progress_bar(description: str) -> Iterator[Any]:
 
 
 def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extra: Any) -> NoReturn:
-    """Run a click ``main`` so that a usage error (unknown option, a value of the wrong type,
-    a missing option) is one line on stderr with exit code 2, like every other user error."""
-    try:
-        rv = main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
-    except _usage.NoArgsIsHelpError:
-        main(args=args, prog_name=prog_name, standalone_mode=True, **extra)  # the help; exits
-        raise
-    except _usage.ClickException as exc:
-        ctx = getattr(exc, "ctx", None)
-        where = ctx.command_path if ctx is not None else prog_name or "hsicache"
-        typer.echo(f"error: {exc.format_message()} (`{where} --help` lists the options)", err=True)
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(1)
+    """Run a click ``main`` so that every failure is one line on stderr: a usage error
+    (unknown option, a value of the wrong type, a missing option) exits 2 like every other
+    user error, and an exception that escaped a command exits as :func:`failure_line` says
+    (with ``--debug`` it keeps its traceback). Warnings are one line each; those of libraries
+    about their own future (Deprecation/FutureWarning) are not shown."""
+    argv = list(args) if args is not None else sys.argv[1:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("default", HsicacheWarning)
+        warnings.showwarning = _show_warning
+        try:
+            rv = main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except _usage.NoArgsIsHelpError:
+            main(args=args, prog_name=prog_name, standalone_mode=True, **extra)  # the help; exits
+            raise
+        except _usage.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else prog_name or "hsicache"
+            typer.echo(
+                f"error: {exc.format_message()} (`{where} --help` lists the options)", err=True
+            )
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if "--debug" in argv:
+                raise
+            code, line = failure_line(exc)
+            typer.echo(line, err=True)
+            sys.exit(code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -6,7 +6,6 @@ import json
 
 import typer
 
-from pipeline.storage import Location
 from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
 
 STORE_ARGUMENT = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP)
@@ -70,10 +69,10 @@ def unlock(
     A lock left by a killed process on the same host is taken over by the next `extract`
     without this; use it only when you are sure no `extract` still writes the cache.
     """
-    from pipeline.storage import StoreLock
+    from pipeline.cache import unlock_cache
 
     with user_errors(debug):
-        owner = StoreLock(Location.of(store)).force_release()
+        owner = unlock_cache(store)
     if owner is None:
         typer.echo(f"{store}: was not locked")
     else:

@@ -40,11 +40,14 @@ def evaluate(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """OA, AA, kappa, per-class precision/recall/F1/IoU, mIoU and the confusion matrix."""
+    from pipeline.evaluation import check_evaluation_outputs, evaluate_seeds, write_evaluation
     from pipeline.evaluation import evaluate as run_evaluate
-    from pipeline.evaluation import evaluate_seeds, write_evaluation
 
     with user_errors(debug):
         seed_list = parse_csv_ints(seeds, "--seeds")
+        check_evaluation_outputs(metrics=metrics, plot=plot, png=png,
+                                 inputs={"--scene": scene, "--features": features,
+                                         "--head": head})  # fmt: skip
         if seed_list:
             with progress_bar("seeds") as progress:
                 summary = evaluate_seeds(scene=scene, cache=features, head=head,

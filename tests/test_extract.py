@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -95,18 +96,63 @@ class TestBackbone:
             load_backbone("nobody/no-such-diffusion-model")
 
 
+NATIVE = {"kernels": "AVX512", "native_bf16": True, "features": {}}
+AVX2 = {"kernels": "AVX2", "native_bf16": False, "features": {"avx2": True}}
+
+
 class TestAutoDtype:
+    def test_a_cpu_without_native_bf16_is_fp32_at_once(self, tiny, monkeypatch):
+        from pipeline import autotune
+
+        def no_bf16(_bb):
+            raise AssertionError("a bf16 copy was made on a CPU without native bf16")
+
+        monkeypatch.setattr(autotune, "_bf16_copy", no_bf16)
+        started = time.perf_counter()
+        dtype, report = autotune.choose_cpu_dtype(tiny, torch.randn(2, 3, 32, 32), 0,
+                                                  ["up1.res1"], None, capability=AVX2)  # fmt: skip
+        assert dtype == torch.float32 and time.perf_counter() - started < 0.5
+        assert report == {"capability": "AVX2", "native_bf16": False, "choice": "fp32",
+                          "reason": "no native bf16 on this CPU"}  # fmt: skip
+
+    def test_a_slow_bf16_is_abandoned_within_one_patch(self, tiny, monkeypatch):
+        from pipeline import autotune
+
+        made, seen = [], []
+        real_copy = autotune._bf16_copy
+
+        def slow_copy(bb):
+            low = real_copy(bb)
+            made.append(low)
+            for m in low.unet.modules():  # 10 ms in front of every module: hundreds of ms
+                m.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+            low.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+            return low
+
+        monkeypatch.setattr(autotune, "_bf16_copy", slow_copy)
+        started = time.perf_counter()
+        dtype, report = autotune.choose_cpu_dtype(tiny, torch.randn(4, 3, 32, 32), 0,
+                                                  ["up1.res1"], None, remember=False,
+                                                  capability=NATIVE)  # fmt: skip
+        trial = time.perf_counter() - started
+        assert dtype == torch.float32 and report["bf16_s"] is None
+        assert report["reason"] == "measured: bf16 not faster than fp32"
+        assert len(made) == 1 and set(seen) == {1}  # one patch, never the batch
+        assert trial < 0.5 + 4 * report["fp32_s"]  # abandoned, not run to the end
+
     def test_measures_once_and_leaves_the_weights_exact(self, tiny):
         from pipeline.autotune import choose_cpu_dtype
 
         before = tiny.weights_sha256
         x = torch.randn(2, 3, 32, 32)
-        dtype, report = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None)
+        dtype, report = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None, capability=NATIVE)
         assert dtype in (torch.float32, torch.bfloat16)
-        assert report["choice"] in ("fp32", "bf16") and 0 < report["rel_error"] < 0.1
-        assert report["fp32_s"] > 0 and report["bf16_s"] > 0
+        assert report["choice"] in ("fp32", "bf16") and report["fp32_s"] > 0
+        assert report["native_bf16"] and report["capability"] == "AVX512"
+        if report["bf16_s"] is not None:
+            assert 0 < report["rel_error"] < 0.1
         assert _weights_hash(tiny.unet) == before and tiny.dtype == torch.float32
-        again_dtype, again = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None)
+        again_dtype, again = choose_cpu_dtype(tiny, x, 0, ["up1.res1"], None, capability=NATIVE)
         assert again["cached"] and again_dtype == dtype
 
 
