@@ -79,6 +79,8 @@ def _counting_store(where: Location) -> Any:
 
 
 CACHE_FORMAT = "hsicache-features/2"  # 2: keyed on the image fingerprint
+#: Formats of the stores written under a :class:`~pipeline.storage.StoreLock`.
+LOCKED_FORMATS = ("hsicache-features/", "hsicache-context/")
 
 
 def array_path(timestep: int, site: str) -> str:
@@ -182,6 +184,7 @@ class FeatureCache:
     path: Location
     attrs: dict[str, Any]
     _root: Any
+    kind = "feature cache"
 
     @classmethod
     def open(
@@ -310,7 +313,7 @@ class FeatureCache:
         """
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
-        parts = [_gather_points(arr, rows, cols, self) for arr in self.selection(timesteps, sites)]
+        parts = [gather_points(arr, rows, cols, self) for arr in self.selection(timesteps, sites)]
         return np.concatenate(parts, axis=1) if parts else np.empty((rows.size, 0), np.float32)
 
     def to_dask(
@@ -339,7 +342,7 @@ def read_features(
     kept = storage.memory_cache.get(key) if key else None
     if kept is not None:
         return kept.astype(np.float32)
-    where = f"feature cache `{cache.path}`" if cache else "the feature cache"
+    where = f"{cache.kind} `{cache.path}`" if cache else "the feature cache"
     try:
         block = np.asarray(arr[y0:y1, x0:x1])
     except Exception as exc:  # the codec's own error type differs per codec
@@ -364,7 +367,7 @@ def all_finite(block: np.ndarray) -> bool:
     return bool(np.isfinite(block).all())
 
 
-def _gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, cache: FeatureCache) -> np.ndarray:
+def gather_points(arr: Any, rows: np.ndarray, cols: np.ndarray, cache: FeatureCache) -> np.ndarray:
     """``arr[rows[i], cols[i], :]`` reading each chunk that holds a requested pixel once."""
     cy, cx = arr.chunks[0], arr.chunks[1]
     out = np.empty((rows.size, arr.shape[-1]), dtype=np.float32)
@@ -388,8 +391,25 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "no difference"
 
 
+def store_format(path: str | Path | Location) -> str | None:
+    """The ``format`` attribute of the zarr store at ``path`` (``None``: no store, or none)."""
+    import json
+
+    where = Location.of(path)
+    try:
+        meta = json.loads(where.read_bytes("zarr.json"))
+    except (OSError, ValueError):
+        return None
+    return (meta.get("attributes") or {}).get("format") if isinstance(meta, dict) else None
+
+
 def cache_info(path: str | Path | Location) -> dict[str, Any]:
-    """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not)."""
+    """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not); for a
+    context store its families (:func:`pipeline.context.context_info`)."""
+    if str(store_format(path)).startswith("hsicache-context/"):
+        from pipeline.context import context_info
+
+        return context_info(path)
     cache = FeatureCache.open(path, allow_incomplete=True)
     arrays = {}
     for arr in cache.selection():
@@ -413,6 +433,7 @@ def cache_info(path: str | Path | Location) -> dict[str, Any]:
         "cache_to_raw": stored / raw if raw else 0.0,
         "identity": cache.attrs["identity"],
         "package_versions": cache.attrs.get("package_versions"),
+        "kind": "feature cache",
     }
 
 
@@ -432,6 +453,10 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
     where = Location.of(path)
     if not where.exists():
         raise SceneNotFoundError(f"feature cache `{where}` does not exist")
+    if str(store_format(where)).startswith("hsicache-context/"):
+        from pipeline.context import verify_context
+
+        return verify_context(where, scene_fingerprint=scene_fingerprint)
     try:
         root = zarr.open_group(where.zarr_store(read_only=True), mode="r")
         attrs = dict(root.attrs)
@@ -467,7 +492,7 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
             except Exception:
                 problems.append(f"array `{name}` is missing or unreadable")
                 continue
-            problems.extend(_chunk_problems(arr))
+            problems.extend(chunk_problems(arr))
     return problems
 
 
@@ -507,12 +532,15 @@ def unlock_cache(path: str | Path | Location) -> dict[str, Any] | None:
             fmt = (json.loads(where.read_bytes("zarr.json")).get("attributes") or {}).get("format")
         except (OSError, ValueError):
             fmt = None
-        if not str(fmt).startswith("hsicache-"):
-            raise StoreError(f"`{where}` is not a hsicache store (format {fmt!r}); nothing done")
+        if not str(fmt).startswith(LOCKED_FORMATS):
+            raise StoreError(
+                f"`{where}` is not a store hsicache writes under a lock (format {fmt!r}): only "
+                "feature caches are unlocked; nothing done"
+            )
     return StoreLock(where).force_release()
 
 
-def _chunk_problems(arr: Any) -> list[str]:
+def chunk_problems(arr: Any) -> list[str]:
     """Unreadable chunks and chunks holding missing (fill value) or non-finite values."""
     cy, cx = arr.chunks[0], arr.chunks[1]
     problems = []

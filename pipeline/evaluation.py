@@ -8,8 +8,9 @@ not the scene size.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pipeline.cache import FeatureCache, read_features
 from pipeline.checks import check_seed
 from pipeline.cluster import as_they_finish, connected
 from pipeline.errors import ConfigError
-from pipeline.heads import fit_estimator, make_head
+from pipeline.heads import check_params, fit_estimator
 from pipeline.metrics import (
     classification_metrics,
     plot_confusion,
@@ -28,34 +29,60 @@ from pipeline.metrics import (
     write_confusion_csv,
 )
 from pipeline.outputs import CONFUSION_CSV, GEOTIFF, METRICS, NPY, check_outputs, mark_npy
-from pipeline.scene import Scene, scene_array
+from pipeline.scene import Scene, read_region, scene_array
 from pipeline.splits import make_split
 from pipeline.store import atomic_output, jsonable
-from pipeline.training import TrainedHead, assemble, load_head, open_inputs, split_recipe
+from pipeline.training import (
+    FeatureSelection,
+    Inputs,
+    TrainedHead,
+    assemble,
+    build_head,
+    load_head,
+    open_inputs,
+    split_recipe,
+)
 
-__all__ = ["evaluate", "evaluate_seeds", "predict_map", "resplit", "write_evaluation"]
+__all__ = [
+    "evaluate",
+    "evaluate_seeds",
+    "predict_map",
+    "protocol_card",
+    "refit_over_seeds",
+    "resplit",
+    "write_evaluation",
+]
 
 
 def _test_predictions(
-    trained: TrainedHead, scene: Scene, cache: FeatureCache | None, test: np.ndarray
+    trained: TrainedHead, inputs: Inputs, test: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.nonzero(test)
     if rows.size == 0:
         raise ConfigError("the scene has no test pixels to evaluate on")
-    X, _ = assemble(scene, cache, rows, cols, trained.selection)
-    return scene.labels[rows, cols], np.asarray(trained.estimator.predict(X), dtype=np.int64)
+    X, _ = assemble(inputs, rows, cols, trained.selection)
+    actual = inputs.scene.labels[rows, cols]
+    return actual, np.asarray(trained.estimator.predict(X), dtype=np.int64)
 
 
 def evaluate(
-    *, scene: str | Path, cache: str | Path | None, head: str | Path
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    head: str | Path,
+    context: str | Path | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Metrics of a saved head on the scene's test pixels, with the actual/predicted indices."""
-    sc, fc = open_inputs(scene, cache)
+    """Metrics of a saved head on the scene's test pixels, with the actual/predicted indices.
+
+    ``context`` is the context store, for a head that reads context families.
+    """
+    inputs = open_inputs(scene, cache, context)
     trained = load_head(head)
-    trained.check_inputs(sc, fc, same_split=True)
-    actual, predicted = _test_predictions(trained, sc, fc, sc.test)
-    metrics = classification_metrics(actual, predicted, sc.class_names)
+    trained.check_inputs(inputs, same_split=True)
+    actual, predicted = _test_predictions(trained, inputs, inputs.scene.test)
+    metrics = classification_metrics(actual, predicted, inputs.scene.class_names)
     metrics["head"] = trained.meta["name"]
+    metrics["protocol"] = protocol_card(inputs.scene, [int(trained.meta["seed"])])
     return metrics, actual, predicted
 
 
@@ -74,8 +101,77 @@ def resplit(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:
         fraction=split.get("fraction"),
         small_classes=split.get("small_classes", "error"),
         block_size=split.get("block_size") or 16,
-        margin=split.get("margin") or 0,
+        buffer=split.get("buffer", split.get("margin")) or 0,
     )
+
+
+MODEL_SELECTION = (
+    "hyper-parameters fixed beforehand (params.yaml); torch heads stop early on a validation "
+    "part of the train pixels when every class has enough of them, else once the training "
+    "loss converges; the test pixels never choose or stop anything"
+)
+
+
+def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
+    """How a figure was obtained: the split, labels per class, seeds, the blocks split's
+    buffer, and how models were selected (never on the test pixels)."""
+    split = dict(scene.attrs.get("split") or {})
+    return {
+        "split": split.get("protocol", "per-class"),
+        "per_class": split.get("per_class"),
+        "fraction": split.get("fraction"),
+        "block_size": split.get("block_size"),
+        "buffer": split.get("buffer", split.get("margin")),
+        "seeds": [int(s) for s in seeds],
+        "n_labeled": int((scene.labels >= 0).sum()),
+        "model_selection": MODEL_SELECTION,
+    }
+
+
+def refit_over_seeds(
+    inputs: Inputs,
+    name: str,
+    params: dict[str, Any],
+    seeds: Sequence[int],
+    *,
+    selection: FeatureSelection | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Fit the recipe ``params`` of head ``name`` on the scene's split re-drawn with each seed
+    and score it on that seed's test pixels; mean ± std over the seeds.
+
+    The features of every labeled pixel are read once and shared by all seeds; ``selection``
+    fixes what the head reads (default: what its recipe names, all cached arrays).
+    """
+    if not seeds:
+        raise ConfigError("`--seeds` needs at least one seed")
+    for seed in seeds:
+        check_seed("--seeds", seed)
+    sc = inputs.scene
+    recipe = split_recipe(name, params)
+    selection = selection or FeatureSelection.resolve(
+        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`"
+    )
+    check_params(build_head(recipe, inputs, selection, 0), name)
+    rows, cols = np.nonzero(sc.labels >= 0)
+    X, _ = assemble(inputs, rows, cols, selection)
+    y = sc.labels[rows, cols]
+    position = np.full(sc.shape, -1, dtype=np.int64)
+    position[rows, cols] = np.arange(rows.size)
+    runs = []
+    for k, seed in enumerate(seeds):
+        train, test = resplit(sc, seed)
+        tr, te = position[train], position[test]  # row-major, as fit_head orders pixels
+        est = build_head(recipe, inputs, selection, seed)
+        fit_estimator(est, X[tr], y[tr], name)
+        run = classification_metrics(y[te], np.asarray(est.predict(X[te]), dtype=np.int64),
+                                     sc.class_names)  # fmt: skip
+        runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
+                     "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
+        if progress:
+            progress(k + 1, len(seeds))
+    return {"head": name, **summarise_seeds(runs), "seeds": runs,
+            "selection": selection.to_dict(), "protocol": protocol_card(sc, seeds)}  # fmt: skip
 
 
 def evaluate_seeds(
@@ -85,6 +181,7 @@ def evaluate_seeds(
     head: str | Path,
     seeds: list[int],
     progress: Callable[[int, int], None] | None = None,
+    context: str | Path | None = None,
 ) -> dict[str, Any]:
     """Refit the saved head's recipe on the split re-drawn with each seed; mean ± std.
 
@@ -95,30 +192,11 @@ def evaluate_seeds(
     """
     if not seeds:
         raise ConfigError("`--seeds` needs at least one seed")
-    for seed in seeds:
-        check_seed("--seeds", seed)
-    sc, fc = open_inputs(scene, cache)
-    recipe = load_head(head)
-    recipe.check_inputs(sc, fc, same_split=False)
-    kind, _, kwargs = split_recipe(recipe.meta["name"], recipe.meta["params"])
-    rows, cols = np.nonzero(sc.labels >= 0)
-    X, n_spec = assemble(sc, fc, rows, cols, recipe.selection)
-    y = sc.labels[rows, cols]
-    position = np.full(sc.shape, -1, dtype=np.int64)
-    position[rows, cols] = np.arange(rows.size)
-    runs = []
-    for k, seed in enumerate(seeds):
-        train, test = resplit(sc, seed)
-        tr, te = position[train], position[test]  # row-major, as fit_head orders pixels
-        est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs)
-        fit_estimator(est, X[tr], y[tr], recipe.meta["name"])
-        run = classification_metrics(y[te], np.asarray(est.predict(X[te]), dtype=np.int64),
-                                     sc.class_names)  # fmt: skip
-        runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
-                     "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
-        if progress:
-            progress(k + 1, len(seeds))
-    return {"head": recipe.meta["name"], **summarise_seeds(runs), "seeds": runs}
+    inputs = open_inputs(scene, cache, context)
+    saved = load_head(head)
+    saved.check_inputs(inputs, same_split=False)
+    return refit_over_seeds(inputs, saved.meta["name"], saved.meta["params"], seeds,
+                            selection=saved.selection, progress=progress)  # fmt: skip
 
 
 METRICS_FORMAT = "hsicache-metrics/1"
@@ -183,6 +261,7 @@ def predict_map(
     block: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     client: Any = None,
+    context: str | Path | None = None,
 ) -> dict[str, Any]:
     """Predict every pixel, streaming block by block; the map holds the scene's class ids.
 
@@ -192,12 +271,13 @@ def predict_map(
         png: a colour map with a legend of class names.
         geotiff: a GeoTIFF of the map with the scene's CRS/transform (the scene must have them).
         confidence: ``.npy`` of the winning class probability (``float32``).
-        block: block side (default: the cache's chunk side, else 256).
+        block: block side (default: the chunk side of the first store read, else 256).
         progress: ``progress(done_blocks, total_blocks)``.
         client: a ``distributed.Client`` (or a callable opening one, see
             :func:`pipeline.cluster.connected`): predict the blocks on its workers (the head is sent
-            to each worker once; they read scene and cache themselves, so both stores must be
+            to each worker once; they read the stores themselves, so the stores must be
             reachable from them); only the class ids come back.
+        context: the context store, for a head that reads context families.
 
     Returns:
         A summary: shape, blocks, class pixel counts, outputs written.
@@ -207,124 +287,149 @@ def predict_map(
     check_outputs(
         {"--out": (out, NPY), "--png": (png, PNG), "--geotiff": (geotiff, GEOTIFF),
          "--confidence": (confidence, NPY)},
-        {"--scene": scene, "--features": cache, "--head": head},
+        {"--scene": scene, "--features": cache, "--head": head, "--context-store": context},
     )  # fmt: skip
-    sc, fc = open_inputs(scene, cache, lazy=True)
+    inputs = open_inputs(scene, cache, context, lazy=True)
     trained = load_head(head)
-    trained.check_inputs(sc, fc, same_split=False)
+    trained.check_inputs(inputs, same_split=False)
+    _check_map_options(trained, inputs.scene, scene, geotiff, confidence)
+    sources = _block_sources(inputs, trained.selection)
+    h, w = inputs.scene.shape
+    block = block or (sources[0][0].chunks[0] if sources else 256)
+    grid = [(y, x, min(y + block, h), min(x + block, w))
+            for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
+    job = _MapJob(trained.estimator, trained.selection, np.asarray(inputs.scene.class_ids),
+                  confidence is not None)  # fmt: skip
+    with connected(client) as dask:
+        if dask is None:
+            blocks: Any = ((b, job.block(inputs.scene.cube, sources, b)) for b in grid)
+        else:
+            blocks = _predict_on_cluster(dask, job, grid, (scene, cache, context))
+        _write_maps(blocks, (h, w), out, confidence, len(grid), progress)
+    result = np.load(out, mmap_mode="r")
+    if png is not None:
+        _write_png(result, inputs.scene, png, title=f"{trained.meta['name']} map")
+    if geotiff is not None:
+        _write_geotiff(result, inputs.scene, geotiff)
+    names = inputs.scene.class_names
+    counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}
+    return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
+
+
+def _check_map_options(
+    trained: TrainedHead, sc: Scene, scene: Any, geotiff: Any, confidence: Any
+) -> None:
     if geotiff is not None and not sc.crs:
         raise ConfigError(f"scene `{scene}` has no CRS/transform, so no GeoTIFF can be written; "
                           "drop --geotiff")  # fmt: skip
-    est = trained.estimator
-    if confidence is not None and not hasattr(est, "predict_proba"):
+    if confidence is not None and not hasattr(trained.estimator, "predict_proba"):
         raise ConfigError(
             f"head `{trained.meta['name']}` gives no class probabilities, so no --confidence "
             "map; drop it (an svm head predicts labels only)"
         )
-    sel = trained.selection
-    h, w = sc.shape
-    if block is None:
-        block = fc.selection(sel.timesteps, sel.sites)[0].chunks[0] if sel.spatial and fc else 256
-    class_ids = np.asarray(sc.class_ids)
-    arrays = fc.selection(sel.timesteps, sel.sites) if sel.spatial and fc else []
-    grid = [(y, x, min(y + block, h), min(x + block, w))
-            for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
-    want_conf = confidence is not None
-    conf_out = atomic_output(confidence, NPY, option="--confidence") if want_conf else nullcontext()
+
+
+def _block_sources(inputs: Inputs, sel: FeatureSelection) -> list[tuple[Any, Any]]:
+    """``(zarr array, its store)`` of every column group after the spectrum, in ``X`` order."""
+    sources: list[tuple[Any, Any]] = []
+    if sel.context and inputs.context is not None:
+        sources += [(a, inputs.context) for a in inputs.context.selection(sel.context)]
+    if sel.spatial and inputs.cache is not None:
+        sources += [(a, inputs.cache) for a in inputs.cache.selection(sel.timesteps, sel.sites)]
+    return sources
+
+
+def _write_maps(
+    blocks: Any,
+    shape: tuple[int, int],
+    out: str | Path,
+    confidence: str | Path | None,
+    total: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Stream ``(bounds, (class ids, confidence))`` blocks into the ``.npy`` outputs, each
+    published atomically once every block is in."""
+    conf_out = (
+        atomic_output(confidence, NPY, option="--confidence") if confidence else nullcontext()
+    )
     with atomic_output(out, NPY, option="--out") as tmp_map, conf_out as tmp_conf:
-        labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=(h, w))
-        conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=(h, w))
+        labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=shape)
+        conf = (np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=shape)
                 if tmp_conf is not None else None)  # fmt: skip
-        with connected(client) as dask:
-            if dask is None:
-                blocks: Any = (
-                    (b, _predict_block(sc.cube, arrays, est, sel, class_ids, b, want_conf, fc))
-                    for b in grid
-                )
-            else:
-                blocks = _predict_on_cluster(dask, scene, cache, est, sel, class_ids, grid,
-                                             want_conf)  # fmt: skip
-            for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
-                labels[y0:y1, x0:x1] = pred
-                if conf is not None:
-                    conf[y0:y1, x0:x1] = best
-                if progress:
-                    progress(k + 1, len(grid))
+        for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
+            labels[y0:y1, x0:x1] = pred
+            if conf is not None:
+                conf[y0:y1, x0:x1] = best
+            if progress:
+                progress(k + 1, total)
         labels.flush()
+        if conf is not None:
+            conf.flush()
         del labels, conf
         mark_npy(tmp_map)
         if tmp_conf is not None:
             mark_npy(tmp_conf)
-    result = np.load(out, mmap_mode="r")
-    if png is not None:
-        _write_png(result, sc, png, title=f"{trained.meta['name']} map")
-    if geotiff is not None:
-        _write_geotiff(result, sc, geotiff)
-    counts = {name: int((result == cid).sum()) for cid, name in zip(class_ids, sc.class_names,
-                                                                    strict=True)}  # fmt: skip
-    return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
 
 
-def _predict_block(
-    cube: Any,
-    arrays: list[Any],
-    est: Any,
-    sel: Any,
-    class_ids: np.ndarray,
-    bounds: tuple[int, int, int, int],
-    want_conf: bool,
-    cache: FeatureCache | None = None,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Class ids (and the winning probability) of the block ``(y0, x0, y1, x1)``."""
-    y0, x0, y1, x1 = bounds
-    parts = [np.asarray(cube[y0:y1, x0:x1], dtype=np.float32)] if sel.spectral else []
-    parts += [read_features(a, y0, y1, x0, x1, cache) for a in arrays]
-    X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
-    best = None
-    if want_conf:
-        proba = est.predict_proba(X)
-        winner = np.argmax(proba, axis=1)
-        best = proba[np.arange(len(winner)), winner].reshape(y1 - y0, x1 - x0).astype(np.float32)
-        pred = np.asarray(est.classes_, dtype=np.int64)[winner]
-    else:
-        pred = np.asarray(est.predict(X), dtype=np.int64)
-    return class_ids[pred].reshape(y1 - y0, x1 - x0).astype(np.int32), best
+@dataclass(frozen=True)
+class _MapJob:
+    """What predicting one block needs besides the stores: small enough for a dask task."""
+
+    estimator: Any
+    selection: FeatureSelection
+    class_ids: np.ndarray
+    want_conf: bool
+
+    def block(
+        self, cube: Any, sources: list[tuple[Any, Any]], bounds: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class ids (and the winning probability) of the block ``(y0, x0, y1, x1)``."""
+        y0, x0, y1, x1 = bounds
+        region = (slice(y0, y1), slice(x0, x1))
+        parts = []
+        if self.selection.spectral:
+            store = getattr(cube, "store_path", "the scene store")
+            parts.append(read_region(cube, store, "cube", region).astype(np.float32))
+        parts += [read_features(a, y0, y1, x0, x1, where) for a, where in sources]
+        X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
+        best = None
+        if self.want_conf:
+            proba = self.estimator.predict_proba(X)
+            winner = np.argmax(proba, axis=1)
+            best = proba[np.arange(len(winner)), winner].reshape(y1 - y0, x1 - x0)
+            best = best.astype(np.float32)
+            pred = np.asarray(self.estimator.classes_, dtype=np.int64)[winner]
+        else:
+            pred = np.asarray(self.estimator.predict(X), dtype=np.int64)
+        return self.class_ids[pred].reshape(y1 - y0, x1 - x0).astype(np.int32), best
 
 
 def _predict_on_cluster(
-    client: Any,
-    scene: str | Path,
-    cache: str | Path | None,
-    est: Any,
-    sel: Any,
-    class_ids: np.ndarray,
-    grid: list[tuple[int, int, int, int]],
-    want_conf: bool,
+    client: Any, job: _MapJob, grid: list[tuple[int, int, int, int]], stores: tuple[Any, ...]
 ) -> Any:
     """``(bounds, block result)`` pairs as the workers finish them (one task per block)."""
-    model = client.scatter(est, broadcast=True)
-    return as_they_finish(client, _predict_task, grid, str(scene), str(cache) if cache else None,
-                          model, sel, class_ids, want_conf, name="hsicache-block")  # fmt: skip
+    scene, cache, context = (str(s) if s else None for s in stores)
+    model = client.scatter(job, broadcast=True)
+    return as_they_finish(client, _predict_task, grid, scene, cache, context, model,
+                          name="hsicache-block")  # fmt: skip
 
 
 def _predict_task(
     bounds: tuple[int, int, int, int],
     scene: str,
     cache: str | None,
-    est: Any,
-    sel: Any,
-    class_ids: np.ndarray,
-    want_conf: bool,
+    context: str | None,
+    job: _MapJob,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A dask task: one map block, reading the stores with this worker's open handles."""
     from pipeline.cluster import worker_state
+    from pipeline.context import ContextStore
 
     cube = worker_state("cube", scene, lambda: scene_array(scene, "cube"))
-    arrays, fc = [], None
-    if sel.spatial and cache:
-        fc = worker_state("features", cache, lambda: FeatureCache.open(cache))
-        arrays = fc.selection(sel.timesteps, sel.sites)
-    return _predict_block(cube, arrays, est, sel, class_ids, bounds, want_conf, fc)
+    fc = worker_state("features", cache, lambda: FeatureCache.open(cache)) if cache else None
+    cs = worker_state("context", context, lambda: ContextStore.open(context)) if context else None
+    inputs = Inputs(scene=None, cache=fc, context=cs)  # type: ignore[arg-type]
+    return job.block(cube, _block_sources(inputs, job.selection), bounds)
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

@@ -201,9 +201,9 @@ def extract_features(
         stride: window step = side of the square each window owns.
         batch_size: windows per forward pass.
         device, dtype: ``auto`` or an explicit torch device / ``fp32|bf16|fp16``. On CPU,
-            ``auto`` is the faster of fp32/bf16 as measured on the first patches (see
-            :mod:`pipeline.autotune`); a resumed cache keeps the dtype it was started with; an
-            already loaded backbone keeps its own dtype.
+            ``auto`` is fp32 unless the CPU computes bf16 natively, then the faster of the two
+            on the scene's first patch (see :mod:`pipeline.autotune`); a resumed cache keeps the
+            dtype it was started with; an already loaded backbone keeps its own dtype.
         noise_seed: seed of the one ε shared by all patches.
         class_seed: seed of the per-patch class ids of a class-conditional backbone.
         class_label: give every patch this class id instead (a class-conditional backbone);
@@ -214,7 +214,9 @@ def extract_features(
         progress: called as ``progress(done_patches, total_patches)``.
         stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
         stats: if given, filled with ``patches``, ``forward_s`` (forward passes and stitching),
-            ``write_s`` and ``written_bytes`` (uncompressed) of this call, and the dtype report.
+            ``write_s`` and ``written_bytes`` (uncompressed) of this call, ``run_s`` (the chunks,
+            from the first to the last), ``first_chunk_s`` (from this call's start to the
+            first chunk written: backbone load and dtype choice included) and the dtype report.
         client: a ``distributed.Client``, or a zero-argument callable opening one as a context
             manager (:func:`pipeline.cluster.dask_client`; opened only once the inputs are
             checked and there is work): one task per chunk on its workers (each loads the
@@ -248,6 +250,8 @@ def extract_features(
     where = Location.of(out)
     with _writing(where), StoreLock(where):
         report: dict[str, Any] = {"choice": str(dt).replace("torch.", "")}
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # the dtype is chosen for the threads that will run
         if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
             dt, report = _auto_cpu_dtype(bb, where, layout, sc.rgb, noise_seed, timesteps[0],
                                          chosen)  # fmt: skip
@@ -271,7 +275,7 @@ def extract_features(
             return where
         tally = stats if stats is not None else {}
         tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report,
-                     first_chunk_s=None)  # fmt: skip
+                     first_chunk_s=None, run_s=0.0)  # fmt: skip
         finished = _run_chunks(job, bb, sc.rgb, root, done, tally, started, progress=progress,
                                client=client, resources=resources,
                                preloaded=isinstance(backbone, Backbone),
@@ -407,6 +411,7 @@ def _run_chunks(
         for key in ("forward_s", "write_s", "written_bytes"):
             tally[key] += figures[key]
 
+    loop_started = time.perf_counter()
     with connected(client if pending else None) as dask:
         advance(0)
         if dask is not None:
@@ -416,8 +421,10 @@ def _run_chunks(
             image = _SceneImage(rgb, layout)
             for n_chunks, (ci, cj) in enumerate(pending, start=1):
                 chunk_done(ci, cj, compute_chunk(job, bb, image, root, ci, cj, on_batch=advance))
+                tally["run_s"] = time.perf_counter() - loop_started
                 if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
                     return False
+    tally["run_s"] = time.perf_counter() - loop_started
     return stop_after_chunks is None or len(pending) <= stop_after_chunks
 
 
@@ -698,7 +705,8 @@ def _auto_cpu_dtype(
         eps = seeded_noise((3, layout.patch, layout.patch), noise_seed)
         x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)
         labels = patch_class_labels(bb, tiles, 0, device=eps.device)
-        dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels)
+        dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels,
+                                      reload=lambda: load_backbone(bb.spec))  # fmt: skip
     if dt != bb.dtype:
         bb.cast(dt)
     return dt, report

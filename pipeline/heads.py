@@ -1,14 +1,15 @@
 """Stage two heads: scikit-learn-contract classifiers trained on cached features.
 
-Every head takes ``X = [spectrum | spatial features]`` (the first ``n_spectral`` columns are the
-pixel's spectrum, the rest its cached backbone features) or just one of the two parts, and is a
-scikit-learn classifier (``fit``/``predict``/``predict_proba``/``get_params``, ``classes_``,
-``n_features_in_``). Normalisation (and PCA) statistics are fitted inside ``fit``, i.e. on the
-train pixels only.
+Every head takes ``X = [spectrum | context | spatial]`` rows (the first ``n_spectral`` columns
+are the pixel's spectrum, the next ``n_context`` its context features from the context store, the
+rest its cached backbone features), or some of these parts, and is a scikit-learn classifier
+(``fit``/``predict``/``predict_proba``/``get_params``, ``classes_``, ``n_features_in_``).
+Normalisation (and PCA) statistics are fitted inside ``fit``, i.e. on the train pixels only.
 
 * :class:`FiLMClassifier` — the paper's spectral FiLM fusion: an encoder turns the (normalised,
-  optionally PCA-reduced) spectrum into per-channel ``gamma`` and ``beta``; the projected spatial
-  features ``h`` become ``(1 + gamma) * h + beta``; an MLP classifies.
+  optionally PCA-reduced) spectrum, with the pixel's context features when it is given some,
+  into per-channel ``gamma`` and ``beta``; the projected spatial features ``h`` become
+  ``(1 + gamma) * h + beta``; an MLP classifies.
 * :class:`MLPHead` — an MLP on whatever columns it is given (the ``concat``, ``spatial`` and
   ``spectral`` heads are MLPs on both parts, the spatial part, the spectrum).
 
@@ -30,14 +31,27 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils._param_validation import Interval, InvalidParameterError
+from sklearn.utils._param_validation import (
+    Interval,
+    InvalidParameterError,
+    validate_parameter_constraints,
+)
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from pipeline.errors import ConfigError
 
-__all__ = ["FEATURE_MODES", "HEADS", "FiLMClassifier", "MLPHead", "make_head"]
+__all__ = [
+    "FEATURE_MODES",
+    "HEADS",
+    "FiLMClassifier",
+    "MLPHead",
+    "check_kind",
+    "check_params",
+    "fit_estimator",
+    "make_head",
+]
 
 #: Which part of ``[spectrum | spatial]`` each built-in head reads; classic heads take ``use``.
 HEADS: dict[str, str | None] = {
@@ -84,9 +98,18 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
 
     def _split_sizes(self, n_features: int) -> tuple[int, int]:
         n_spec = self.n_spectral if self.n_spectral is not None else max(1, n_features // 2)
-        if not 0 <= n_spec <= n_features:
-            raise ValueError(f"n_spectral={n_spec} does not fit X with {n_features} features")
+        if not 0 <= n_spec + self._n_context <= n_features:
+            raise ValueError(
+                f"n_spectral={n_spec} and n_context={self._n_context} do not fit X with "
+                f"{n_features} features"
+            )
         return n_spec, n_features - n_spec
+
+    @property
+    def _n_context(self) -> int:
+        """Context columns after the spectrum that join it in the spectral branch (FiLM);
+        0 for heads that read all columns alike."""
+        return int(getattr(self, "n_context", 0) or 0)
 
     def _keep_params(self, arguments: dict[str, Any]) -> None:
         """Store the constructor's arguments unchanged, as the scikit-learn contract asks."""
@@ -119,12 +142,17 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             self.components_ = vt[: min(k, vt.shape[0])].T.astype(np.float32)  # (n_spec, k)
 
     def _inputs(self, X: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(spectral branch, spatial branch)``: the standardised (PCA-reduced) spectrum with
+        any context columns after it, and the remaining columns."""
         z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
-        n_spec = self.n_spec_
+        n_spec, n_ctx = self.n_spec_, self._n_context
         spec = torch.from_numpy(np.ascontiguousarray(z[:, :n_spec]))
-        spat = torch.from_numpy(np.ascontiguousarray(z[:, n_spec:]))
+        spat = torch.from_numpy(np.ascontiguousarray(z[:, n_spec + n_ctx :]))
         if self.components_ is not None:
             spec = spec @ torch.from_numpy(self.components_)  # in torch too (see above)
+        if n_ctx:
+            ctx = torch.from_numpy(np.ascontiguousarray(z[:, n_spec : n_spec + n_ctx]))
+            spec = torch.cat([spec, ctx], dim=1)
         return spec, spat
 
     def fit(self, X: Any, y: Any) -> _TorchHead:
@@ -197,8 +225,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         comp = state.get("prep.components")
         head.components_ = comp.numpy() if comp is not None else None
         n_spec = head.components_.shape[1] if head.components_ is not None else head.n_spec_
-        n_spat = head.n_features_in_ - head.n_spec_
-        head.module_ = head._build(n_spec, n_spat, len(head.classes_)).to(head._device())
+        n_spat = head.n_features_in_ - head.n_spec_ - head._n_context
+        head.module_ = head._build(n_spec + head._n_context, n_spat, len(head.classes_)).to(
+            head._device()
+        )
         head.module_.load_state_dict(
             {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
         )  # copies onto the module's device
@@ -322,6 +352,9 @@ class FiLMClassifier(_TorchHead):
     Args:
         n_spectral: the first ``n_spectral`` columns of ``X`` are the spectrum, the rest spatial
             features (``None``: half of the columns, for generic use).
+        n_context: the ``n_context`` columns after the spectrum are context features
+            (:mod:`pipeline.context`): they join the (reduced) spectrum in the branch that makes
+            ``gamma`` and ``beta``, so the modulation sees the pixel's neighbourhood too.
         spectral_pca: reduce the normalised spectrum to this many principal components
             (fitted on the train pixels) first; ``None`` keeps every band. With a few labels
             per class an encoder on 200 raw bands overfits: 30 components gave 0.1-3.9 points
@@ -336,6 +369,7 @@ class FiLMClassifier(_TorchHead):
     __doc__ = (__doc__ or "") + _TRAIN_DOC
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **_TRAIN_CONSTRAINTS,
+        "n_context": [_at_least(0)],
         "width": [_at_least(1)],
         "spectral_skip": ["boolean"],
     }
@@ -344,6 +378,7 @@ class FiLMClassifier(_TorchHead):
         self,
         n_spectral: int | None = None,
         *,
+        n_context: int = 0,
         spectral_pca: int | None = 30,
         width: int = 128,
         spectral_skip: bool = False,
@@ -450,6 +485,18 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_params(est: Any, name: str) -> None:
+    """Every step's parameters through the estimator's own validation (scikit-learn's
+    ``_parameter_constraints``), before any pixel is read: a bad value is a
+    :class:`ConfigError` naming the parameter, the value and what is allowed."""
+    for step in [s for _, s in getattr(est, "steps", [])] or [est]:
+        if hasattr(step, "_parameter_constraints") or isinstance(step, _EncodedXGB):
+            try:
+                step._validate_params()
+            except InvalidParameterError as exc:
+                raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+
+
 def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
     """``est.fit(X, y)``, with a head's bad parameter value or failure to fit as one
     :class:`ConfigError` naming the head (scikit-learn checks parameters before any work)."""
@@ -475,12 +522,16 @@ def _final(est: Any) -> Any:
     return steps[-1][1] if steps else est
 
 
-def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: Any) -> Any:
+def make_head(
+    name: str, *, n_spectral: int, n_context: int = 0, random_state: int = 0, **params: Any
+) -> Any:
     """Build the head called ``name`` (see :data:`HEADS`) or a classifier by import path.
 
     Args:
         name: a :data:`HEADS` key, or ``package.module.Class`` of a scikit-learn classifier.
         n_spectral: spectral columns at the front of ``X`` (for ``film``).
+        n_context: context columns after them (``film`` feeds them to its spectral branch; every
+            other head reads them as columns like any other).
         random_state: seed.
         **params: the head's keyword arguments; classic heads also take ``pca`` (components
             fitted on the train pixels; ``None`` = none). ``use`` is consumed by the caller.
@@ -491,7 +542,8 @@ def make_head(name: str, *, n_spectral: int, random_state: int = 0, **params: An
     params = dict(params)
     try:
         if name == "film":
-            return FiLMClassifier(n_spectral=n_spectral, random_state=random_state, **params)
+            return FiLMClassifier(n_spectral=n_spectral, n_context=n_context,
+                                  random_state=random_state, **params)  # fmt: skip
         if name in ("concat", "spatial", "spectral"):
             return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
         pca = params.pop("pca", None)
@@ -560,13 +612,34 @@ def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any
     return est
 
 
+_XGB_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_estimators": [_at_least(1)],
+    "max_depth": [_at_least(0), None],
+    "learning_rate": [Interval(Real, 0, None, closed="neither"), None],
+    "colsample_bytree": [Interval(Real, 0, 1, closed="right"), None],
+    "subsample": [Interval(Real, 0, 1, closed="right"), None],
+    "min_child_weight": [Interval(Real, 0, None, closed="left"), None],
+    "reg_lambda": [Interval(Real, 0, None, closed="left"), None],
+    "reg_alpha": [Interval(Real, 0, None, closed="left"), None],
+}
+
+
 class _EncodedXGB(ClassifierMixin, BaseEstimator):
     """XGBoost with any class labels (it wants 0..K-1), as a scikit-learn classifier."""
 
     def __init__(self, model: Any = None) -> None:
         self.model = model
 
+    def _validate_params(self) -> None:
+        params = self.model.get_params()  # XGBoost checks none of these itself
+        validate_parameter_constraints(
+            {k: v for k, v in _XGB_CONSTRAINTS.items() if k in params},
+            {k: params[k] for k in _XGB_CONSTRAINTS if k in params},
+            caller_name=type(self.model).__name__,
+        )
+
     def fit(self, X: Any, y: Any) -> _EncodedXGB:
+        self._validate_params()
         X, y = validate_data(self, X, y)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)

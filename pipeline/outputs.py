@@ -14,6 +14,7 @@ head folder        ``head.json`` with ``format: hsicache-head/…``
 backbone folder    ``pretrain.json`` with ``format: hsicache-backbone/…``
 metrics file       JSON with ``format: hsicache-metrics/…``
 confusion CSV      the header line ``actual,predicted``
+Markdown table     a first line ``<!-- hsicache ...``
 PNG                a ``Software: hsicache`` text chunk
 .npy map           ``# hsicache-npy`` in the header's padding (``np.load`` ignores it)
 GeoTIFF            the ``TIFFTAG_SOFTWARE`` tag ``hsicache``
@@ -42,6 +43,7 @@ __all__ = [
     "FEATURES",
     "GEOTIFF",
     "HEAD",
+    "MARKDOWN",
     "METRICS",
     "NPY",
     "PNG",
@@ -128,6 +130,14 @@ def _confusion_csv(path: Path) -> bool:
         return False
 
 
+def _markdown(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.readline().startswith(b"<!-- hsicache")
+    except OSError:
+        return False
+
+
 def _png(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
@@ -166,6 +176,7 @@ BACKBONE = OutputKind("backbone folder", True, _backbone)
 METRICS = OutputKind("metrics file", False, _metrics)
 CONFUSION_CSV = OutputKind("confusion CSV", False, _confusion_csv)
 PNG = OutputKind("PNG written by hsicache", False, _png)
+MARKDOWN = OutputKind("Markdown table written by hsicache", False, _markdown)
 NPY = OutputKind(".npy written by hsicache", False, _npy)
 GEOTIFF = OutputKind("GeoTIFF written by hsicache", False, _geotiff)
 

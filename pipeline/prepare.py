@@ -44,7 +44,7 @@ def build_scene(
     fraction: float | None = None,
     small_classes: str = "error",
     block_size: int = 16,
-    margin: int = 0,
+    buffer: int = 0,
     seed: int = 0,
     rgb_mode: str | None = None,
     rgb_bands: Sequence[int] | None = None,
@@ -59,7 +59,7 @@ def build_scene(
         raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
     if (train_mask is None) != (test_mask is None):
         raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
-    _check_values(split, per_class, fraction, small_classes, block_size, margin, seed, rgb_mode,
+    _check_values(split, per_class, fraction, small_classes, block_size, buffer, seed, rgb_mode,
                   rgb_bands, gamma, clip, nan_policy)  # fmt: skip
 
     # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
@@ -141,7 +141,7 @@ def build_scene(
         fraction=fraction,
         small_classes=small_classes,  # type: ignore[arg-type]
         block_size=block_size,
-        margin=margin,
+        buffer=buffer,
         train_mask=masks[0] if masks else None,
         test_mask=masks[1] if masks else None,
     )
@@ -159,7 +159,7 @@ def build_scene(
         "fraction": fraction if protocol in ("fraction", "blocks") else None,
         "small_classes": small_classes,
         "block_size": block_size if protocol == "blocks" else None,
-        "margin": margin if protocol == "blocks" else None,
+        "buffer": buffer if protocol == "blocks" else None,
         "train_mask": str(train_mask) if train_mask else None,
         "test_mask": str(test_mask) if test_mask else None,
     }
@@ -196,7 +196,7 @@ def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any
         **kwargs: as :func:`build_scene`: the input (``cube``/``key`` or ``builtin``;
             ``labels``/``label_key``; ``train_mask``/``test_mask``/``mask_key``), the split
             (``split``, ``per_class``, ``fraction``, ``small_classes``, ``block_size``,
-            ``margin``, ``seed``), the rendering (``rgb_mode``, ``rgb_bands``, ``gamma``,
+            ``buffer``, ``seed``), the rendering (``rgb_mode``, ``rgb_bands``, ``gamma``,
             ``clip``), ``nan_policy`` and ``class_names``.
 
     Returns:
@@ -233,7 +233,7 @@ def _check_values(
     fraction: float | None,
     small_classes: str,
     block_size: int,
-    margin: int,
+    buffer: int,
     seed: int,
     rgb_mode: str | None,
     rgb_bands: Sequence[int] | None,
@@ -250,7 +250,7 @@ def _check_values(
         check_number("--fraction", fraction, low=0, high=1, low_open=True, high_open=True)
     check_choice("--small-classes", small_classes, ("error", "take-all"))
     check_int("--block-size", block_size, low=1)
-    check_int("--margin", margin, low=0)
+    check_int("--buffer", buffer, low=0)
     check_seed("--seed", seed)
     if rgb_mode is not None:
         check_choice("--rgb-mode", rgb_mode, RGB_MODES)

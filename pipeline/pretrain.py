@@ -33,18 +33,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checks import check_int, check_number, check_seed
+from pipeline.checks import check_choice, check_int, check_number, check_seed
 from pipeline.errors import ConfigError, SceneFormatError, SceneNotFoundError
 from pipeline.outputs import BACKBONE, check_outputs
 from pipeline.store import atomic_output, jsonable, package_versions
 
 __all__ = ["BUILTIN_PHOTOS", "PretrainConfig", "load_photos", "pretrain"]
 
-#: Photographs bundled with scikit-image (no download) used by default.
-BUILTIN_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle", "grass", "gravel", "brick",
-    "camera", "coins", "moon", "clock", "hubble_deep_field", "immunohistochemistry", "retina",
-)  # fmt: skip
+#: The photographs bundled with scikit-image and scikit-learn (no download) used by default:
+#: only those whose licence, as the package states it, allows shipping what is learned from
+#: them (CC0, public domain, CC BY with attribution). name -> (source, licence, attribution).
+PHOTO_LICENCES: dict[str, tuple[str, str, str]] = {
+    "astronaut": ("skimage.data.astronaut", "public domain", "Eileen Collins, NASA"),
+    "coffee": ("skimage.data.coffee", "CC0", "Rachel Michetti, courtesy of Pikolo Espresso Bar"),
+    "chelsea": ("skimage.data.chelsea", "CC0", "Stefan van der Walt"),
+    "rocket": ("skimage.data.rocket", "public domain", "SpaceX"),
+    "grass": ("skimage.data.grass", "CC0", "linolafett (DeviantArt, Grass-01)"),
+    "gravel": ("skimage.data.gravel", "CC0", "CC0Textures, Gravel04"),
+    "brick": ("skimage.data.brick", "CC0", "CC0Textures, Bricks25"),
+    "camera": ("skimage.data.camera", "CC0", "Lav Varshney"),
+    "clock": ("skimage.data.clock", "public domain", "Stefan van der Walt"),
+    "hubble_deep_field": ("skimage.data.hubble_deep_field", "public domain", "NASA, HubbleSite"),
+    "retina": ("skimage.data.retina", "CC0 1.0", "Mikael Häggström (Wikimedia Commons)"),
+    "china": ("sklearn.datasets.load_sample_images", "CC BY 2.0",
+              "danielbuechele, flickr.com/photos/danielbuechele/6061409035"),
+    "flower": ("sklearn.datasets.load_sample_images", "CC BY 2.0",
+               "vultilion, flickr.com/photos/vultilion/6056698931 (scikit-learn's README "
+               "credits danielbuechele; its link names vultilion)"),
+}  # fmt: skip
+BUILTIN_PHOTOS = tuple(n for n, (src, _, _) in PHOTO_LICENCES.items() if src.startswith("skimage"))
 _SKLEARN_PHOTOS = ("china", "flower")
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -261,6 +278,8 @@ def pretrain(
     device: str = "auto",
     progress: Callable[..., None] | None = None,
     stop_after: int | None = None,
+    shipped: str | None = None,
+    weights_dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Train the backbone and write it to ``out`` (see the module docstring).
 
@@ -273,6 +292,11 @@ def pretrain(
         progress: called as ``progress(step, steps, note)`` with the running loss.
         stop_after: testing aid: stop (as if killed) after this many steps of this call,
             leaving the checkpoint to resume from.
+        shipped: instead of training, write hsicache's shipped backbone of this name
+            (``natural-s``: trained by this function with the recipe in its ``pretrain.json``),
+            what ``dvc repro`` does by default.
+        weights_dtype: ``fp32`` or ``fp16``: the dtype the weights are saved in (the shipped
+            backbone is fp16; training always runs in fp32).
 
     Returns:
         The summary also written to ``pretrain.json`` (held-out losses before and after).
@@ -284,7 +308,10 @@ def pretrain(
 
     cfg = config or PretrainConfig()
     out = Path(out)
+    check_choice("--weights-dtype", weights_dtype, ("fp32", "fp16"))
     check_outputs({"--out": (out, BACKBONE)}, {"--images": images, "--scene": scene})
+    if shipped is not None:
+        return _write_shipped(shipped, out)
     partial = out.with_name(out.name + ".partial")
     _check_partial(partial)
     dev = resolve_device(device)
@@ -390,13 +417,58 @@ def pretrain(
         "device": str(dev),
         "package_versions": package_versions(),
     }
+    summary["weights_dtype"] = weights_dtype
     with atomic_output(out, BACKBONE, option="--out") as tmp:
-        unet.to("cpu").save_pretrained(tmp / "unet")
+        from pipeline.backbone import _quietly
+
+        _quietly(unet.to, "cpu", dtype=torch.float16 if weights_dtype == "fp16" else torch.float32)
+        unet.save_pretrained(tmp / "unet")
         scheduler.save_pretrained(tmp / "scheduler")
         with open(tmp / "train_log.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["step", "loss", "lr"])
             writer.writerows(log_rows)
         (tmp / "pretrain.json").write_text(json.dumps(jsonable(summary), indent=2))
+        credits = attribution(summary["train_images"] + holdout)
+        if credits:
+            (tmp / "ATTRIBUTION.md").write_text(credits)
     shutil.rmtree(partial, ignore_errors=True)
     return summary
+
+
+def attribution(names: Sequence[str]) -> str:
+    """The credits of the built-in photographs among ``names``, as Markdown ('' if none)."""
+    used = [n for n in names if n in PHOTO_LICENCES]
+    if not used:
+        return ""
+    lines = [
+        "# Photographs this backbone was trained on",
+        "",
+        "Weights learned from these photographs, each under the licence its package states:",
+        "",
+        "| photograph | from | licence | credit |",
+        "|---|---|---|---|",
+    ]
+    for name in used:
+        source, licence, credit = PHOTO_LICENCES[name]
+        lines.append(f"| {name} | `{source}` | {licence} | {credit} |")
+    others = [n for n in names if n not in PHOTO_LICENCES]
+    if others:
+        lines += ["", f"And {len(others)} other image(s) given to `hsicache pretrain`."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_shipped(name: str, out: Path) -> dict[str, Any]:
+    """Copy the shipped backbone ``name`` to ``out``, as ``pretrain`` would have written it."""
+    from pipeline.backbone import shipped_backbones
+
+    found = shipped_backbones()
+    if name not in found:
+        raise ConfigError(
+            f"unknown shipped backbone `{name}` (`--shipped`): hsicache ships "
+            + (", ".join(found) or "none in this installation")
+        )
+    with atomic_output(out, BACKBONE, option="--out") as tmp:
+        shutil.copytree(found[name], tmp)
+    summary = json.loads((out / "pretrain.json").read_text())
+    return {**summary, "shipped": name}

@@ -41,6 +41,7 @@ __all__ = [
     "Scene",
     "image_fingerprint",
     "open_scene",
+    "read_region",
     "scene_array",
     "scene_fingerprint",
     "write_scene",
@@ -253,7 +254,7 @@ def _read_scene(p: Location, *, lazy: bool) -> Scene:
         )
 
     def read(name: str) -> np.ndarray:
-        return np.asarray(group[name][...])
+        return read_region(group[name], p, name)
 
     transform = attrs.get("transform")
     scene = Scene(
@@ -273,6 +274,19 @@ def _read_scene(p: Location, *, lazy: bool) -> Scene:
         if isinstance(value, np.ndarray):
             value.flags.writeable = False  # shared through the memory cache: read-only
     return scene
+
+
+def read_region(array: Any, store: Any, name: str, region: tuple[slice, ...] = ()) -> np.ndarray:
+    """``array[region]`` of the scene store ``store`` as NumPy, a chunk that is gone or fails
+    to decode being a one-line :class:`StoreError` naming store, array and region."""
+    try:
+        return np.asarray(array[region] if region else array[...])
+    except Exception as exc:  # zarr's and the codec's own error types differ per codec
+        where = ", ".join(f"{r.start}:{r.stop}" for r in region) if region else "all"
+        raise StoreError(
+            f"scene store `{store}`: array `{name}` [{where}] cannot be read "
+            f"({type(exc).__name__}): a missing or corrupt chunk; re-run `hsicache prepare`"
+        ) from None
 
 
 def scene_array(path: str | Path | Location, name: str) -> Any:

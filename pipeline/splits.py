@@ -10,7 +10,7 @@ Protocols:
   pixel is test.
 * ``fraction`` — a fraction of each class's labeled pixels (at least one) is train.
 * ``blocks`` — spatially disjoint: the scene is cut into square blocks, whole blocks go to train or
-  to test, train pixels are drawn from train blocks only, and test pixels closer than ``margin``
+  to test, train pixels are drawn from train blocks only, and test pixels closer than ``buffer``
   to a train block are dropped, so overlapping patches cannot leak test pixels into training.
 """
 
@@ -94,7 +94,7 @@ def make_split(
     fraction: float | None = None,
     small_classes: SmallClassPolicy = "error",
     block_size: int = 16,
-    margin: int = 0,
+    buffer: int = 0,
     train_mask: np.ndarray | None = None,
     test_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +110,7 @@ def make_split(
         small_classes: what to do when a class has fewer than ``per_class`` pixels: ``"error"``,
             or ``"take-all"`` (all of that class goes to train, none to test).
         block_size: block side in pixels (``blocks``).
-        margin: test pixels within this many pixels of a train block are dropped (``blocks``).
+        buffer: test pixels within this many pixels of a train block are dropped (``blocks``).
         train_mask, test_mask: the given masks (``official``); any non-zero value is "in".
 
     Returns:
@@ -135,7 +135,7 @@ def make_split(
         test = labeled & ~train
     else:
         train, test = _blocks(
-            labels, class_ids, rng, per_class, fraction, small_classes, block_size, margin
+            labels, class_ids, rng, per_class, fraction, small_classes, block_size, buffer
         )
     if not train.any():
         raise SplitError("the train set is empty: no labeled pixel falls in the train mask")
@@ -221,12 +221,12 @@ def _blocks(
     fraction: float | None,
     small_classes: SmallClassPolicy,
     block_size: int,
-    margin: int,
+    buffer: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     if block_size < 1:
         raise SplitError(f"`--block-size` must be at least 1, got {block_size}")
-    if margin < 0:
-        raise SplitError(f"`--margin` must be >= 0, got {margin}")
+    if buffer < 0:
+        raise SplitError(f"`--buffer` must be >= 0, got {buffer}")
     need = _need_per_class(labels, class_ids, per_class, fraction, small_classes)
     h, w = labels.shape
     by, bx = np.arange(h) // block_size, np.arange(w) // block_size
@@ -248,10 +248,10 @@ def _blocks(
     in_train_block = train_blocks[block_of]
     train = _draw(labels, labeled & in_train_block, need, rng)
     near_train = in_train_block
-    if margin > 0:
+    if buffer > 0:
         # square structuring element: chessboard distance, as a square patch reaches
         near_train = ndimage.binary_dilation(
-            in_train_block, structure=np.ones((3, 3), dtype=bool), iterations=margin
+            in_train_block, structure=np.ones((3, 3), dtype=bool), iterations=buffer
         )
     test = labeled & ~near_train
     return train, test

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 
 from pipeline.cache import FeatureCache
 from pipeline.checks import check_seed
+from pipeline.context import ContextStore
 from pipeline.errors import ConfigError, SceneNotFoundError, StoreError
 from pipeline.heads import (
     FEATURE_MODES,
@@ -35,6 +37,7 @@ from pipeline.heads import (
     FiLMClassifier,
     MLPHead,
     check_kind,
+    check_params,
     fit_estimator,
     make_head,
 )
@@ -45,29 +48,53 @@ from pipeline.store import atomic_output, jsonable, package_versions
 __all__ = [
     "HEAD_FORMAT",
     "FeatureSelection",
+    "Inputs",
+    "Recipe",
     "TrainedHead",
     "assemble",
+    "build_head",
     "fit_head",
     "load_head",
+    "open_inputs",
+    "split_recipe",
     "train_head",
 ]
 
 HEAD_FORMAT = "hsicache-head/1"
 _TORCH_HEADS = {"FiLMClassifier": FiLMClassifier, "MLPHead": MLPHead}
+_KIND = {"cache_identity_sha256": "feature cache", "context_identity_sha256": "context store"}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a head reads, opened and checked to belong together.
+
+    Attributes:
+        scene: the scene (spectra, labels, split).
+        cache: the feature cache of its image (diffusion features), if given.
+        context: the context store of its image (:mod:`pipeline.context`), if given.
+    """
+
+    scene: Scene
+    cache: FeatureCache | None = None
+    context: ContextStore | None = None
 
 
 @dataclass(frozen=True)
 class FeatureSelection:
-    """Which features a head reads: the spectrum and/or cached (timestep, site) arrays.
+    """Which features a head reads: the spectrum, context families and/or cached (timestep,
+    site) arrays, assembled in that order as ``X = [spectrum | context | spatial]``.
 
     Attributes:
-        mode: ``spectral``, ``spatial`` or ``both``.
+        mode: ``spectral``, ``spatial`` or ``both`` (of the spectrum and the cached arrays).
         timesteps, sites: the cached arrays (empty for ``spectral``).
+        context: context families (empty: none).
     """
 
     mode: str
     timesteps: tuple[int, ...] = ()
     sites: tuple[str, ...] = ()
+    context: tuple[str, ...] = ()
 
     @property
     def spectral(self) -> bool:
@@ -78,49 +105,72 @@ class FeatureSelection:
         return self.mode in ("spatial", "both")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "timesteps": list(self.timesteps), "sites": list(self.sites)}
+        return {"mode": self.mode, "timesteps": list(self.timesteps), "sites": list(self.sites),
+                "context": list(self.context)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, sel: dict[str, Any]) -> FeatureSelection:
+        return cls(sel["mode"], tuple(sel["timesteps"]), tuple(sel["sites"]),
+                   tuple(sel.get("context") or ()))  # fmt: skip
 
     @classmethod
     def resolve(
         cls,
         mode: str,
-        cache: FeatureCache | None,
+        inputs: Inputs,
         timesteps: list[int] | None = None,
         sites: list[str] | None = None,
+        context: Sequence[str] = (),
+        head: str | None = None,
     ) -> FeatureSelection:
-        """Check ``mode`` and fill in the cache's timesteps/sites when none are given."""
+        """Check ``mode`` and the context families, and fill in the cache's timesteps/sites
+        when none are given."""
         if mode not in FEATURE_MODES:
             raise ConfigError(f"`--use` must be one of {', '.join(FEATURE_MODES)}, not {mode}")
+        families = tuple(context)
+        if families:
+            if inputs.context is None:
+                raise ConfigError(
+                    f"{head or 'the head'} reads context ({', '.join(families)}): give "
+                    "`--context-store CONTEXT.zarr` (`hsicache context` writes it)"
+                )
+            inputs.context.selection(families)  # unknown families are a clear error here
         if mode == "spectral":
-            return cls(mode)
+            return cls(mode, context=families)
+        cache = inputs.cache
         if cache is None:
-            raise ConfigError(f"`--use {mode}` needs a feature cache (`--features FEATURES.zarr`)")
+            raise ConfigError(
+                f"{head + ' reads' if head else '`--use ' + mode + '` needs'} cached diffusion "
+                "features: give a feature cache (`--features FEATURES.zarr`)"
+                + ("" if mode == "spatial" else " or `use: spectral`")
+            )
         ts = tuple(int(t) for t in (timesteps or cache.timesteps))
         ss = tuple(sites or cache.sites)
         for t in ts:
             for s in ss:
                 cache.array(t, s)  # unknown ones are a clear error here
-        return cls(mode, ts, ss)
+        return cls(mode, ts, ss, families)
 
 
 def assemble(
-    scene: Scene,
-    cache: FeatureCache | None,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    selection: FeatureSelection,
-) -> tuple[np.ndarray, int]:
-    """``X = [spectrum | spatial]`` rows for the pixels ``(rows, cols)`` and the spectral width."""
+    inputs: Inputs, rows: np.ndarray, cols: np.ndarray, selection: FeatureSelection
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``X = [spectrum | context | spatial]`` rows for the pixels ``(rows, cols)``, and the
+    widths of the spectrum and the context parts."""
     parts = []
-    n_spec = 0
+    widths = [0, 0]
     if selection.spectral:
-        parts.append(scene.cube[rows, cols].astype(np.float32))
-        n_spec = parts[0].shape[1]
+        parts.append(inputs.scene.cube[rows, cols].astype(np.float32))
+        widths[0] = parts[-1].shape[1]
+    if selection.context:
+        assert inputs.context is not None
+        parts.append(inputs.context.gather(rows, cols, selection.context))
+        widths[1] = parts[-1].shape[1]
     if selection.spatial:
-        assert cache is not None
-        parts.append(cache.gather(rows, cols, timesteps=selection.timesteps,
-                                  sites=selection.sites))  # fmt: skip
-    return np.concatenate(parts, axis=1), n_spec
+        assert inputs.cache is not None
+        parts.append(inputs.cache.gather(rows, cols, timesteps=selection.timesteps,
+                                         sites=selection.sites))  # fmt: skip
+    return np.concatenate(parts, axis=1), (widths[0], widths[1])
 
 
 @dataclass
@@ -137,11 +187,12 @@ class TrainedHead:
 
     @property
     def selection(self) -> FeatureSelection:
-        sel = self.meta["selection"]
-        return FeatureSelection(sel["mode"], tuple(sel["timesteps"]), tuple(sel["sites"]))
+        return FeatureSelection.from_dict(self.meta["selection"])
 
-    def check_inputs(self, scene: Scene, cache: FeatureCache | None, *, same_split: bool) -> None:
-        """Refuse a scene image or cache other than the ones the head was trained on."""
+    def check_inputs(self, inputs: Inputs, *, same_split: bool) -> None:
+        """Refuse a scene image, cache or context store other than the ones the head was
+        trained on."""
+        scene, cache = inputs.scene, inputs.cache
         if scene.image_fingerprint != self.meta["image_fingerprint"]:
             raise StoreError(
                 f"head `{self.meta['name']}` was trained on scene image "
@@ -153,18 +204,21 @@ class TrainedHead:
                 f"({self.meta['scene_fingerprint'][:12]}, not {scene.fingerprint[:12]}): its "
                 "train pixels may be in this test set"
             )
-        want = self.meta.get("cache_identity_sha256")
+        self._check_store("cache_identity_sha256", cache, "--features FEATURES.zarr")
+        self._check_store("context_identity_sha256", inputs.context,
+                          "--context-store CONTEXT.zarr")  # fmt: skip
+
+    def _check_store(self, key: str, store: Any, option: str) -> None:
+        """The feature cache or context store given is the one this head was trained on."""
+        want = self.meta.get(key)
         if want is None:
             return
-        if cache is None:
-            raise ConfigError(
-                f"head `{self.meta['name']}` reads cached features: give `--features FEATURES.zarr`"
-            )
-        got = cache.digest
-        if got != want:
+        if store is None:
+            raise ConfigError(f"head `{self.meta['name']}` reads a {_KIND[key]}: give `{option}`")
+        if store.digest != want:
             raise StoreError(
-                f"head `{self.meta['name']}` was trained on feature cache {want[:12]}, but "
-                f"`{cache.path}` is {got[:12]} (other backbone, sites, timesteps or scene)"
+                f"head `{self.meta['name']}` was trained on {_KIND[key]} {want[:12]}, but "
+                f"`{store.path}` is {store.digest[:12]} (another scene, or other settings)"
             )
 
     def save(self, path: str | Path) -> Path:
@@ -240,54 +294,83 @@ def _feature_mode(name: str, params: dict[str, Any]) -> str:
     return mode or "both"
 
 
-def split_recipe(name: str, params: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
-    """A head entry's ``(kind, feature mode, constructor kwargs)``: ``kind`` defaults to ``name``
-    and ``use`` (classic heads) is the feature mode."""
+@dataclass(frozen=True)
+class Recipe:
+    """A head entry (``heads.<name>`` of ``params.yaml``) taken apart.
+
+    Attributes:
+        kind: the head type (a :data:`~pipeline.heads.HEADS` key or an import path).
+        mode: the feature mode (``use`` for classic heads; fixed for the torch heads).
+        context: context families the head reads.
+        kwargs: the head's constructor arguments.
+    """
+
+    kind: str
+    mode: str
+    context: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+
+def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
+    """A head entry's recipe: ``kind`` defaults to ``name``, ``use`` (classic heads) is the
+    feature mode and ``context`` the context families."""
     kwargs = dict(params)
     kind = check_kind(str(kwargs.pop("kind", name)))
-    return kind, _feature_mode(kind, kwargs), kwargs
+    context = kwargs.pop("context", None) or ()
+    if isinstance(context, str):
+        context = [c.strip() for c in context.split(",") if c.strip()]
+    if not isinstance(context, (list, tuple)) or not all(isinstance(c, str) for c in context):
+        raise ConfigError(f"`context` of head `{name}` must list family names, got {context!r}")
+    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs)
 
 
 def fit_head(
     name: str,
     params: dict[str, Any],
-    scene: Scene,
-    cache: FeatureCache | None,
+    inputs: Inputs,
     *,
     train_mask: np.ndarray,
     seed: int,
     timesteps: list[int] | None = None,
     sites: list[str] | None = None,
+    context: Sequence[str] | None = None,
 ) -> TrainedHead:
     """Fit head ``name`` with ``params`` on the pixels of ``train_mask``.
 
     ``params`` may name the head's ``kind`` (a :data:`~pipeline.heads.HEADS` key or an import
     path; default: ``name`` itself), so several configurations of one kind can coexist
-    (``film_skip: {kind: film, spectral_skip: true}``), and for classic heads ``use``.
+    (``film_skip: {kind: film, spectral_skip: true}``), ``context`` (families it reads; the
+    ``context`` argument wins) and for classic heads ``use``.
     """
     check_seed("--seed", seed)
-    kind, mode, kwargs = split_recipe(name, params)
-    selection = FeatureSelection.resolve(mode, cache, timesteps, sites)
+    recipe = split_recipe(name, params)
+    families = tuple(context) if context is not None else recipe.context
+    selection = FeatureSelection.resolve(recipe.mode, inputs, timesteps, sites, families,
+                                         head=f"head `{name}`")  # fmt: skip
+    est = build_head(recipe, inputs, selection, seed)
+    check_params(est, name)  # before any pixel is read
     rows, cols = np.nonzero(train_mask)
     if rows.size == 0:
         raise ConfigError("the scene has no train pixels")
     started = time.perf_counter()
-    X, n_spec = assemble(scene, cache, rows, cols, selection)
-    y = scene.labels[rows, cols]
-    est = make_head(kind, n_spectral=n_spec, random_state=seed, **kwargs)
-    fit_estimator(est, X, y, name)
+    X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
+    fit_estimator(est, X, inputs.scene.labels[rows, cols], name)
+    scene, cache, ctx = inputs.scene, inputs.cache, inputs.context
     meta = {
         "name": name,
-        "kind": kind,
+        "kind": recipe.kind,
         "params": dict(params),
         "seed": seed,
         "selection": selection.to_dict(),
         "n_spectral": n_spec,
+        "n_context": n_ctx,
         "n_features": int(X.shape[1]),
         "scene_fingerprint": scene.fingerprint,
         "image_fingerprint": scene.image_fingerprint,
-        "cache_identity_sha256": cache.digest if selection.spatial else None,
+        "cache_identity_sha256": cache.digest if cache is not None and selection.spatial else None,
         "cache_path": str(cache.path) if cache is not None and selection.spatial else None,
+        "context_identity_sha256": ctx.digest if ctx is not None and selection.context else None,
+        "context_path": str(ctx.path) if ctx is not None and selection.context else None,
         "class_ids": scene.class_ids.tolist(),
         "class_names": list(scene.class_names),
         "n_train": int(rows.size),
@@ -297,13 +380,29 @@ def fit_head(
     return TrainedHead(estimator=est, meta=meta)
 
 
+def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed: int) -> Any:
+    """The unfitted estimator of ``recipe`` for the columns ``selection`` assembles."""
+    n_spec = int(inputs.scene.cube.shape[-1]) if selection.spectral else 0
+    n_ctx = 0
+    if selection.context and inputs.context is not None:
+        n_ctx = sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
+    return make_head(recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed,
+                     **recipe.kwargs)  # fmt: skip
+
+
 def open_inputs(
-    scene: str | Path, cache: str | Path | None, *, lazy: bool = False
-) -> tuple[Scene, FeatureCache | None]:
-    """The scene and (when given) its feature cache, checked to belong together."""
+    scene: str | Path,
+    cache: str | Path | None,
+    context: str | Path | None = None,
+    *,
+    lazy: bool = False,
+) -> Inputs:
+    """The scene and (when given) its feature cache and context store, checked to belong to
+    the same image."""
     sc = open_scene(scene, lazy=lazy)
     fc = FeatureCache.open(cache, expect_fingerprint=sc.image_fingerprint) if cache else None
-    return sc, fc
+    cs = ContextStore.open(context, expect_fingerprint=sc.image_fingerprint) if context else None
+    return Inputs(sc, fc, cs)
 
 
 def train_head(
@@ -316,11 +415,18 @@ def train_head(
     timesteps: list[int] | None = None,
     sites: list[str] | None = None,
     seed: int = 0,
+    context_store: str | Path | None = None,
+    context: Sequence[str] | None = None,
 ) -> TrainedHead:
-    """Fit one head on the scene's train pixels and save it to ``out``."""
-    check_outputs({"--out": (out, HEAD)}, {"--scene": scene, "--features": cache})
-    sc, fc = open_inputs(scene, cache)
-    trained = fit_head(head, params or {}, sc, fc, train_mask=sc.train, seed=seed,
-                       timesteps=timesteps, sites=sites)  # fmt: skip
+    """Fit one head on the scene's train pixels and save it to ``out``.
+
+    ``context_store`` is the context store to read families from; ``context`` names them
+    (default: the ``context`` entry of ``params``).
+    """
+    read = {"--scene": scene, "--features": cache, "--context-store": context_store}
+    check_outputs({"--out": (out, HEAD)}, read)
+    inputs = open_inputs(scene, cache, context_store)
+    trained = fit_head(head, params or {}, inputs, train_mask=inputs.scene.train, seed=seed,
+                       timesteps=timesteps, sites=sites, context=context)  # fmt: skip
     trained.save(out)
     return trained

@@ -40,7 +40,7 @@ def extract(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Patches/s, achieved vs matmul GFLOP/s, write MB/s, cache size and speed-up over naive."""
+    """Patches/s, first chunk s, GFLOP/s vs matmul, write MB/s, cache size, speed-up over naive."""
     from pipeline.bench import EXTRACT_KEYS, bench_extract
 
     with user_errors(debug), progress_bar("bench extract") as progress:
@@ -62,7 +62,16 @@ def extract(
     typer.echo(f"{d['backbone']} on {d['device']} ({d['dtype']}), sites {','.join(d['sites'])}, "
                f"t={d['timesteps']}, scene {d['scene_shape'][0]}x{d['scene_shape'][1]}, "
                f"{d['patches']} patches")  # fmt: skip
+    cap = d["cpu_capability"]
+    if cap is not None:
+        flags = ", ".join(k for k, v in cap["features"].items() if v) or "none probed"
+        typer.echo(f"CPU: torch kernels {cap['kernels']} ({flags}); native bf16: "
+                   f"{'yes' if cap['native_bf16'] else 'no'}; dtype {d['dtype']}: "
+                   f"{d['dtype_report'].get('reason', 'as asked')}")  # fmt: skip
     typer.echo(f"  patches/s          {rep['patches_per_s']:10.2f}")
+    typer.echo(f"  first chunk s      {rep['first_chunk_s']:10.2f}   "
+               f"(fp32 {rep['fp32_first_chunk_s']:.2f} s; ratio "
+               f"{rep['first_chunk_ratio']:.2f}, target <= 1.2)")  # fmt: skip
     typer.echo(f"  GFLOP/s (forward)  {rep['gflops']:10.1f}   "
                f"({d['gflop_per_patch_truncated']:.2f} GFLOP per patch, truncated)")  # fmt: skip
     typer.echo(f"  matmul GFLOP/s     {rep['matmul_gflops']:10.1f}")
@@ -137,3 +146,29 @@ def heads(
 
 if __name__ == "__main__":
     run_app(app)
+
+
+@app.command()
+def context(
+    size: int = typer.Option(1000, "--size", help="Side of the synthetic scene in pixels."),
+    bands: int = typer.Option(224, "--bands", help="Bands of the synthetic scene."),
+    scene: str | None = typer.Option(
+        None, "--scene", help="Time this scene store instead of a synthetic one." + STORE_HELP
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Seconds and peak memory of `hsicache context` with its default families."""
+    from pipeline.bench import CONTEXT_KEYS, bench_context
+
+    with user_errors(debug):
+        rep = bench_context(size=size, bands=bands, scene=scene)
+    if as_json:
+        typer.echo(json.dumps({k: rep[k] for k in CONTEXT_KEYS}))
+        return
+    d = rep["details"]
+    shown = ", ".join(f"{n} ({c})" for n, c in d["families"].items())
+    typer.echo(f"context of a {d['shape'][0]}x{d['shape'][1]} scene: {shown}")
+    typer.echo(f"  seconds            {rep['seconds']:10.1f}   (target <= 60 on 2 cores)")
+    typer.echo(f"  peak memory GB     {rep['peak_rss_gb']:10.2f}   (target <= 4)")
+    typer.echo(f"  megapixels/s       {rep['megapixels_per_s']:10.3f}")

@@ -1,4 +1,5 @@
-"""``hsicache cache info|verify|unlock``: inspect, check and unlock a feature cache."""
+"""``hsicache cache info|verify|unlock``: inspect, check and unlock a feature cache or a
+context store."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import typer
 
 from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
 
-STORE_ARGUMENT = typer.Argument(..., help="The feature cache (FEATURES.zarr)." + STORE_HELP)
+STORE_ARGUMENT = typer.Argument(
+    ..., help="The feature cache (FEATURES.zarr) or context store (CONTEXT.zarr)." + STORE_HELP
+)
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -27,13 +30,20 @@ def info(
         typer.echo(json.dumps(rep, indent=2))
         return
     ident = rep["identity"]
-    typer.echo(f"{rep['path']}: {'complete' if rep['complete'] else 'UNFINISHED'}, "
+    typer.echo(f"{rep['path']}: {rep['kind']}, "
+               f"{'complete' if rep['complete'] else 'UNFINISHED'}, "
                f"{rep['shape'][0]}x{rep['shape'][1]} px")  # fmt: skip
-    typer.echo(f"backbone {ident['backbone']} (weights {ident['weights_sha256'][:12]}), "
-               f"patch {ident['patch']}, stride {ident['stride']}, "
-               f"noise seed {ident['noise_seed']}")  # fmt: skip
+    if rep["kind"] == "context store":
+        cfg = ident["config"]
+        typer.echo(f"{cfg['components']} principal components ("
+                   f"{sum(rep['pca']['explained_variance_ratio']):.1%} of the variance), "
+                   f"{cfg['filter']} windows {cfg['windows']}")  # fmt: skip
+    else:
+        typer.echo(f"backbone {ident['backbone']} (weights {ident['weights_sha256'][:12]}), "
+                   f"patch {ident['patch']}, stride {ident['stride']}, "
+                   f"noise seed {ident['noise_seed']}")  # fmt: skip
     typer.echo(f"image fingerprint {ident['image_fingerprint'][:12]}")
-    for name, a in rep["arrays"].items():
+    for name, a in rep.get("arrays", rep.get("families", {})).items():
         typer.echo(f"  {name:<24} {tuple(a['shape'])!s:<18} {a['bytes_on_disk'] / 1e6:8.2f} MB")
     typer.echo(
         f"{rep['bytes_on_disk'] / 1e6:.2f} MB on disk = {rep['cache_to_raw']:.3f} of raw fp32"
@@ -54,7 +64,7 @@ def verify(
         fp = open_scene(scene).image_fingerprint if scene is not None else None
         problems = verify_cache(store, scene_fingerprint=fp)
     if problems:
-        typer.echo(f"error: cache `{store}` failed verification: {'; '.join(problems)}", err=True)
+        typer.echo(f"error: `{store}` failed verification: {'; '.join(problems)}", err=True)
         raise typer.Exit(code=1)
     typer.echo(f"{store}: ok")
 

@@ -7,6 +7,8 @@ import typer
 from stages import (
     bench,
     cache,
+    compare,
+    context,
     evaluate,
     extract,
     layers,
@@ -27,9 +29,11 @@ app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
 app.command("pretrain", help=pretrain.pretrain.__doc__)(pretrain.pretrain)
 app.command("layers", help=layers.layers.__doc__)(layers.layers)
 app.command("extract", help=extract.extract.__doc__)(extract.extract)
+app.command("context", help=context.context.__doc__)(context.context)
 app.command("train", help=train.train.__doc__)(train.train)
 app.command("evaluate", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
 app.command("predict", help=predict.predict.__doc__)(predict.predict)
+app.command("compare", help=compare.compare.__doc__)(compare.compare)
 app.add_typer(cache.app, name="cache", help=cache.__doc__)
 app.add_typer(bench.app, name="bench", help=bench.__doc__)
 
@@ -50,7 +54,8 @@ def _root(
 ) -> None:
     """hsicache: run a frozen diffusion backbone once, cache its features, train heads cheaply.
 
-    Stages, in pipeline order: prepare -> pretrain -> extract -> train -> evaluate -> predict.
+    Stages, in pipeline order: prepare -> pretrain -> extract (and context) -> train ->
+    evaluate -> predict; compare puts heads side by side over split seeds.
     Every user error prints one line on stderr and exits with code 2 (add --debug to a stage
     for the traceback).
     """

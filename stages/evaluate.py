@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from stages._common import (
+    CONTEXT_STORE_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
     PARAMS_OPTION,
@@ -25,6 +26,7 @@ def evaluate(
     scene: str = SCENE_OPTION,
     features: str | None = HEAD_FEATURES_OPTION,
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
+    context_store: str | None = CONTEXT_STORE_OPTION,
     metrics: Path = typer.Option(..., "--metrics", help="metrics.json to write (DVC metrics)."),
     plot: Path | None = typer.Option(
         None, "--plot", help="CSV of actual,predicted per test pixel (DVC confusion plot)."
@@ -47,7 +49,8 @@ def evaluate(
         seed_list = parse_csv_ints(seeds, "--seeds")
         check_evaluation_outputs(metrics=metrics, plot=plot, png=png,
                                  inputs={"--scene": scene, "--features": features,
-                                         "--head": head})  # fmt: skip
+                                         "--head": head,
+                                         "--context-store": context_store})  # fmt: skip
         if seed_list:
             with progress_bar("seeds") as progress:
                 summary = evaluate_seeds(scene=scene, cache=features, head=head,
@@ -57,7 +60,8 @@ def evaluate(
                        + ", ".join(f"{k.upper()} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}"
                                    for k in ("oa", "aa", "kappa")))  # fmt: skip
             return
-        result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head)
+        result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head,
+                                                 context=context_store)  # fmt: skip
         write_evaluation(result, metrics, actual=actual, predicted=predicted, plot=plot,
                          png=png)  # fmt: skip
     typer.echo(f"{result['head']}: OA {result['oa']:.4f}, AA {result['aa']:.4f}, "

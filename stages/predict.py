@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from stages._common import (
+    CONTEXT_STORE_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
     PARAMS_OPTION,
@@ -27,6 +28,7 @@ def predict(
     scene: str = SCENE_OPTION,
     features: str | None = HEAD_FEATURES_OPTION,
     head: Path = typer.Option(..., "--head", help="Head folder from `hsicache train`."),
+    context_store: str | None = CONTEXT_STORE_OPTION,
     out: Path = typer.Option(..., "--out", help="Map to write (.npy of the scene's class ids)."),
     png: Path | None = typer.Option(None, "--png", help="Colour map PNG with a class legend."),
     geotiff: Path | None = typer.Option(
@@ -46,8 +48,8 @@ def predict(
     with user_errors(debug), progress_bar("predict") as progress:
         summary = predict_map(scene=scene, cache=features, head=head, out=out, png=png,
                               geotiff=geotiff, confidence=confidence,
-                              progress=progress,
-                              client=cluster(workers, scheduler))  # fmt: skip
+                              progress=progress, client=cluster(workers, scheduler),
+                              context=context_store)  # fmt: skip
     h, w = summary["shape"]
     typer.echo(f"wrote {out} ({h}x{w}, {summary['blocks']} blocks)")
 

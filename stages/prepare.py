@@ -57,8 +57,12 @@ def prepare(
         help="A class with fewer pixels than --per-class: error, or take-all (all to train).",
     ),
     block_size: int = typer.Option(16, "--block-size", help="Block side in pixels (blocks)."),
-    margin: int = typer.Option(
-        0, "--margin", help="Drop test pixels this close to a train block (blocks)."
+    buffer: int = typer.Option(
+        0,
+        "--buffer",
+        "--margin",
+        help="Pixels left out between train and test blocks (blocks): test pixels this close "
+        "to a train block are dropped. Make it at least the widest context a head reads.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the split (and synthetic scene)."),
     rgb_mode: str | None = typer.Option(
@@ -81,6 +85,12 @@ def prepare(
     ),
     preview: Path | None = typer.Option(
         None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."
+    ),
+    allow_degenerate: bool = typer.Option(
+        False,
+        "--allow-degenerate",
+        help="Prepare a scene no classifier can be judged on anyway: one class, no test pixel, "
+        "a constant cube or rendering (refused by default).",
     ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -105,7 +115,7 @@ def prepare(
             fraction=fraction,
             small_classes=small_classes,
             block_size=block_size,
-            margin=margin,
+            buffer=buffer,
             seed=seed,
             rgb_mode=rgb_mode,
             rgb_bands=parse_csv_ints(rgb_bands, "--rgb-bands"),
@@ -113,6 +123,7 @@ def prepare(
             clip=(clip_low, clip_high),
             nan_policy=nan_policy,
             class_names=class_names.split(",") if class_names else None,
+            allow_degenerate=allow_degenerate,
         )
     h, w = scene.shape
     typer.echo(

@@ -45,6 +45,16 @@ def pretrain(
     learning_rate: float | None = typer.Option(None, "--learning-rate", help="AdamW peak rate."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of initialisation and crops."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) or a device."),
+    shipped: str | None = typer.Option(
+        None,
+        "--shipped",
+        help="Write hsicache's shipped backbone of this name (natural-s) instead of training: "
+        "what `dvc repro` does by default. It was trained by this command with the recipe in "
+        "its pretrain.json.",
+    ),
+    weights_dtype: str = typer.Option(
+        "fp32", "--weights-dtype", help="fp32 | fp16: the dtype the weights are saved in."
+    ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
@@ -66,9 +76,11 @@ def pretrain(
         with progress_bar("pretrain") as progress:
             summary = run_pretrain(out, config=config, images=images, scene=scene,
                                    builtin_photos=builtin_photos, device=device,
-                                   progress=progress)  # fmt: skip
+                                   progress=progress, shipped=shipped,
+                                   weights_dtype=weights_dtype)  # fmt: skip
     before, after = summary["heldout_loss_untrained"], summary["heldout_loss_trained"]
-    typer.echo(f"wrote {out}: {summary['parameters'] / 1e6:.2f} M parameters")
+    what = f" (hsicache's shipped `{shipped}`)" if shipped else ""
+    typer.echo(f"wrote {out}{what}: {summary['parameters'] / 1e6:.2f} M parameters")
     typer.echo(f"held-out denoising loss, t < 100: {before['t<100']:.4f} untrained -> "
                f"{after['t<100']:.4f} trained; all t: {before['all_t']:.4f} -> "
                f"{after['all_t']:.4f}")  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from stages._common import (
+    CONTEXT_STORE_OPTION,
     DEBUG_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
@@ -56,13 +57,20 @@ def train(
         None,
         "--head-params",
         help="JSON keyword arguments of the head (default: `heads.<head>` in --params); "
-        '"kind" names the head type when --head is a custom name; classic heads also take '
-        '"use": spectral|spatial|both and "pca": N.',
+        '"kind" names the head type when --head is a custom name; "context" lists context '
+        'families; classic heads also take "use": spectral|spatial|both and "pca": N.',
     ),
     timesteps: str | None = typer.Option(
         None, "--timesteps", help="Cached timesteps to use (default: all)."
     ),
     sites: str | None = typer.Option(None, "--sites", help="Cached sites to use (default: all)."),
+    context_store: str | None = CONTEXT_STORE_OPTION,
+    context: str | None = typer.Option(
+        None,
+        "--context",
+        help="Comma-separated context families to read, e.g. mean7,mean15,emp (default: the "
+        "head's `context` entry, else none).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the head's training."),
     out: Path = typer.Option(..., "--out", help="Head folder to write."),
     params: Path | None = PARAMS_OPTION,
@@ -81,6 +89,8 @@ def train(
             timesteps=parse_csv_ints(timesteps, "--timesteps"),
             sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
             seed=seed,
+            context_store=context_store,
+            context=[c.strip() for c in context.split(",") if c.strip()] if context else None,
         )
     meta = trained.meta
     typer.echo(f"wrote {out}: {meta['name']} on {meta['n_train']} pixels x "

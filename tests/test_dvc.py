@@ -17,13 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "prepare": {"builtin": "synthetic", "split": "per-class", "per_class": 5, "seed": 0},
-    "pretrain": {"builtin_photos": False, "block_out_channels": [8, 16], "crop": 16,
-                 "sample_size": 32, "batch_size": 4, "steps": 4, "device": "cpu"},
+    "pretrain": {"shipped": None, "builtin_photos": False, "block_out_channels": [8, 16],
+                 "crop": 16, "sample_size": 32, "batch_size": 4, "steps": 4, "device": "cpu"},
+    "context": {"components": 4, "windows": [3, 7], "emp_components": 0, "slic_sizes": []},
     "extract": {"backbone": "cache/backbone", "timesteps": [0], "sites": ["up1.res0"],
                 "stride": 16, "batch_size": 16, "device": "cpu", "dtype": "fp32"},
     "train": {"seed": 0},
     "heads": {"spectral": {"hidden": 16, "max_epochs": 5},
               "spatial": {"hidden": 16, "max_epochs": 5}},
+    "compare": {"heads": ["spectral", "spatial"], "seeds": [0, 1]},
 }  # fmt: skip
 
 
@@ -71,7 +73,7 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     # (1) everything runs and writes metrics and maps
     out = _run(repo, *dvc, "repro")
     heads = {"spectral", "spatial"}
-    expected = {"prepare", "pretrain", "extract"} | {
+    expected = {"prepare", "pretrain", "context", "extract", "compare"} | {
         f"{stage}@{h}" for stage in ("train", "evaluate", "predict") for h in heads
     }
     assert _ran(out) == expected
@@ -88,7 +90,7 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     params["heads"]["spectral"] = {"hidden": 24, "max_epochs": 5}
     _write_params(repo, params)
     out = _run(repo, *dvc, "repro")
-    assert _ran(out) == {
+    assert _ran(out) == {"compare"} | {
         f"{stage}@{h}" for stage in ("train", "evaluate", "predict")
         for h in ("logreg_spec", "spectral")
     }  # fmt: skip
@@ -98,5 +100,6 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     _write_params(repo, params)
     out = _run(repo, *dvc, "repro")
     ran = _ran(out)
-    assert "extract" in ran and "pretrain" not in ran and "prepare" not in ran
+    assert "extract" in ran and "compare" in ran
+    assert not {"pretrain", "prepare", "context"} & ran
     assert {f"train@{h}" for h in ("spatial",)} <= ran

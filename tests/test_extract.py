@@ -413,10 +413,14 @@ class TestBenchExtract:
         assert result.exit_code == 0, result.output
         figures = json.loads(result.stdout)
         assert list(figures) == [
-            "patches_per_s", "gflops", "matmul_gflops", "ratio_to_matmul", "write_mb_per_s",
-            "cache_to_raw", "naive_speedup",
+            "patches_per_s", "first_chunk_s", "fp32_first_chunk_s", "first_chunk_ratio",
+            "gflops", "matmul_gflops", "ratio_to_matmul", "write_mb_per_s", "cache_to_raw",
+            "naive_speedup",
         ]  # fmt: skip
         assert all(v > 0 for v in figures.values())
+        assert figures["first_chunk_ratio"] == pytest.approx(
+            figures["first_chunk_s"] / figures["fp32_first_chunk_s"]
+        )
         assert figures["ratio_to_matmul"] == pytest.approx(
             figures["gflops"] / figures["matmul_gflops"]
         )

@@ -100,10 +100,10 @@ class TestBlocksSplit:
         assert not set(block[train]) & set(block[test])
         np.testing.assert_array_equal(np.bincount(labels[train]), [5, 5, 5])
 
-    def test_margin_keeps_test_away_from_train_blocks(self):
+    def test_buffer_keeps_test_away_from_train_blocks(self):
         labels, ids = _blobs()
         train, test = make_split(
-            "blocks", labels, ids, per_class=5, block_size=10, margin=4, seed=2
+            "blocks", labels, ids, per_class=5, block_size=10, buffer=4, seed=2
         )
         from scipy import ndimage
 

@@ -1,0 +1,81 @@
+"""``hsicache compare``: heads side by side over split seeds, and what diffusion features add."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from stages._common import (
+    DEBUG_OPTION,
+    HEAD_FEATURES_OPTION,
+    PARAMS_OPTION,
+    SCENE_OPTION,
+    STORE_HELP,
+    parse_csv_ints,
+    progress_bar,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def compare(
+    scene: str = SCENE_OPTION,
+    features: str | None = HEAD_FEATURES_OPTION,
+    context_store: str | None = typer.Option(
+        None,
+        "--context-store",
+        "--context",
+        help="Context store from `hsicache context`." + STORE_HELP,
+    ),
+    heads: str | None = typer.Option(
+        None,
+        "--heads",
+        help="Comma-separated heads: names under `heads:` of the params file (their recipes) "
+        "or bare kinds (svm, logreg, film...).",
+    ),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated split seeds."),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON file of the table and its protocol card (a DVC metric)."
+    ),
+    markdown: Path | None = typer.Option(None, "--markdown", help="Markdown table to write."),
+    png: Path | None = typer.Option(None, "--png", help="Bar chart (OA ± std) to write."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print a JSON list of rows (head, oa_mean, oa_std, ...) only."
+    ),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Refit each head's recipe on the split re-drawn for every seed (caches reused); report OA,
+    AA, kappa (mean ± std) and, for heads reading diffusion features, the same without them."""
+    from pipeline.compare import run_comparison
+
+    recipes_file = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    with user_errors(debug), progress_bar("compare") as progress:
+        result = run_comparison(
+            scene=scene,
+            cache=features,
+            context=context_store,
+            heads=[h.strip() for h in (heads or "").split(",") if h.strip()],
+            recipes=recipes_file,
+            seeds=parse_csv_ints(seeds, "--seeds") or [],
+            out=out,
+            markdown=markdown,
+            png=png,
+            progress=progress,
+            warn=lambda line: typer.echo(f"warning: {line}", err=True),
+        )
+    if as_json:
+        typer.echo(json.dumps(result["rows"]))
+        return
+    from pipeline.compare import markdown_table
+
+    typer.echo(markdown_table(result).split("\n", 2)[2].rstrip())
+
+
+if __name__ == "__main__":
+    run_app(app)
