@@ -521,13 +521,24 @@ def _synthetic_scene(work: Path, size: int, bands: int) -> Path:
 
 def _context_child(scene: str, out: str, cfg: Any) -> tuple[float, int, dict[str, int]]:
     """In the child: the context stage, its wall seconds and its peak resident bytes."""
-    import resource
-
     from pipeline.context import write_context
 
     started = time.perf_counter()
     store = write_context(scene=scene, out=out, config=cfg)
     seconds = time.perf_counter() - started
+    return seconds, _peak_rss(), {n: store.attrs["families"][n]["channels"] for n in store.families}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident bytes. Linux: ``VmHWM``, the high-water mark of this
+    process's own memory (``ru_maxrss`` would also count the parent's at the fork before exec);
+    elsewhere ``ru_maxrss``."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes elsewhere
-    return seconds, peak, {n: store.attrs["families"][n]["channels"] for n in store.families}
+    return peak * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, else kB
