@@ -38,8 +38,10 @@ __all__ = [
     "CACHE_FORMAT",
     "FeatureCache",
     "array_path",
+    "check_fingerprint",
     "count_reads",
     "create_or_resume",
+    "open_store",
     "read_features",
 ]
 
@@ -172,6 +174,46 @@ def read_identity(path: str | Path | Location) -> dict[str, Any]:
     return dict(attrs.get("identity") or {}) if attrs.get("format") == CACHE_FORMAT else {}
 
 
+def open_store(
+    where: Location, fmt: str, what: str, command: str, *, counting: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """``(root group, attributes)`` of the hsicache store of format ``fmt`` at ``where``.
+
+    Args:
+        what, command: how messages name the store and the command that writes it.
+        counting: count the bytes its chunks return (:func:`count_reads`).
+
+    Raises:
+        SceneNotFoundError: nothing there.
+        StoreError: not a readable Zarr store, or another format.
+    """
+    import zarr
+
+    if not where.exists():
+        raise SceneNotFoundError(f"{what} `{where}` does not exist: run `hsicache {command}`")
+    try:
+        store = _counting_store(where) if counting else where.zarr_store(read_only=True)
+        root = zarr.open_group(store, mode="r")
+        attrs = dict(root.attrs)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"`{where}` is not a readable Zarr store: {exc}") from None
+    if attrs.get("format") != fmt:
+        raise StoreError(f"`{where}` is not a hsicache {what} of format {fmt}")
+    return root, attrs
+
+
+def check_fingerprint(
+    attrs: dict[str, Any], expect: str | None, where: Location, what: str, command: str
+) -> None:
+    """Refuse a store made from another scene image than ``expect`` (``None``: any)."""
+    fp = attrs["identity"]["image_fingerprint"]
+    if expect is not None and fp != expect:
+        raise StoreError(
+            f"{what} `{where}` was made from scene {fp[:12]}, not {expect[:12]}: re-run "
+            f"`hsicache {command}` on this scene"
+        )
+
+
 @dataclass
 class FeatureCache:
     """A complete feature cache opened for reading.
@@ -201,18 +243,8 @@ class FeatureCache:
             StoreError: not a feature cache, incomplete, or another image fingerprint
                 (``expect_fingerprint`` is the scene's ``image_fingerprint``).
         """
-        import zarr
-
         p = Location.of(path)
-        if not p.exists():
-            raise SceneNotFoundError(f"feature cache `{p}` does not exist: run `hsicache extract`")
-        try:
-            root = zarr.open_group(_counting_store(p), mode="r")
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from None
-        attrs = dict(root.attrs)
-        if attrs.get("format") != CACHE_FORMAT:
-            raise StoreError(f"`{p}` is not a hsicache feature cache of format {CACHE_FORMAT}")
+        root, attrs = open_store(p, CACHE_FORMAT, "feature cache", "extract", counting=True)
         if not attrs.get("complete") and not allow_incomplete:
             try:
                 done = done_chunks(root)
@@ -231,12 +263,7 @@ class FeatureCache:
                 f"feature cache `{p}` is damaged: {damage}; `hsicache cache verify {p}` lists "
                 "what else is wrong; re-extract it"
             )
-        fp = attrs["identity"]["image_fingerprint"]
-        if expect_fingerprint is not None and fp != expect_fingerprint:
-            raise StoreError(
-                f"feature cache `{p}` was made from scene {fp[:12]}, not {expect_fingerprint[:12]}:"
-                " re-run `hsicache extract` on this scene"
-            )
+        check_fingerprint(attrs, expect_fingerprint, p, "feature cache", "extract")
         return cls(path=p, attrs=attrs, _root=root)
 
     @property
@@ -448,7 +475,6 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
         SceneNotFoundError: nothing at ``path``.
         StoreError: ``path`` is not a feature cache at all.
     """
-    import zarr
 
     where = Location.of(path)
     if not where.exists():
@@ -457,13 +483,7 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
         from pipeline.context import verify_context
 
         return verify_context(where, scene_fingerprint=scene_fingerprint)
-    try:
-        root = zarr.open_group(where.zarr_store(read_only=True), mode="r")
-        attrs = dict(root.attrs)
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"`{where}` is not a readable Zarr store: {exc}") from None
-    if attrs.get("format") != CACHE_FORMAT:
-        raise StoreError(f"`{where}` is not a hsicache feature cache of format {CACHE_FORMAT}")
+    root, attrs = open_store(where, CACHE_FORMAT, "feature cache", "extract")
     problems = []
     damage = _identity_damage(attrs)
     if damage:

@@ -141,20 +141,25 @@ def _row(name: str, run: dict[str, Any], base: dict[str, Any] | None, seconds: f
 
 
 def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str], None]) -> None:
-    """A blocks split whose buffer is narrower than what the head's features look at."""
+    """A blocks split whose buffer is narrower than the windows the head's features cover.
+
+    A feature that looks ``r`` pixels around its pixel spans a window of ``2 r`` (meanW: W);
+    unless the buffer is at least that wide, a test pixel's window and a train pixel's window
+    share pixels, so train pixels' surroundings leak into the test features.
+    """
     card = run["protocol"]
     if card["split"] != "blocks":
         return
     buffer = int(card.get("buffer") or 0)
-    reach = {f: inputs.context.reach(f) for f in run["selection"]["context"]}
+    span = {f: 2 * inputs.context.reach(f) for f in run["selection"]["context"]}
     if run["selection"]["mode"] in ("spatial", "both") and inputs.cache is not None:
-        reach["diffusion features"] = int(inputs.cache.attrs["identity"]["patch"]) // 2
-    wide = {f: r for f, r in reach.items() if r > buffer}
+        span["diffusion features"] = int(inputs.cache.attrs["identity"]["patch"])
+    wide = {f: r for f, r in span.items() if r > buffer}
     if wide:
         shown = ", ".join(f"{f} ({r} px)" for f, r in wide.items())
-        warn(f"head `{name}` reads context wider than the blocks split's buffer of {buffer} px: "
-             f"{shown}; its test pixels see train pixels' surroundings (prepare a scene with a "
-             "larger `--buffer`)")  # fmt: skip
+        warn(f"head `{name}` reads features spanning more than the blocks split's buffer of "
+             f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
+             "with a `--buffer` at least that wide)")  # fmt: skip
 
 
 def markdown_table(result: dict[str, Any]) -> str:

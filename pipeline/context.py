@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.checks import check_choice, check_int, check_seed
-from pipeline.errors import ConfigError, SceneNotFoundError, StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.storage import Location
 from pipeline.store import jsonable, package_versions, sha256_arrays
 
@@ -343,27 +343,14 @@ class ContextStore:
             SceneNotFoundError: no store at ``path``.
             StoreError: not a context store, or another image fingerprint.
         """
-        import zarr
+        from pipeline.cache import check_fingerprint, open_store
 
         p = Location.of(path)
-        if not p.exists():
-            raise SceneNotFoundError(f"context store `{p}` does not exist: run `hsicache context`")
-        try:
-            root = zarr.open_group(p.zarr_store(read_only=True), mode="r")
-            attrs = dict(root.attrs)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"`{p}` is not a readable Zarr store: {exc}") from None
-        if attrs.get("format") != CONTEXT_FORMAT:
-            raise StoreError(f"`{p}` is not a hsicache context store of format {CONTEXT_FORMAT}")
+        root, attrs = open_store(p, CONTEXT_FORMAT, "context store", "context")
         ident = attrs.get("identity")
         if not isinstance(ident, dict) or "image_fingerprint" not in ident:
             raise StoreError(f"context store `{p}` is damaged: its `identity` is missing")
-        fp = ident["image_fingerprint"]
-        if expect_fingerprint is not None and fp != expect_fingerprint:
-            raise StoreError(
-                f"context store `{p}` was made from scene {fp[:12]}, not {expect_fingerprint[:12]}:"
-                " re-run `hsicache context` on this scene"
-            )
+        check_fingerprint(attrs, expect_fingerprint, p, "context store", "context")
         return cls(path=p, attrs=attrs, _root=root)
 
     @property

@@ -234,8 +234,8 @@ class TestCompare:
                                      str(tmp_path / "c.zarr"), "--heads", "lr", "--seeds", "0",
                                      "--params", str(params)])  # fmt: skip
         assert result.exit_code == 0, result.output
-        assert "warning: head `lr` reads context wider than the blocks split's buffer of 2 px: " \
-               "mean7 (3 px)" in result.stderr  # fmt: skip
+        assert "warning: head `lr` reads features spanning more than the blocks split's buffer " \
+               "of 2 px: mean7 (6 px)" in result.stderr  # fmt: skip
 
 
 BAD = [
