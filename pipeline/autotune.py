@@ -206,7 +206,10 @@ def _trial(
 
     fp32_s, ref = _timed(runner(bb), bb.unet, None)
     low = bb.cast(torch.bfloat16) if reload is not None else _bf16_copy(bb)
-    bf16_s, out = _timed(runner(low), low.unet, fp32_s)
+    try:
+        bf16_s, out = _timed(runner(low), low.unet, fp32_s)
+    except Exception:  # an op without a bf16 kernel here: fp32 it is
+        bf16_s, out = None, None
     if bf16_s is not None and bf16_s * _MIN_GAIN > (fp32_s or 0.0):
         bf16_s = None  # finished, but not faster by enough to be worth it
     report: dict[str, Any] = {"fp32_s": fp32_s, "bf16_s": bf16_s, "rel_error": None}

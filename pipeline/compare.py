@@ -10,9 +10,10 @@ the spectrum and its context:
 ==================  ==============================================================
 head reads          twin without the diffusion features
 ==================  ==============================================================
-``film``            the spectral MLP on the same spectrum and context (FiLM without
-                    features to modulate is an MLP on its spectral branch)
-``concat``          the spectral MLP with the same width, on the same columns
+``film``            the spectral MLP on the same spectrum and context, with FiLM's
+                    spectral PCA and width (FiLM without features to modulate is an MLP
+                    on its spectral branch)
+``concat``          the spectral MLP with the same settings, on the same columns
 classic, ``both``   the same classifier with ``use: spectral``
 ``spatial`` only    none (nothing would be left to read)
 ==================  ==============================================================
@@ -55,10 +56,11 @@ def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
         return {**params, "kind": recipe.kind, "use": "spectral"}
     keep = ("hidden", "dropout", "learning_rate", "weight_decay", "max_epochs", "batch_size",
             "mixup_alpha", "class_balanced", "validation_fraction", "min_val_per_class",
-            "patience", "converged_loss")  # fmt: skip
+            "patience", "converged_loss", "spectral_pca", "device")  # fmt: skip
     twin = {k: v for k, v in recipe.kwargs.items() if k in keep}
-    if recipe.kind == "film":  # the spectral branch's own reduction of the spectrum
-        twin["spectral_pca"] = recipe.kwargs.get("spectral_pca", 30)
+    if recipe.kind == "film":  # FiLM's own defaults where its entry leaves them
+        twin.setdefault("spectral_pca", 30)
+        twin.setdefault("hidden", 128)
     return {**twin, "kind": "spectral", "context": list(recipe.context)}
 
 
@@ -153,10 +155,11 @@ def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str
     buffer = int(card.get("buffer") or 0)
     span = {f: 2 * inputs.context.reach(f) for f in run["selection"]["context"]}
     if run["selection"]["mode"] in ("spatial", "both") and inputs.cache is not None:
-        span["diffusion features"] = int(inputs.cache.attrs["identity"]["patch"])
-    wide = {f: r for f, r in span.items() if r > buffer}
+        ident = inputs.cache.attrs["identity"]  # a pixel sees its patch from its owned square
+        span["diffusion features"] = 2 * ((int(ident["patch"]) + int(ident["stride"])) // 2 - 1)
+    wide = {f: r for f, r in span.items() if r > buffer or r < 0}
     if wide:
-        shown = ", ".join(f"{f} ({r} px)" for f, r in wide.items())
+        shown = ", ".join(f"{f} ({'unbounded' if r < 0 else f'{r} px'})" for f, r in wide.items())
         warn(f"head `{name}` reads features spanning more than the blocks split's buffer of "
              f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
              "with a `--buffer` at least that wide)")  # fmt: skip
@@ -285,8 +288,10 @@ def _write(
     from pipeline.store import atomic_output, jsonable
 
     if out is not None:
+        rows = {r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
+                for r in result["rows"]}  # fmt: skip
         body = {"format": METRICS_FORMAT, "kind": "compare", "protocol": result["protocol"],
-                "heads": {r["head"]: r for r in result["rows"]}}  # fmt: skip
+                "heads": rows}  # fmt: skip
         with atomic_output(out, METRICS, option="--out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     if markdown is not None:

@@ -89,13 +89,16 @@ class ContextConfig:
 
     def reach(self, family: str) -> int:
         """How many pixels away from a pixel its ``family`` features can look (for the blocks
-        split's buffer): half a window, a disc radius, or a superpixel's side."""
+        split's buffer): half a window (the Gaussian's truncation radius), a superpixel's
+        largest side (SLIC lets one grow to three times its size), or -1 for ``emp``, whose
+        reconstruction follows a region as far as it reaches: no buffer bounds it."""
         if family.startswith("mean"):
-            return int(family[4:]) // 2
+            w = int(family[4:])
+            return w // 2 if self.filter == "box" else int(3.0 * w / 6.0 + 0.5)
         if family == "emp":
-            return max(self.emp_radii, default=0)
+            return -1
         if family.startswith("slic"):
-            return math.ceil(math.sqrt(int(family[4:])))
+            return math.ceil(math.sqrt(3 * int(family[4:])))
         raise ConfigError(f"unknown context family `{family}`")
 
     def check(self, shape: tuple[int, int], bands: int) -> None:
@@ -220,8 +223,15 @@ def slic_family(pcs: np.ndarray, size: int, seed_channels: int = 3) -> np.ndarra
     guide = pcs[..., : min(seed_channels, k)].astype(np.float64)
     lo, hi = guide.min(), guide.max()
     guide = (guide - lo) / (hi - lo) if hi > lo else np.zeros_like(guide)
-    segments = slic(guide, n_segments=max(1, round(h * w / size)), compactness=0.1,
-                    channel_axis=-1, start_label=0, enforce_connectivity=True)  # fmt: skip
+    segments = slic(
+        guide,
+        n_segments=max(1, round(h * w / size)),
+        compactness=0.1,
+        channel_axis=-1,
+        convert2lab=False,
+        start_label=0,
+        enforce_connectivity=True,
+    )  # fmt: skip (components are not RGB)
     flat = segments.ravel()
     counts = np.bincount(flat).astype(np.float64)
     means = np.stack(
@@ -315,8 +325,11 @@ def _write_store(families: dict[str, np.ndarray], attrs: dict[str, Any], where: 
         with atomic_output(where.path, CONTEXT, option="--out") as tmp:
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
         return
+    from pipeline.outputs import check_output
+
     with tempfile.TemporaryDirectory(prefix="hsicache-context-") as tmp:
         ds.to_zarr(Path(tmp) / "c.zarr", zarr_format=3, consolidated=False, encoding=encoding)
+        check_output(str(where), CONTEXT, option="--out")  # nothing else arrived meanwhile
         publish_folder(Path(tmp) / "c.zarr", where)
 
 

@@ -82,7 +82,9 @@ def evaluate(
     actual, predicted = _test_predictions(trained, inputs, inputs.scene.test)
     metrics = classification_metrics(actual, predicted, inputs.scene.class_names)
     metrics["head"] = trained.meta["name"]
-    metrics["protocol"] = protocol_card(inputs.scene, [int(trained.meta["seed"])])
+    split_seed = (inputs.scene.attrs.get("split") or {}).get("seed")
+    metrics["protocol"] = protocol_card(inputs.scene, [] if split_seed is None else [split_seed])
+    metrics["protocol"]["head_seed"] = int(trained.meta["seed"])
     return metrics, actual, predicted
 
 
@@ -150,7 +152,7 @@ def refit_over_seeds(
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = selection or FeatureSelection.resolve(
-        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`"
+        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
     )
     check_params(build_head(recipe, inputs, selection, 0), name)
     rows, cols = np.nonzero(sc.labels >= 0)
@@ -208,6 +210,7 @@ def check_evaluation_outputs(
     plot: str | Path | None = None,
     png: str | Path | None = None,
     inputs: dict[str, str | Path | None],
+    seeds: Sequence[int] | None = None,
 ) -> None:
     """Refuse before any work an evaluation output that would replace what hsicache did not
     write or one of ``inputs`` (see :func:`pipeline.outputs.check_outputs`)."""
@@ -217,6 +220,11 @@ def check_evaluation_outputs(
         {"--metrics": (metrics, METRICS), "--plot": (plot, CONFUSION_CSV), "--png": (png, PNG)},
         inputs,
     )
+    if seeds and (plot is not None or png is not None):
+        raise ConfigError(
+            "`--plot` and `--png` show one split's confusion; `--seeds` refits over several: "
+            "drop them, or evaluate without `--seeds`"
+        )
 
 
 def write_evaluation(
@@ -295,7 +303,9 @@ def predict_map(
     _check_map_options(trained, inputs.scene, scene, geotiff, confidence)
     sources = _block_sources(inputs, trained.selection)
     h, w = inputs.scene.shape
-    block = block or (sources[0][0].chunks[0] if sources else 256)
+    # the feature cache's chunk (its blocks are the costly reads), else the context store's
+    by_cache = [a for a, where in sources if where is inputs.cache]
+    block = block or ((by_cache or [a for a, _ in sources])[0].chunks[0] if sources else 256)
     grid = [(y, x, min(y + block, h), min(x + block, w))
             for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
     job = _MapJob(trained.estimator, trained.selection, np.asarray(inputs.scene.class_ids),

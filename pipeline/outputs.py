@@ -29,12 +29,14 @@ cannot lose a file.
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import OutputConflictError
+from pipeline.errors import ConfigError, OutputConflictError
 
 __all__ = [
     "BACKBONE",
@@ -50,11 +52,13 @@ __all__ = [
     "SCENE",
     "OutputKind",
     "check_outputs",
+    "local_path",
     "mark_npy",
     "png_metadata",
 ]
 
 NPY_MARKER = b"# hsicache-npy/1"
+_URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # a scheme (2+ letters: not a drive)
 PNG_SOFTWARE = "hsicache"
 
 
@@ -82,40 +86,70 @@ def _read_json(path: Path) -> Any:
         return None
 
 
+def _format_of(data: Any) -> str:
+    """The ``format`` entry of a JSON document, or ``""`` (whatever shape it has)."""
+    return str(data.get("format", "")) if isinstance(data, dict) else ""
+
+
 def _json_format(path: Path, prefix: str) -> bool:
-    data = _read_json(path)
-    return isinstance(data, dict) and str(data.get("format", "")).startswith(prefix)
+    return _format_of(_read_json(path)).startswith(prefix)
+
+
+def _lockish(name: str) -> bool:
+    from pipeline.storage import LOCK_KEY
+
+    return name.startswith((LOCK_KEY, f".{LOCK_KEY}"))
 
 
 def _zarr_store(prefix: str) -> Callable[[Path], bool]:
+    """A store of that format, holding nothing but zarr nodes and the writer lock: a folder
+    the user added files to is not hsicache's to delete."""
+
     def recognise(path: Path) -> bool:
+        entries = list(path.iterdir())
+        if not all(
+            e.name == "zarr.json"
+            or _lockish(e.name)
+            or (e.is_dir() and (e / "zarr.json").is_file())
+            for e in entries
+        ):
+            return False
         meta = _read_json(path / "zarr.json")
-        if not isinstance(meta, dict):
-            return _only_lock(path)  # an extraction killed before its metadata was written
-        attrs = meta.get("attributes") or {}
-        return str(attrs.get("format", "")).startswith(prefix)
+        if meta is None:  # an extraction killed before its metadata was written
+            return bool(entries) and all(_lockish(e.name) for e in entries)
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        return _format_of(attrs).startswith(prefix)
 
     return recognise
 
 
-def _only_lock(path: Path) -> bool:
-    from pipeline.storage import LOCK_KEY
+def _zarr_entry(entry: Path) -> bool:
+    """Root metadata, the writer lock, or a zarr node (a folder with its own ``zarr.json``)."""
+    if entry.name == "zarr.json" or _lockish(entry.name):
+        return True
+    return entry.is_dir() and (entry / "zarr.json").is_file()
 
-    names = [p.name for p in path.iterdir()] if path.is_dir() else []
-    return bool(names) and all(n.startswith((LOCK_KEY, f".{LOCK_KEY}")) for n in names)
+
+def _only(path: Path, names: tuple[str, ...]) -> bool:
+    """Every entry of the folder is one of ``names`` (what hsicache writes there)."""
+    return all(e.name in names for e in path.iterdir())
 
 
 def _head(path: Path) -> bool:
-    return _json_format(path / "head.json", "hsicache-head/")
+    return _only(path, _HEAD_FILES) and _json_format(path / "head.json", "hsicache-head/")
 
 
 def _backbone(path: Path) -> bool:
     data = _read_json(path / "pretrain.json")
-    if not isinstance(data, dict) or not (path / "unet").is_dir():
+    if not isinstance(data, dict) or not (path / "unet").is_dir() or not _only(path, _BACKBONE):
         return False  # the format marker, or a backbone pretrain wrote before it had one
-    return str(data.get("format", "")).startswith("hsicache-backbone/") or (
+    return _format_of(data).startswith("hsicache-backbone/") or (
         "heldout_loss_trained" in data and "config" in data
     )
+
+
+_HEAD_FILES = ("head.json", "config.json", "model.safetensors", "model.skops")
+_BACKBONE = ("unet", "scheduler", "pretrain.json", "train_log.csv", "ATTRIBUTION.md")
 
 
 def _metrics(path: Path) -> bool:
@@ -209,8 +243,8 @@ def mark_npy(path: str | Path) -> None:
 
 def describe(path: Path) -> str:
     """What sits at ``path``, in a few words, for messages."""
-    if path.is_symlink() and not path.exists():
-        return "a broken symbolic link"
+    if path.is_symlink():
+        return f"a symbolic link (to `{path.readlink()}`)"
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
         shown = ", ".join(f"`{n}`" for n in entries[:3]) + (", ..." if len(entries) > 3 else "")
@@ -223,39 +257,65 @@ def describe(path: Path) -> str:
 
 
 def _resolved(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+    return local_path(path).resolve()
 
 
 def _is_local(path: str | Path) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 
 
-def _local(path: str | Path) -> Path:
+def local_path(path: str | Path) -> Path:
+    """The local path an output option names (``file://`` and ``~`` undone): the one place
+    both the check and the write take it from, so they look at the same file."""
     text = str(path)
-    return Path(text[len("file://") :] if text.startswith("file://") else text)
+    return Path(text[len("file://") :] if text.startswith("file://") else text).expanduser()
 
 
 def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
-    """Refuse ``path`` unless it is absent, an empty folder, or hsicache's ``kind`` of output.
+    """Refuse ``path`` unless it is absent, an empty folder, or hsicache's ``kind`` of output
+    (never a symbolic link), in a folder that exists or can be made and can be written.
 
     Raises:
         OutputConflictError: naming ``option``, the path and what is there.
+        ConfigError: a path that names no file of its own, or a URL for a single-file output.
     """
-    if not _is_local(path):
+    if not _is_local(path) or _URL_LIKE.match(str(path)):
+        if kind.marker is None or "://" not in str(path):  # s3://b/x made a Path: s3:/b/x
+            raise ConfigError(f"`{option} {path}`: this output is written to a local path only")
         _check_remote(str(path), kind, option)
         return
-    p = _local(path).expanduser()
-    if not p.exists() and not p.is_symlink():
-        return
-    if kind.folder and p.is_dir() and not p.is_symlink():
-        if not any(p.iterdir()) or kind.recognise(p):
-            return
-    elif not kind.folder and p.is_file() and not p.is_symlink() and kind.recognise(p):
-        return
-    raise OutputConflictError(
-        f"`{option} {path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
-        "hsicache replaces only its own outputs; choose another path, or move that away first"
-    )
+    p = local_path(path)
+    if not p.name or p.name in (".", ".."):
+        raise ConfigError(f"`{option} {path}` names no file or folder of its own: give a name")
+    if (p.is_symlink() or p.exists()) and not _ours(p, kind):
+        raise OutputConflictError(
+            f"`{option} {path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
+            "hsicache replaces only its own outputs; choose another path, or move that away first"
+        )
+    _check_parent(p, option, path)
+
+
+def _ours(p: Path, kind: OutputKind) -> bool:
+    if p.is_symlink():
+        return False  # never replaced: the link, or what it points at, is someone's
+    if kind.folder:
+        return p.is_dir() and (not any(p.iterdir()) or kind.recognise(p))
+    return p.is_file() and kind.recognise(p)
+
+
+def _check_parent(p: Path, option: str, given: Any) -> None:
+    """The nearest existing folder above ``p`` is a folder this process may write in."""
+    parent = p.absolute().parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputConflictError(
+            f"`{option} {given}` cannot be written: `{parent}` is a file, not a folder"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputConflictError(
+            f"`{option} {given}` cannot be written: folder `{parent}` is not writable"
+        )
 
 
 def _check_remote(url: str, kind: OutputKind, option: str) -> None:
@@ -264,10 +324,11 @@ def _check_remote(url: str, kind: OutputKind, option: str) -> None:
     where = Location.of(url)
     if where.exists("zarr.json"):
         try:
-            attrs = json.loads(where.read_bytes("zarr.json")).get("attributes") or {}
+            meta = json.loads(where.read_bytes("zarr.json"))
         except (OSError, ValueError):
-            attrs = {}
-        ours = kind.marker is not None and str(attrs.get("format", "")).startswith(kind.marker)
+            meta = None
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        ours = kind.marker is not None and _format_of(attrs).startswith(kind.marker)
     else:
         ours = where.is_empty()
     if not ours:
@@ -293,13 +354,17 @@ def check_outputs(
             share a place.
     """
     given = {opt: (p, kind) for opt, (p, kind) in outputs.items() if p is not None}
-    read = {opt: p for opt, p in (inputs or {}).items() if p is not None and _is_local(p)}
+    read = {opt: p for opt, p in (inputs or {}).items() if p is not None}
     seen: dict[Path, str] = {}
     for opt, (path, kind) in given.items():
-        if _is_local(path):
-            out = _resolved(_local(path))
+        if not _is_local(path):
             for in_opt, in_path in read.items():
-                _refuse_overlap(opt, path, out, in_opt, in_path)
+                _refuse_remote_overlap(opt, str(path), in_opt, str(in_path))
+        else:
+            out = _resolved(path)
+            for in_opt, in_path in read.items():
+                if _is_local(in_path):
+                    _refuse_overlap(opt, path, out, in_opt, in_path)
             for other, other_opt in seen.items():
                 if other == out or other in out.parents or out in other.parents:
                     raise OutputConflictError(
@@ -310,8 +375,18 @@ def check_outputs(
         check_output(path, kind, option=opt)
 
 
+def _refuse_remote_overlap(opt: str, url: str, in_opt: str, in_url: str) -> None:
+    """The same rule for URLs: no output equal to, inside or holding an input."""
+    a, b = url.rstrip("/") + "/", in_url.rstrip("/") + "/"
+    if a.startswith(b) or b.startswith(a):
+        raise OutputConflictError(
+            f"`{opt} {url}` is, lies inside or holds the input `{in_opt} {in_url}`: writing "
+            "there would replace what the command reads; choose another output path"
+        )
+
+
 def _refuse_overlap(opt: str, path: Any, out: Path, in_opt: str, in_path: Any) -> None:
-    inp = _resolved(_local(in_path))
+    inp = _resolved(in_path)
     if out == inp:
         how = "is"
     elif inp in out.parents:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.outputs import OutputKind, check_output
+from pipeline.errors import OutputConflictError
+from pipeline.outputs import OutputKind, check_output, local_path
 
 __all__ = ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"]
 
@@ -40,31 +41,47 @@ def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -
         kind: what it is (:mod:`pipeline.outputs`).
         option: how messages name the path (``--out``).
     """
-    final = Path(path)
-    check_output(final, kind, option=option)
+    check_output(path, kind, option=option)
+    final = local_path(path)  # the very path the check looked at
     made = _make_parents(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         check_output(final, kind, option=option)  # nothing else appeared there meanwhile
-        publish(tmp, final)
+        publish(tmp, final, kind)
+    except OSError as exc:
+        _discard(tmp, made)
+        if exc.filename and Path(exc.filename).name.startswith(f".{final.name}."):
+            raise type(exc)(exc.errno, exc.strerror, str(final)) from exc  # name the user's path
+        raise
     except BaseException:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
-        for folder in made:  # innermost first; only while still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _discard(tmp, made)
         raise
 
 
-def publish(tmp: Path, final: Path) -> None:
+def _discard(tmp: Path, made: list[Path]) -> None:
+    """Remove a failed write's temporary output and the folders made for it (if empty)."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    for folder in made:  # innermost first; only while still empty
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def publish(tmp: Path, final: Path, kind: OutputKind | None = None) -> None:
     """Put the finished ``tmp`` in the place of ``final`` (atomic for a file; for a folder the
-    old one is moved aside first and deleted after)."""
+    old one is moved aside first, checked once more to be ``kind``'s, and deleted after)."""
     if final.is_dir() and not final.is_symlink():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(old)
+        if kind is not None and any(old.iterdir()) and not kind.recognise(old):
+            old.rename(final)  # something else took its place since the check: leave it be
+            raise OutputConflictError(
+                f"`{final}` changed while hsicache was writing it and is no longer a "
+                f"{kind.name} it wrote; nothing was replaced"
+            )
         try:
             tmp.rename(final)
         except BaseException:

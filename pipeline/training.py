@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.cache import FeatureCache
 from pipeline.checks import check_seed
 from pipeline.context import ContextStore
-from pipeline.errors import ConfigError, SceneNotFoundError, StoreError
+from pipeline.errors import ConfigError, HsicacheError, SceneNotFoundError, StoreError
 from pipeline.heads import (
     FEATURE_MODES,
     HEADS,
@@ -122,6 +122,7 @@ class FeatureSelection:
         sites: list[str] | None = None,
         context: Sequence[str] = (),
         head: str | None = None,
+        kind: str | None = None,
     ) -> FeatureSelection:
         """Check ``mode`` and the context families, and fill in the cache's timesteps/sites
         when none are given."""
@@ -139,10 +140,11 @@ class FeatureSelection:
             return cls(mode, context=families)
         cache = inputs.cache
         if cache is None:
+            classic = kind is None or HEADS.get(kind) is None  # svm, rf, an import path...
             raise ConfigError(
                 f"{head + ' reads' if head else '`--use ' + mode + '` needs'} cached diffusion "
                 "features: give a feature cache (`--features FEATURES.zarr`)"
-                + ("" if mode == "spatial" else " or `use: spectral`")
+                + (" or `use: spectral`" if classic and mode == "both" else "")
             )
         ts = tuple(int(t) for t in (timesteps or cache.timesteps))
         ss = tuple(sites or cache.sites)
@@ -260,28 +262,39 @@ def load_head(path: str | Path) -> TrainedHead:
     p = Path(path)
     if not (p / "head.json").is_file():
         raise SceneNotFoundError(f"head `{p}` does not exist: run `hsicache train`")
-    meta = json.loads((p / "head.json").read_text())
-    if meta.get("format") != HEAD_FORMAT:
-        raise StoreError(f"`{p}` is not a hsicache head of format {HEAD_FORMAT}")
+    try:
+        meta = json.loads((p / "head.json").read_text())
+        if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+            raise StoreError(f"`{p}` is not a hsicache head of format {HEAD_FORMAT}")
+        est = _load_estimator(p, meta)
+    except (HsicacheError, OSError):
+        raise
+    except Exception as exc:  # a truncated or edited file: json, safetensors, skops, keys
+        raise StoreError(
+            f"head `{p}` is damaged ({type(exc).__name__}: {str(exc)[:80]}): train it again"
+        ) from None
+    return TrainedHead(estimator=est, meta=meta)
+
+
+def _load_estimator(p: Path, meta: dict[str, Any]) -> Any:
+    """The fitted estimator of the head folder ``p``."""
     if meta["storage"] == "torch":
         from safetensors.torch import load_file
 
         config = json.loads((p / "config.json").read_text())
         cls = _TORCH_HEADS[config["class"]]
-        est = cls.from_state(config["params"], config["fitted"],
-                             load_file(str(p / "model.safetensors")))  # fmt: skip
-    else:
-        import skops.io as sio
+        return cls.from_state(config["params"], config["fitted"],
+                              load_file(str(p / "model.safetensors")))  # fmt: skip
+    import skops.io as sio
 
-        file = p / "model.skops"
-        untrusted = sio.get_untrusted_types(file=file)
-        kind = meta.get("kind", meta["name"])
-        allowed = {kind} if "." in kind else set()
-        bad = [t for t in untrusted if not (t.startswith(_TRUSTED_PREFIXES) or t in allowed)]
-        if bad:
-            raise StoreError(f"head `{p}` holds types it may not load: {', '.join(bad)}")
-        est = sio.load(file, trusted=untrusted)
-    return TrainedHead(estimator=est, meta=meta)
+    file = p / "model.skops"
+    untrusted = sio.get_untrusted_types(file=file)
+    kind = meta.get("kind", meta["name"])
+    allowed = {kind} if "." in kind else set()
+    bad = [t for t in untrusted if not (t.startswith(_TRUSTED_PREFIXES) or t in allowed)]
+    if bad:
+        raise StoreError(f"head `{p}` holds types it may not load: {', '.join(bad)}")
+    return sio.load(file, trusted=untrusted)
 
 
 def _feature_mode(name: str, params: dict[str, Any]) -> str:
@@ -346,7 +359,7 @@ def fit_head(
     recipe = split_recipe(name, params)
     families = tuple(context) if context is not None else recipe.context
     selection = FeatureSelection.resolve(recipe.mode, inputs, timesteps, sites, families,
-                                         head=f"head `{name}`")  # fmt: skip
+                                         head=f"head `{name}`", kind=recipe.kind)  # fmt: skip
     est = build_head(recipe, inputs, selection, seed)
     check_params(est, name)  # before any pixel is read
     rows, cols = np.nonzero(train_mask)

@@ -77,18 +77,26 @@ def failure_line(exc: BaseException) -> tuple[int, str]:
     line that says so.
     """
     if isinstance(exc, HsicacheError):
-        return EXIT_USER, f"error: {exc}"
+        return EXIT_USER, f"error: {_one(str(exc))}"
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
         where = exc.filename or exc.filename2
-        return EXIT_USER, f"error: {reason}" + (f": `{where}`" if where else "")
-    if isinstance(exc, MemoryError):
-        return EXIT_USER, "error: out of memory: use a smaller input or a machine with more memory"
+        return EXIT_USER, f"error: {_one(reason)}" + (f": `{where}`" if where else "")
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return EXIT_USER, (
+            "error: out of memory: use a smaller input, a smaller `--batch-size`, or a machine "
+            "(or GPU) with more memory"
+        )
     text = str(exc).splitlines()[0] if str(exc) else ""
     return EXIT_INTERNAL, (
         f"internal error ({type(exc).__name__}{': ' + text[:200] if text else ''}): a bug in "
         "hsicache, not in your input; re-run with --debug for the traceback and report it"
     )
+
+
+def _one(text: str) -> str:
+    """A message on one line (wrapped library text can span several)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 @contextlib.contextmanager
@@ -124,7 +132,7 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
     """
     if value is None:
         return value
-    section = ctx.info_name or ""
+    section = ctx.command.name or ctx.info_name or ""  # not `python -m stages.x`'s prog name
     known = {p.name: p.name for p in ctx.command.params if p.name}
     for p in ctx.command.params:  # a key may also be spelled as the option (filter for --filter)
         for opt in getattr(p, "opts", []):

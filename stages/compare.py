@@ -50,8 +50,11 @@ def compare(
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Refit each head's recipe on the split re-drawn for every seed (caches reused); report OA,
-    AA, kappa (mean ± std) and, for heads reading diffusion features, the same without them."""
+    """Heads side by side: OA, AA, kappa (mean ± std) over re-drawn splits, with and without
+    the diffusion features.
+
+    Each head's recipe is refitted on the split re-drawn for every seed, reusing the caches.
+    """
     from pipeline.compare import run_comparison
 
     recipes_file = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)

@@ -47,14 +47,15 @@ def evaluate(
 
     with user_errors(debug):
         seed_list = parse_csv_ints(seeds, "--seeds")
-        check_evaluation_outputs(metrics=metrics, plot=plot, png=png,
+        check_evaluation_outputs(metrics=metrics, plot=plot, png=png, seeds=seed_list,
                                  inputs={"--scene": scene, "--features": features,
                                          "--head": head,
                                          "--context-store": context_store})  # fmt: skip
         if seed_list:
             with progress_bar("seeds") as progress:
                 summary = evaluate_seeds(scene=scene, cache=features, head=head,
-                                         seeds=seed_list, progress=progress)  # fmt: skip
+                                         seeds=seed_list, progress=progress,
+                                         context=context_store)  # fmt: skip
             write_evaluation(summary, metrics)
             typer.echo(f"{summary['head']} over {len(seed_list)} seeds: "
                        + ", ".join(f"{k.upper()} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}"

@@ -58,7 +58,8 @@ def pretrain(
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Train a small UNet (epsilon-prediction, EMA) on natural photographs; resumable."""
+    """Train a small UNet (epsilon-prediction, EMA) on natural photographs, resumably; or write
+    hsicache's shipped one (--shipped natural-s), as `dvc repro` does by default."""
     from pipeline.pretrain import PretrainConfig
     from pipeline.pretrain import pretrain as run_pretrain
 

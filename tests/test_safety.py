@@ -97,6 +97,11 @@ def world(tmp_path_factory) -> dict[str, str]:
     del meta["attributes"]["identity"]
     (d / "no_identity.zarr" / "zarr.json").write_text(json.dumps(meta))
     shutil.rmtree(d / "no_progress.zarr" / "progress")
+    shutil.copytree(d / "head", d / "head_with_notes")
+    (d / "head_with_notes" / "notes.md").write_text("why this head: ...\n")
+    shutil.copytree(d / "head", d / "head_damaged")
+    (d / "head_damaged" / "head.json").write_text('{"format": "hsicache-head/1", "stor')
+    (d / "link_head").symlink_to(d / "head", target_is_directory=True)
     paths = {p.name: str(p) for p in d.rglob("*") if p.parent in (d, data)}
     return {**paths, "dir": str(d)}
 
@@ -165,6 +170,21 @@ CASES = [
     ("predict-confidence-a-users-npy", lambda w: _predict(w, "--confidence", w["user.npy"]), "--confidence", None),
     ("pretrain-out-a-users-folder", lambda w: _pretrain(w, out="notes"), "not a backbone folder", None),
     ("pretrain-out-a-head", lambda w: _pretrain(w, out="head"), "not a backbone folder", None),
+    ("train-out-a-head-holding-the-users-notes", lambda w: _train(w, "--head", "spectral",
+                                                                  out="head_with_notes"),
+     "not a head folder", None),
+    ("train-out-a-symbolic-link", lambda w: _train(w, "--head", "spectral", out="link_head"),
+     "symbolic link", None),
+    ("evaluate-metrics-under-a-file", lambda w: _evaluate(w, metrics="user.json/m.json"),
+     "is a file, not a folder", None),
+    ("train-out-names-no-file", lambda w: ["train", "--scene", w["a.zarr"], "--head", "spectral", "--out", "."],
+     "names no file or folder", None),
+    ("evaluate-metrics-a-url", lambda w: [*_evaluate(w)[:-1], "s3://bucket/m.json"],
+     "local path only", None),
+    ("evaluate-seeds-with-a-confusion-png", lambda w: _evaluate(w, "--seeds", "0,1", "--png",
+                                                                f"{w['dir']}/c.png"), "--png", None),
+    ("evaluate-a-damaged-head", lambda w: [*_evaluate(w)[:6], w["head_damaged"], *_evaluate(w)[7:]],
+     "is damaged", None),
     # -- values checked up front, naming the option --
     ("prepare-negative-seed", lambda w: _cube(w, "--seed", "-1"), "--seed", None),
     ("prepare-unknown-small-classes", lambda w: _cube(w, "--small-classes", "bogus"), "--small-classes", None),
@@ -236,7 +256,7 @@ def test_bad_input_is_one_line_and_touches_nothing(runner, world, args, culprit,
 
 
 def test_the_matrix_is_at_least_forty_cases_over_every_command():
-    commands = {c[1]({"dir": "d", **{k: "x" for k in ("a.zarr", "fa.zarr", "head", "cube.npy", "gt.npy",
+    commands = {c[1]({"dir": "d", **{k: "x" for k in ("a.zarr", "fa.zarr", "head", "cube.npy", "gt.npy", "head_damaged",
                                                        "photos", "notes", "user.png", "user.json",
                                                        "user.csv", "user.npy", "xyz.hdr", "bands60.hdr",
                                                        "huge_ids.npy", "one_class.npy", "zeros.npy",
@@ -398,3 +418,29 @@ def test_outputs_hsicache_wrote_are_replaced(runner, world, tmp_path):
             assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m.json").read_text())["format"] == "hsicache-metrics/1"
     assert np.load(tmp_path / "m.npy").shape == (96, 96)  # the header's marker is harmless
+
+
+def test_a_tilde_in_an_output_is_the_home_folder_for_the_check_and_the_write(runner, world,
+                                                                            tmp_path):  # fmt: skip
+    home = tmp_path / "home"
+    home.mkdir()
+    args = ["train", "--scene", world["a.zarr"], "--head", "spectral", "--out=~/heads/h"]
+    result = runner.invoke(app, args, env={"HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    assert (home / "heads" / "h" / "head.json").is_file()
+    assert not Path("~").exists() and not (Path(world["dir"]) / "~").exists()
+
+
+def test_python_m_reads_its_own_params_section(world, tmp_path):
+    import subprocess
+    import sys
+
+    params = tmp_path / "p.yaml"
+    params.write_text("context:\n  components: 3\n  windows: [5]\n  emp_components: 0\n"
+                      "  slic_sizes: []\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "stages.context", "--params", str(params),
+                           "--scene", world["a.zarr"], "--out", str(tmp_path / "c.zarr")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    attrs = json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["identity"]["config"]["windows"] == [5] and list(attrs["families"]) == ["mean5"]
