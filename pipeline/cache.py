@@ -418,22 +418,10 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "no difference"
 
 
-def store_format(path: str | Path | Location) -> str | None:
-    """The ``format`` attribute of the zarr store at ``path`` (``None``: no store, or none)."""
-    import json
-
-    where = Location.of(path)
-    try:
-        meta = json.loads(where.read_bytes("zarr.json"))
-    except (OSError, ValueError):
-        return None
-    return (meta.get("attributes") or {}).get("format") if isinstance(meta, dict) else None
-
-
 def cache_info(path: str | Path | Location) -> dict[str, Any]:
     """Sites, shapes, bytes on disk, compression ratio and provenance (finished or not); for a
     context store its families (:func:`pipeline.context.context_info`)."""
-    if str(store_format(path)).startswith("hsicache-context/"):
+    if str(Location.of(path).store_format()).startswith("hsicache-context/"):
         from pipeline.context import context_info
 
         return context_info(path)
@@ -479,7 +467,7 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
     where = Location.of(path)
     if not where.exists():
         raise SceneNotFoundError(f"feature cache `{where}` does not exist")
-    if str(store_format(where)).startswith("hsicache-context/"):
+    if str(where.store_format()).startswith("hsicache-context/"):
         from pipeline.context import verify_context
 
         return verify_context(where, scene_fingerprint=scene_fingerprint)
@@ -499,20 +487,28 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
     if damage:
         return problems  # without an identity there is no list of arrays to check
     ident = attrs["identity"]
-    if scene_fingerprint is not None and ident["image_fingerprint"] != scene_fingerprint:
+    names = [array_path(t, site) for t in ident["timesteps"] for site in ident["sites"]]
+    return problems + store_problems(root, attrs, names, scene_fingerprint)
+
+
+def store_problems(
+    root: Any, attrs: dict[str, Any], names: Sequence[str], scene_fingerprint: str | None
+) -> list[str]:
+    """A store's data problems: made from another scene than ``scene_fingerprint``, arrays of
+    ``names`` missing or unreadable, chunks missing, corrupt or non-finite."""
+    problems = []
+    fp = attrs["identity"]["image_fingerprint"]
+    if scene_fingerprint is not None and fp != scene_fingerprint:
         problems.append(
-            f"image fingerprint {ident['image_fingerprint'][:12]} differs from the scene's "
-            f"{scene_fingerprint[:12]}"
+            f"image fingerprint {fp[:12]} differs from the scene's {scene_fingerprint[:12]}"
         )
-    for t in ident["timesteps"]:
-        for site in ident["sites"]:
-            name = array_path(t, site)
-            try:
-                arr = root[name]
-            except Exception:
-                problems.append(f"array `{name}` is missing or unreadable")
-                continue
-            problems.extend(chunk_problems(arr))
+    for name in names:
+        try:
+            arr = root[name]
+        except Exception:
+            problems.append(f"array `{name}` is missing or unreadable")
+            continue
+        problems.extend(chunk_problems(arr))
     return problems
 
 
@@ -539,8 +535,6 @@ def unlock_cache(path: str | Path | Location) -> dict[str, Any] | None:
         SceneNotFoundError: no store (and no lock) at ``path``.
         StoreError: ``path`` holds something that is not a hsicache store.
     """
-    import json
-
     from pipeline.storage import LOCK_KEY, StoreLock
 
     where = Location.of(path)
@@ -548,10 +542,7 @@ def unlock_cache(path: str | Path | Location) -> dict[str, Any] | None:
         if not where.exists(LOCK_KEY):
             raise SceneNotFoundError(f"no feature cache at `{where}`: check the path")
     else:
-        try:
-            fmt = (json.loads(where.read_bytes("zarr.json")).get("attributes") or {}).get("format")
-        except (OSError, ValueError):
-            fmt = None
+        fmt = where.store_format()
         if not str(fmt).startswith(LOCKED_FORMATS):
             raise StoreError(
                 f"`{where}` is not a store hsicache writes under a lock (format {fmt!r}): only "

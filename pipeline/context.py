@@ -443,20 +443,7 @@ def verify_context(
 ) -> list[str]:
     """Every problem of a context store: missing or unreadable arrays and chunks, non-finite
     values, another scene. One line each; empty when it is sound."""
-    from pipeline.cache import chunk_problems
+    from pipeline.cache import store_problems
 
     store = ContextStore.open(path)
-    problems = []
-    fp = store.attrs["identity"]["image_fingerprint"]
-    if scene_fingerprint is not None and fp != scene_fingerprint:
-        problems.append(
-            f"image fingerprint {fp[:12]} differs from the scene's {scene_fingerprint[:12]}"
-        )
-    for name in store.families:
-        try:
-            arr = store._root[name]
-        except Exception:
-            problems.append(f"array `{name}` is missing or unreadable")
-            continue
-        problems.extend(chunk_problems(arr))
-    return problems
+    return store_problems(store._root, store.attrs, store.families, scene_fingerprint)

@@ -301,7 +301,7 @@ def predict_map(
     trained = load_head(head)
     trained.check_inputs(inputs, same_split=False)
     _check_map_options(trained, inputs.scene, scene, geotiff, confidence)
-    sources = _block_sources(inputs, trained.selection)
+    sources = _block_sources(inputs.context, inputs.cache, trained.selection)
     h, w = inputs.scene.shape
     # the feature cache's chunk (its blocks are the costly reads), else the context store's
     by_cache = [a for a, where in sources if where is inputs.cache]
@@ -339,13 +339,15 @@ def _check_map_options(
         )
 
 
-def _block_sources(inputs: Inputs, sel: FeatureSelection) -> list[tuple[Any, Any]]:
+def _block_sources(
+    context: Any, cache: FeatureCache | None, sel: FeatureSelection
+) -> list[tuple[Any, Any]]:
     """``(zarr array, its store)`` of every column group after the spectrum, in ``X`` order."""
     sources: list[tuple[Any, Any]] = []
-    if sel.context and inputs.context is not None:
-        sources += [(a, inputs.context) for a in inputs.context.selection(sel.context)]
-    if sel.spatial and inputs.cache is not None:
-        sources += [(a, inputs.cache) for a in inputs.cache.selection(sel.timesteps, sel.sites)]
+    if sel.context and context is not None:
+        sources += [(a, context) for a in context.selection(sel.context)]
+    if sel.spatial and cache is not None:
+        sources += [(a, cache) for a in cache.selection(sel.timesteps, sel.sites)]
     return sources
 
 
@@ -438,8 +440,7 @@ def _predict_task(
     cube = worker_state("cube", scene, lambda: scene_array(scene, "cube"))
     fc = worker_state("features", cache, lambda: FeatureCache.open(cache)) if cache else None
     cs = worker_state("context", context, lambda: ContextStore.open(context)) if context else None
-    inputs = Inputs(scene=None, cache=fc, context=cs)  # type: ignore[arg-type]
-    return job.block(cube, _block_sources(inputs, job.selection), bounds)
+    return job.block(cube, _block_sources(cs, fc, job.selection), bounds)
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:

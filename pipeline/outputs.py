@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, OutputConflictError
+from pipeline.storage import LOCK_KEY, Location
 
 __all__ = [
     "BACKBONE",
@@ -96,8 +97,6 @@ def _json_format(path: Path, prefix: str) -> bool:
 
 
 def _lockish(name: str) -> bool:
-    from pipeline.storage import LOCK_KEY
-
     return name.startswith((LOCK_KEY, f".{LOCK_KEY}"))
 
 
@@ -114,11 +113,9 @@ def _zarr_store(prefix: str) -> Callable[[Path], bool]:
             for e in entries
         ):
             return False
-        meta = _read_json(path / "zarr.json")
-        if meta is None:  # an extraction killed before its metadata was written
+        if not (path / "zarr.json").is_file():  # an extraction killed before its metadata
             return bool(entries) and all(_lockish(e.name) for e in entries)
-        attrs = meta.get("attributes") if isinstance(meta, dict) else None
-        return _format_of(attrs).startswith(prefix)
+        return str(Location.of(path).store_format()).startswith(prefix)
 
     return recognise
 
@@ -319,16 +316,9 @@ def _check_parent(p: Path, option: str, given: Any) -> None:
 
 
 def _check_remote(url: str, kind: OutputKind, option: str) -> None:
-    from pipeline.storage import Location
-
     where = Location.of(url)
     if where.exists("zarr.json"):
-        try:
-            meta = json.loads(where.read_bytes("zarr.json"))
-        except (OSError, ValueError):
-            meta = None
-        attrs = meta.get("attributes") if isinstance(meta, dict) else None
-        ours = kind.marker is not None and _format_of(attrs).startswith(kind.marker)
+        ours = kind.marker is not None and str(where.store_format()).startswith(kind.marker)
     else:
         ours = where.is_empty()
     if not ours:

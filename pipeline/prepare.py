@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.builtin import load_builtin
-from pipeline.checks import check_choice, check_int, check_number, check_seed
+from pipeline.checks import check_choice
 from pipeline.errors import (
     ConfigError,
     HsicacheWarning,
@@ -20,9 +20,9 @@ from pipeline.errors import (
     ShapeMismatchError,
 )
 from pipeline.readers import read_cube, read_map
-from pipeline.render import RGB_MODES, render_rgb
+from pipeline.render import check_rendering_options, render_rgb
 from pipeline.scene import Scene, image_fingerprint, scene_fingerprint, write_scene
-from pipeline.splits import SPLIT_PROTOCOLS, encode_labels, make_split
+from pipeline.splits import check_split_options, encode_labels, make_split
 
 __all__ = ["NAN_POLICIES", "build_scene", "prepare"]
 
@@ -242,28 +242,8 @@ def _check_values(
     nan_policy: str,
 ) -> None:
     """Every option that needs no file, checked before any file is read."""
-    if split is not None:
-        check_choice("--split", split, SPLIT_PROTOCOLS)
-    if per_class is not None:
-        check_int("--per-class", per_class, low=1)
-    if fraction is not None:
-        check_number("--fraction", fraction, low=0, high=1, low_open=True, high_open=True)
-    check_choice("--small-classes", small_classes, ("error", "take-all"))
-    check_int("--block-size", block_size, low=1)
-    check_int("--buffer", buffer, low=0)
-    check_seed("--seed", seed)
-    if rgb_mode is not None:
-        check_choice("--rgb-mode", rgb_mode, RGB_MODES)
-    if rgb_bands is not None:
-        if len(rgb_bands) != 3:
-            raise ConfigError(f"`--rgb-bands` needs exactly three indices, got {list(rgb_bands)}")
-        for band in rgb_bands:
-            check_int("--rgb-bands", band, low=0)
-    check_number("--gamma", gamma, low=0, low_open=True)
-    low = check_number("--clip-low", clip[0], low=0, high=100)
-    high = check_number("--clip-high", clip[1], low=0, high=100)
-    if low >= high:
-        raise ConfigError(f"`--clip-low` {low:g} must be below `--clip-high` {high:g}")
+    check_split_options(split, per_class, fraction, small_classes, block_size, buffer, seed)
+    check_rendering_options(rgb_mode, rgb_bands, gamma, clip)
     check_choice("--nan-policy", nan_policy, NAN_POLICIES)
 
 

@@ -12,13 +12,21 @@ Each channel is clipped to its ``clip`` percentiles, scaled to [0, 1], then rais
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.checks import check_int, check_number
 from pipeline.errors import BandMismatchError, ConfigError
 
-__all__ = ["RGB_MODES", "TARGET_WAVELENGTHS_NM", "Rendering", "render_rgb"]
+__all__ = [
+    "RGB_MODES",
+    "TARGET_WAVELENGTHS_NM",
+    "Rendering",
+    "check_rendering_options",
+    "render_rgb",
+]
 
 RGB_MODES = ("bands", "wavelengths", "pca")
 TARGET_WAVELENGTHS_NM = (640.0, 550.0, 460.0)
@@ -40,6 +48,29 @@ class Rendering:
         d["bands"] = list(self.bands) if self.bands is not None else None
         d["clip"] = list(self.clip)
         return d
+
+
+def check_rendering_options(
+    mode: str | None, bands: Sequence[int] | None, gamma: float, clip: tuple[float, float]
+) -> None:
+    """The rendering options that need no cube (``prepare`` checks them before reading one).
+
+    Raises:
+        ConfigError: an unknown mode, not three band indices, ``gamma`` not finite and > 0,
+            or ``clip`` not ``0 <= low < high <= 100``.
+    """
+    if mode is not None and mode not in RGB_MODES:
+        raise ConfigError(f"unknown `--rgb-mode` `{mode}`: choose one of {', '.join(RGB_MODES)}")
+    if bands is not None:
+        if len(bands) != 3:
+            raise ConfigError(f"`--rgb-bands` needs exactly three indices, got {list(bands)}")
+        for b in bands:
+            check_int("--rgb-bands", b, low=0)
+    check_number("--gamma", gamma, low=0, low_open=True)
+    lo = check_number("--clip-low", clip[0], low=0, high=100)
+    hi = check_number("--clip-high", clip[1], low=0, high=100)
+    if lo >= hi:
+        raise ConfigError(f"`--clip-low` {lo:g} must be below `--clip-high` {hi:g}")
 
 
 def render_rgb(
@@ -68,24 +99,17 @@ def render_rgb(
     Raises:
         BandMismatchError: a band index is out of range, or ``wavelengths`` mode without
             wavelengths.
-        ConfigError: an unknown mode, ``gamma <= 0`` or a bad ``clip``.
+        ConfigError: as :func:`check_rendering_options`.
     """
     n_bands = cube.shape[-1]
+    check_rendering_options(mode, bands, gamma, clip)
     if mode is None:
         mode = "bands" if bands is not None else "wavelengths" if wavelengths is not None else "pca"
-    if mode not in RGB_MODES:
-        raise ConfigError(f"unknown `--rgb-mode` `{mode}`: choose one of {', '.join(RGB_MODES)}")
-    if not 0 < gamma < float("inf"):
-        raise ConfigError(f"`--gamma` must be a finite number > 0, got {gamma}")
     lo, hi = clip
-    if not 0.0 <= lo < hi <= 100.0:
-        raise ConfigError(f"`clip` percentiles must satisfy 0 <= low < high <= 100, got {clip}")
 
     if mode == "bands":
         if bands is None:
             raise ConfigError("`--rgb-mode bands` needs `--rgb-bands R,G,B` (0-based indices)")
-        if len(bands) != 3:
-            raise ConfigError(f"`--rgb-bands` needs exactly three indices, got {list(bands)}")
         for b in bands:
             if not 0 <= b < n_bands:
                 raise BandMismatchError(

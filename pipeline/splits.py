@@ -16,14 +16,16 @@ Protocols:
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
+from pipeline.checks import check_seed
 from pipeline.errors import LabelError, ShapeMismatchError, SplitError
 
-__all__ = ["SPLIT_PROTOCOLS", "encode_labels", "make_split"]
+__all__ = ["SPLIT_PROTOCOLS", "check_split_options", "encode_labels", "make_split"]
 
 SPLIT_PROTOCOLS = ("official", "per-class", "fraction", "blocks")
 SmallClassPolicy = Literal["error", "take-all"]
@@ -84,6 +86,36 @@ def encode_labels(
     return index_map, class_ids
 
 
+def check_split_options(
+    protocol: str | None,
+    per_class: int | None,
+    fraction: float | None,
+    small_classes: str,
+    block_size: int,
+    buffer: int,
+    seed: int,
+) -> None:
+    """The split options that need no labels (``prepare`` checks them before reading any).
+
+    Raises:
+        SplitError: an unknown protocol or small-class policy, a count, fraction, block size,
+            buffer or seed out of range.
+    """
+    if protocol is not None and protocol not in SPLIT_PROTOCOLS:
+        raise SplitError(f"unknown split `{protocol}`: choose one of {', '.join(SPLIT_PROTOCOLS)}")
+    if per_class is not None and not (isinstance(per_class, numbers.Integral) and per_class >= 1):
+        raise SplitError(f"`--per-class` must be at least 1, got {per_class}")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise SplitError(f"`--fraction` must be in (0, 1), got {fraction}")
+    if small_classes not in ("error", "take-all"):
+        raise SplitError(f"`--small-classes` must be one of error, take-all; got {small_classes!r}")
+    if block_size < 1:
+        raise SplitError(f"`--block-size` must be at least 1, got {block_size}")
+    if buffer < 0:
+        raise SplitError(f"`--buffer` must be >= 0, got {buffer}")
+    check_seed("--seed", seed)
+
+
 def make_split(
     protocol: str,
     labels: np.ndarray,
@@ -119,8 +151,7 @@ def make_split(
     Raises:
         SplitError: the split cannot be made (too few pixels, overlapping masks, empty train).
     """
-    if protocol not in SPLIT_PROTOCOLS:
-        raise SplitError(f"unknown split `{protocol}`: choose one of {', '.join(SPLIT_PROTOCOLS)}")
+    check_split_options(protocol, per_class, fraction, small_classes, block_size, buffer, seed)
     rng = np.random.default_rng(seed)
     labeled = labels >= 0
     if protocol == "official":
@@ -179,8 +210,6 @@ def _need_per_class(
     """How many train pixels each class needs."""
     counts = np.bincount(labels[labels >= 0], minlength=len(class_ids))
     if per_class is not None:
-        if per_class < 1:
-            raise SplitError(f"`--per-class` must be at least 1, got {per_class}")
         need = np.full(len(class_ids), per_class)
         short = np.flatnonzero(counts < need)
         if short.size and small_classes != "take-all":
@@ -192,8 +221,6 @@ def _need_per_class(
         return np.minimum(need, counts)
     if fraction is None:
         raise SplitError("give `--per-class N` or `--fraction F` for this split")
-    if not 0.0 < fraction < 1.0:
-        raise SplitError(f"`--fraction` must be in (0, 1), got {fraction}")
     return np.maximum(1, np.round(counts * fraction).astype(int))
 
 
@@ -223,10 +250,6 @@ def _blocks(
     block_size: int,
     buffer: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    if block_size < 1:
-        raise SplitError(f"`--block-size` must be at least 1, got {block_size}")
-    if buffer < 0:
-        raise SplitError(f"`--buffer` must be >= 0, got {buffer}")
     need = _need_per_class(labels, class_ids, per_class, fraction, small_classes)
     h, w = labels.shape
     by, bx = np.arange(h) // block_size, np.arange(w) // block_size

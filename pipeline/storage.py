@@ -126,6 +126,17 @@ class Location:
         except OSError as exc:
             raise StoreError(f"cannot reach `{self.url}`: {exc}") from None
 
+    def store_format(self) -> str | None:
+        """The ``format`` attribute of the zarr store here (``None``: no readable store, or no
+        such attribute), whatever shape its root metadata has."""
+        try:
+            meta = json.loads(self.read_bytes("zarr.json"))
+        except (OSError, ValueError):
+            return None
+        attrs = meta.get("attributes") if isinstance(meta, dict) else None
+        fmt = attrs.get("format") if isinstance(attrs, dict) else None
+        return str(fmt) if fmt is not None else None
+
     def read_bytes(self, name: str) -> bytes:
         """The content of ``name`` inside the store."""
         if self.is_local:

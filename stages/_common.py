@@ -165,6 +165,13 @@ PARAMS_OPTION = typer.Option(
 )
 
 
+def parse_csv(value: str | None) -> list[str] | None:
+    """``"up1.res1, mid"`` -> ``["up1.res1", "mid"]``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
     """``"21,11,6"`` -> ``[21, 11, 6]``; a clear error names ``option`` otherwise."""
     if value is None:

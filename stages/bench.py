@@ -12,6 +12,7 @@ from stages._common import (
     DTYPE_HELP,
     SCENE_OPTION,
     STORE_HELP,
+    parse_csv,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -47,7 +48,7 @@ def extract(
         rep = bench_extract(
             backbone,
             scene=scene,
-            sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+            sites=parse_csv(sites) or None,
             timesteps=parse_csv_ints(timesteps, "--timesteps") or [0],
             dtype=dtype,
             device=device,

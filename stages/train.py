@@ -13,6 +13,7 @@ from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
+    parse_csv,
     parse_csv_ints,
     run_app,
     user_errors,
@@ -87,10 +88,10 @@ def train(
             out=out,
             params=head_params_for(head, head_params, params),
             timesteps=parse_csv_ints(timesteps, "--timesteps"),
-            sites=[s.strip() for s in sites.split(",") if s.strip()] if sites else None,
+            sites=parse_csv(sites) or None,
             seed=seed,
             context_store=context_store,
-            context=[c.strip() for c in context.split(",") if c.strip()] if context else None,
+            context=parse_csv(context) if context else None,
         )
     meta = trained.meta
     typer.echo(f"wrote {out}: {meta['name']} on {meta['n_train']} pixels x "
