@@ -133,8 +133,9 @@ def bench_extract(
             backbone, dev, sc.rgb, sites, timesteps, stride, naive_patches, work
         )
         gc.collect()
-        run = functools.partial(_timed_extraction, backbone, scene, timesteps, names, stride,
-                                batch_size, device, work)  # fmt: skip
+        run = functools.partial(
+            _timed_extraction, backbone, scene, timesteps, names, stride, batch_size, device, work
+        )
         with without_memory():  # first, so that it pays whatever a first run pays
             stats, out = run(dtype, "features.zarr", progress)
         reference = run("fp32", "fp32.zarr", None)
@@ -196,8 +197,9 @@ def _naive_and_flops(
         bb.site(name)
     check_timesteps(bb, timesteps)
     stride = stride or bb.sample_size // 2
-    layout = TileLayout(height=rgb.shape[0], width=rgb.shape[1], patch=bb.sample_size,
-                        stride=stride, chunk_tiles=1)  # fmt: skip
+    layout = TileLayout(
+        height=rgb.shape[0], width=rgb.shape[1], patch=bb.sample_size, stride=stride, chunk_tiles=1
+    )
     padded = layout.model_input(rgb)
     eps = seeded_noise((3, bb.sample_size, bb.sample_size), 0).to(dev)
     tiles = layout.all_tiles
@@ -229,9 +231,19 @@ def _timed_extraction(
     from pipeline.extract import extract_features
 
     stats: dict[str, Any] = {}
-    extract_features(scene=scene, backbone=backbone, timesteps=timesteps, sites=sites,
-                     out=work / name, stride=stride, batch_size=batch_size, device=device,
-                     dtype=dtype, progress=progress, stats=stats)  # fmt: skip
+    extract_features(
+        scene=scene,
+        backbone=backbone,
+        timesteps=timesteps,
+        sites=sites,
+        out=work / name,
+        stride=stride,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        stats=stats,
+    )
     return stats, work / name
 
 
@@ -499,9 +511,13 @@ def bench_context(
         "seconds": seconds,
         "peak_rss_gb": rss / 2**30,
         "megapixels_per_s": shape[0] * shape[1] / 1e6 / seconds,
-        "details": {"shape": list(shape), "synthetic": synthetic,
-                    "families": families, "config": cfg.to_dict()},
-    }  # fmt: skip
+        "details": {
+            "shape": list(shape),
+            "synthetic": synthetic,
+            "families": families,
+            "config": cfg.to_dict(),
+        },
+    }
 
 
 def _synthetic_scene(work: Path, size: int, bands: int) -> Path:
@@ -513,8 +529,13 @@ def _synthetic_scene(work: Path, size: int, bands: int) -> Path:
     np.save(work / "cube.npy", synth.cube.astype(np.float32))
     np.save(work / "labels.npy", synth.labels)
     del synth
-    prepare(out=work / "scene.zarr", cube=work / "cube.npy", labels=work / "labels.npy",
-            per_class=5, seed=0)  # fmt: skip
+    prepare(
+        out=work / "scene.zarr",
+        cube=work / "cube.npy",
+        labels=work / "labels.npy",
+        per_class=5,
+        seed=0,
+    )
     (work / "cube.npy").unlink()
     return work / "scene.zarr"
 

@@ -40,8 +40,19 @@ __all__ = [
 ]
 
 #: The fields every row of ``compare --json`` has.
-COMPARE_KEYS = ("head", "oa_mean", "oa_std", "aa_mean", "aa_std", "kappa_mean", "kappa_std",
-                "per_seed_oa", "reads", "without_diffusion_oa_mean", "diffusion_gain")  # fmt: skip
+COMPARE_KEYS = (
+    "head",
+    "oa_mean",
+    "oa_std",
+    "aa_mean",
+    "aa_std",
+    "kappa_mean",
+    "kappa_std",
+    "per_seed_oa",
+    "reads",
+    "without_diffusion_oa_mean",
+    "diffusion_gain",
+)
 
 
 def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -54,9 +65,22 @@ def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
         return None  # spectral heads read no diffusion features; spatial ones nothing else
     if recipe.kind not in ("film", "concat"):
         return {**params, "kind": recipe.kind, "use": "spectral"}
-    keep = ("hidden", "dropout", "learning_rate", "weight_decay", "max_epochs", "batch_size",
-            "mixup_alpha", "class_balanced", "validation_fraction", "min_val_per_class",
-            "patience", "converged_loss", "spectral_pca", "device")  # fmt: skip
+    keep = (
+        "hidden",
+        "dropout",
+        "learning_rate",
+        "weight_decay",
+        "max_epochs",
+        "batch_size",
+        "mixup_alpha",
+        "class_balanced",
+        "validation_fraction",
+        "min_val_per_class",
+        "patience",
+        "converged_loss",
+        "spectral_pca",
+        "device",
+    )
     twin = {k: v for k, v in recipe.kwargs.items() if k in keep}
     if recipe.kind == "film":  # FiLM's own defaults where its entry leaves them
         twin.setdefault("spectral_pca", 30)
@@ -109,8 +133,11 @@ def compare_heads(
         run = refit_over_seeds(inputs, name, params, seeds, progress=step)
         protocol = run["protocol"]
         twin = twins[name]
-        base = (refit_over_seeds(inputs, f"{name} (no diffusion)", twin, seeds, progress=step)
-                if twin is not None else None)  # fmt: skip
+        base = (
+            refit_over_seeds(inputs, f"{name} (no diffusion)", twin, seeds, progress=step)
+            if twin is not None
+            else None
+        )
         rows.append(_row(name, run, base, time.perf_counter() - started))
         if warn is not None:
             _warn_reach(name, run, inputs, warn)
@@ -121,8 +148,9 @@ def _row(name: str, run: dict[str, Any], base: dict[str, Any] | None, seconds: f
     sel = run["selection"]
     reads = (["spectrum"] if sel["mode"] in ("spectral", "both") else []) + list(sel["context"])
     if sel["mode"] in ("spatial", "both"):
-        reads.append("diffusion " + ",".join(f"t{t}:{s}" for t in sel["timesteps"]
-                                              for s in sel["sites"]))  # fmt: skip
+        reads.append(
+            "diffusion " + ",".join(f"t{t}:{s}" for t in sel["timesteps"] for s in sel["sites"])
+        )
     row = {
         "head": name,
         "oa_mean": run["oa"]["mean"],
@@ -160,9 +188,11 @@ def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str
     wide = {f: r for f, r in span.items() if r > buffer or r < 0}
     if wide:
         shown = ", ".join(f"{f} ({'unbounded' if r < 0 else f'{r} px'})" for f, r in wide.items())
-        warn(f"head `{name}` reads features spanning more than the blocks split's buffer of "
-             f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
-             "with a `--buffer` at least that wide)")  # fmt: skip
+        warn(
+            f"head `{name}` reads features spanning more than the blocks split's buffer of "
+            f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
+            "with a `--buffer` at least that wide)"
+        )
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -202,13 +232,24 @@ def plot_comparison(result: dict[str, Any], title: str = "") -> Any:
     rows = result["rows"]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2))
-    ax.bar(x - 0.2, [100 * r["oa_mean"] for r in rows], 0.4,
-           yerr=[100 * r["oa_std"] for r in rows], capsize=3, label="head")  # fmt: skip
+    ax.bar(
+        x - 0.2,
+        [100 * r["oa_mean"] for r in rows],
+        0.4,
+        yerr=[100 * r["oa_std"] for r in rows],
+        capsize=3,
+        label="head",
+    )
     twins = [(i, r) for i, r in enumerate(rows) if r["without_diffusion_oa_mean"] is not None]
     if twins:
         heights = [100 * r["without_diffusion_oa_mean"] for _, r in twins]
-        ax.bar([i + 0.2 for i, _ in twins], heights, 0.4, color="lightgray",
-               label="same without diffusion features")  # fmt: skip
+        ax.bar(
+            [i + 0.2 for i, _ in twins],
+            heights,
+            0.4,
+            color="lightgray",
+            label="same without diffusion features",
+        )
     ax.set_xticks(x, [r["head"] for r in rows], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("overall accuracy, % (mean ± std over seeds)")
     card = result["protocol"]
@@ -252,8 +293,15 @@ def run_comparison(
         {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
     )
     table = {name: _recipe(name, recipes) for name in heads}
-    result = compare_heads(scene=scene, cache=cache, context=context, heads=table, seeds=seeds,
-                           progress=progress, warn=warn)  # fmt: skip
+    result = compare_heads(
+        scene=scene,
+        cache=cache,
+        context=context,
+        heads=table,
+        seeds=seeds,
+        progress=progress,
+        warn=warn,
+    )
     _write(result, out, markdown, png)
     return result
 
@@ -269,8 +317,9 @@ def _recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
         check_kind(name)
     except ConfigError:
         where = f" under `heads:` in `{recipes}`" if recipes else ""
-        raise ConfigError(f"unknown head `{name}` in `--heads`: not a head{where} nor a head "
-                          "kind") from None  # fmt: skip
+        raise ConfigError(
+            f"unknown head `{name}` in `--heads`: not a head{where} nor a head kind"
+        ) from None
     return {}
 
 
@@ -288,10 +337,16 @@ def _write(
     from pipeline.store import atomic_output, jsonable
 
     if out is not None:
-        rows = {r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
-                for r in result["rows"]}  # fmt: skip
-        body = {"format": METRICS_FORMAT, "kind": "compare", "protocol": result["protocol"],
-                "heads": rows}  # fmt: skip
+        rows = {
+            r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
+            for r in result["rows"]
+        }
+        body = {
+            "format": METRICS_FORMAT,
+            "kind": "compare",
+            "protocol": result["protocol"],
+            "heads": rows,
+        }
         with atomic_output(out, METRICS, option="--out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     if markdown is not None:

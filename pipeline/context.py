@@ -115,8 +115,10 @@ class ContextConfig:
         for n in self.slic_sizes:
             check_int("slic_sizes", n, low=2, high=shape[0] * shape[1])
         if not self.families:
-            raise ConfigError("the context configuration names no family: give `windows`, "
-                              "`emp_components` or `slic_sizes`")  # fmt: skip
+            raise ConfigError(
+                "the context configuration names no family: give `windows`, "
+                "`emp_components` or `slic_sizes`"
+            )
         if len(set(self.families)) != len(self.families):
             raise ConfigError(f"a context family is named twice: {', '.join(self.families)}")
 
@@ -228,10 +230,10 @@ def slic_family(pcs: np.ndarray, size: int, seed_channels: int = 3) -> np.ndarra
         n_segments=max(1, round(h * w / size)),
         compactness=0.1,
         channel_axis=-1,
-        convert2lab=False,
+        convert2lab=False,  # principal components are not RGB
         start_label=0,
         enforce_connectivity=True,
-    )  # fmt: skip (components are not RGB)
+    )
     flat = segments.ravel()
     counts = np.bincount(flat).astype(np.float64)
     means = np.stack(
@@ -294,12 +296,13 @@ def write_context(
         "format": CONTEXT_FORMAT,
         "complete": True,
         "identity": {"image_fingerprint": sc.image_fingerprint, "config": cfg.to_dict()},
-        "families": {n: {"channels": int(a.shape[-1]), "reach": cfg.reach(n)}
-                     for n, a in families.items()},
+        "families": {
+            n: {"channels": int(a.shape[-1]), "reach": cfg.reach(n)} for n, a in families.items()
+        },
         "pca": pca,
         "shape": list(sc.shape),
         "package_versions": package_versions(),
-    }  # fmt: skip
+    }
     _write_store(families, attrs, Location.of(out))
     return ContextStore.open(out, expect_fingerprint=sc.image_fingerprint)
 
@@ -319,8 +322,9 @@ def _write_store(families: dict[str, np.ndarray], attrs: dict[str, Any], where: 
         {n: (("y", "x", f"{n}.channel"), a) for n, a in families.items()}, attrs=jsonable(attrs)
     )
     codec = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
-    encoding = {n: {"chunks": (*chunk, a.shape[-1]), "compressors": codec}
-                for n, a in families.items()}  # fmt: skip
+    encoding = {
+        n: {"chunks": (*chunk, a.shape[-1]), "compressors": codec} for n, a in families.items()
+    }
     if where.is_local:
         with atomic_output(where.path, CONTEXT, option="--out") as tmp:
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
@@ -348,8 +352,9 @@ class ContextStore:
     kind = "context store"
 
     @classmethod
-    def open(cls, path: str | Path | Location, *, expect_fingerprint: str | None = None
-             ) -> ContextStore:  # fmt: skip
+    def open(
+        cls, path: str | Path | Location, *, expect_fingerprint: str | None = None
+    ) -> ContextStore:
         """Open a context store, refusing one made from another scene image.
 
         Raises:

@@ -172,8 +172,13 @@ def refit_over_seeds(
                      "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
         if progress:
             progress(k + 1, len(seeds))
-    return {"head": name, **summarise_seeds(runs), "seeds": runs,
-            "selection": selection.to_dict(), "protocol": protocol_card(sc, seeds)}  # fmt: skip
+    return {
+        "head": name,
+        **summarise_seeds(runs),
+        "seeds": runs,
+        "selection": selection.to_dict(),
+        "protocol": protocol_card(sc, seeds),
+    }
 
 
 def evaluate_seeds(
@@ -197,8 +202,14 @@ def evaluate_seeds(
     inputs = open_inputs(scene, cache, context)
     saved = load_head(head)
     saved.check_inputs(inputs, same_split=False)
-    return refit_over_seeds(inputs, saved.meta["name"], saved.meta["params"], seeds,
-                            selection=saved.selection, progress=progress)  # fmt: skip
+    return refit_over_seeds(
+        inputs,
+        saved.meta["name"],
+        saved.meta["params"],
+        seeds,
+        selection=saved.selection,
+        progress=progress,
+    )
 
 
 METRICS_FORMAT = "hsicache-metrics/1"
@@ -293,10 +304,14 @@ def predict_map(
     from pipeline.outputs import PNG
 
     check_outputs(
-        {"--out": (out, NPY), "--png": (png, PNG), "--geotiff": (geotiff, GEOTIFF),
-         "--confidence": (confidence, NPY)},
+        {
+            "--out": (out, NPY),
+            "--png": (png, PNG),
+            "--geotiff": (geotiff, GEOTIFF),
+            "--confidence": (confidence, NPY),
+        },
         {"--scene": scene, "--features": cache, "--head": head, "--context-store": context},
-    )  # fmt: skip
+    )
     inputs = open_inputs(scene, cache, context, lazy=True)
     trained = load_head(head)
     trained.check_inputs(inputs, same_split=False)
@@ -306,10 +321,17 @@ def predict_map(
     # the feature cache's chunk (its blocks are the costly reads), else the context store's
     by_cache = [a for a, where in sources if where is inputs.cache]
     block = block or ((by_cache or [a for a, _ in sources])[0].chunks[0] if sources else 256)
-    grid = [(y, x, min(y + block, h), min(x + block, w))
-            for y in range(0, h, block) for x in range(0, w, block)]  # fmt: skip
-    job = _MapJob(trained.estimator, trained.selection, np.asarray(inputs.scene.class_ids),
-                  confidence is not None)  # fmt: skip
+    grid = [
+        (y, x, min(y + block, h), min(x + block, w))
+        for y in range(0, h, block)
+        for x in range(0, w, block)
+    ]
+    job = _MapJob(
+        trained.estimator,
+        trained.selection,
+        np.asarray(inputs.scene.class_ids),
+        confidence is not None,
+    )
     with connected(client) as dask:
         if dask is None:
             blocks: Any = ((b, job.block(inputs.scene.cube, sources, b)) for b in grid)
@@ -422,8 +444,9 @@ def _predict_on_cluster(
     """``(bounds, block result)`` pairs as the workers finish them (one task per block)."""
     scene, cache, context = (str(s) if s else None for s in stores)
     model = client.scatter(job, broadcast=True)
-    return as_they_finish(client, _predict_task, grid, scene, cache, context, model,
-                          name="hsicache-block")  # fmt: skip
+    return as_they_finish(
+        client, _predict_task, grid, scene, cache, context, model, name="hsicache-block"
+    )
 
 
 def _predict_task(

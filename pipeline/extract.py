@@ -231,8 +231,9 @@ def extract_features(
         (:class:`~pipeline.storage.StoreLock`): a second extraction into it is refused.
     """
     started = time.perf_counter()
-    _check_values(timesteps, sites, patch, stride, batch_size, noise_seed, class_seed,
-                  chunk_tiles, threads)  # fmt: skip
+    _check_values(
+        timesteps, sites, patch, stride, batch_size, noise_seed, class_seed, chunk_tiles, threads
+    )
     spec_path = backbone if isinstance(backbone, (str, Path)) and Path(backbone).exists() else None
     check_outputs({"--out": (out, FEATURES)}, {"--scene": scene, "--backbone": spec_path})
     sc = open_scene(scene, lazy=True)
@@ -253,15 +254,26 @@ def extract_features(
         if threads is not None and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)  # the dtype is chosen for the threads that will run
         if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
-            dt, report = _auto_cpu_dtype(bb, where, layout, sc.rgb, noise_seed, timesteps[0],
-                                         chosen)  # fmt: skip
+            dt, report = _auto_cpu_dtype(
+                bb, where, layout, sc.rgb, noise_seed, timesteps[0], chosen
+            )
         job = ChunkJob(
-            scene=str(Location.of(scene)), out=str(where), backbone=bb.spec,
-            weights_sha256=bb.weights_sha256, device=device, dtype=str(dt).replace("torch.", ""),
-            layout=layout, timesteps=tuple(int(t) for t in timesteps), sites=tuple(sites),
-            noise_seed=noise_seed, class_seed=class_seed, class_label=class_label,
-            truncate=truncate, batch_size=batch_size, threads=threads or torch.get_num_threads(),
-        )  # fmt: skip
+            scene=str(Location.of(scene)),
+            out=str(where),
+            backbone=bb.spec,
+            weights_sha256=bb.weights_sha256,
+            device=device,
+            dtype=str(dt).replace("torch.", ""),
+            layout=layout,
+            timesteps=tuple(int(t) for t in timesteps),
+            sites=tuple(sites),
+            noise_seed=noise_seed,
+            class_seed=class_seed,
+            class_label=class_label,
+            truncate=truncate,
+            batch_size=batch_size,
+            threads=threads or torch.get_num_threads(),
+        )
         root, done = create_or_resume(
             where,
             shape=layout.shape,
@@ -274,12 +286,29 @@ def extract_features(
         if root.attrs.get("complete"):
             return where
         tally = stats if stats is not None else {}
-        tally.update(patches=0, forward_s=0.0, write_s=0.0, written_bytes=0, dtype_report=report,
-                     first_chunk_s=None, run_s=0.0)  # fmt: skip
-        finished = _run_chunks(job, bb, sc.rgb, root, done, tally, started, progress=progress,
-                               client=client, resources=resources,
-                               preloaded=isinstance(backbone, Backbone),
-                               stop_after_chunks=stop_after_chunks)  # fmt: skip
+        tally.update(
+            patches=0,
+            forward_s=0.0,
+            write_s=0.0,
+            written_bytes=0,
+            dtype_report=report,
+            first_chunk_s=None,
+            run_s=0.0,
+        )
+        finished = _run_chunks(
+            job,
+            bb,
+            sc.rgb,
+            root,
+            done,
+            tally,
+            started,
+            progress=progress,
+            client=client,
+            resources=resources,
+            preloaded=isinstance(backbone, Backbone),
+            stop_after_chunks=stop_after_chunks,
+        )
         if finished:
             _mark_complete(root, where)
     return where
@@ -415,8 +444,16 @@ def _run_chunks(
     with connected(client if pending else None) as dask:
         advance(0)
         if dask is not None:
-            _run_on_cluster(dask, job, bb if preloaded else None, pending, advance, chunk_done,
-                            stop_after_chunks, resources)  # fmt: skip
+            _run_on_cluster(
+                dask,
+                job,
+                bb if preloaded else None,
+                pending,
+                advance,
+                chunk_done,
+                stop_after_chunks,
+                resources,
+            )
         else:
             image = _SceneImage(rgb, layout)
             for n_chunks, (ci, cj) in enumerate(pending, start=1):
@@ -696,17 +733,22 @@ def _auto_cpu_dtype(
     if started:
         cap = cpu_capability()
         dt = getattr(torch, started)
-        report: dict[str, Any] = {"choice": started, "reason": "resumed", "resumed": True,
-                                  "capability": cap["kernels"],
-                                  "native_bf16": cap["native_bf16"]}  # fmt: skip
+        report: dict[str, Any] = {
+            "choice": started,
+            "reason": "resumed",
+            "resumed": True,
+            "capability": cap["kernels"],
+            "native_bf16": cap["native_bf16"],
+        }
     else:
         tiles = layout.tiles_of_chunk(0, 0)[:1]
         padded, _, _ = _SceneImage(rgb, layout).chunk_input(0, 0)
         eps = seeded_noise((3, layout.patch, layout.patch), noise_seed)
         x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)
         labels = patch_class_labels(bb, tiles, 0, device=eps.device)
-        dt, report = choose_cpu_dtype(bb, x, timestep, [s.name for s in chosen], labels,
-                                      reload=lambda: load_backbone(bb.spec))  # fmt: skip
+        dt, report = choose_cpu_dtype(
+            bb, x, timestep, [s.name for s in chosen], labels, reload=lambda: load_backbone(bb.spec)
+        )
     if dt != bb.dtype:
         bb.cast(dt)
     return dt, report

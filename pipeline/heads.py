@@ -542,8 +542,9 @@ def make_head(
     params = dict(params)
     try:
         if name == "film":
-            return FiLMClassifier(n_spectral=n_spectral, n_context=n_context,
-                                  random_state=random_state, **params)  # fmt: skip
+            return FiLMClassifier(
+                n_spectral=n_spectral, n_context=n_context, random_state=random_state, **params
+            )
         if name in ("concat", "spatial", "spectral"):
             return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
         pca = params.pop("pca", None)

@@ -59,8 +59,20 @@ def build_scene(
         raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
     if (train_mask is None) != (test_mask is None):
         raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
-    _check_values(split, per_class, fraction, small_classes, block_size, buffer, seed, rgb_mode,
-                  rgb_bands, gamma, clip, nan_policy)  # fmt: skip
+    _check_values(
+        split,
+        per_class,
+        fraction,
+        small_classes,
+        block_size,
+        buffer,
+        seed,
+        rgb_mode,
+        rgb_bands,
+        gamma,
+        clip,
+        nan_policy,
+    )
 
     # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
     masks: tuple[np.ndarray, np.ndarray] | None = None

@@ -55,12 +55,18 @@ PHOTO_LICENCES: dict[str, tuple[str, str, str]] = {
     "clock": ("skimage.data.clock", "public domain", "Stefan van der Walt"),
     "hubble_deep_field": ("skimage.data.hubble_deep_field", "public domain", "NASA, HubbleSite"),
     "retina": ("skimage.data.retina", "CC0 1.0", "Mikael Häggström (Wikimedia Commons)"),
-    "china": ("sklearn.datasets.load_sample_images", "CC BY 2.0",
-              "danielbuechele, flickr.com/photos/danielbuechele/6061409035"),
-    "flower": ("sklearn.datasets.load_sample_images", "CC BY 2.0",
-               "vultilion, flickr.com/photos/vultilion/6056698931 (scikit-learn's README "
-               "credits danielbuechele; its link names vultilion)"),
-}  # fmt: skip
+    "china": (
+        "sklearn.datasets.load_sample_images",
+        "CC BY 2.0",
+        "danielbuechele, flickr.com/photos/danielbuechele/6061409035",
+    ),
+    "flower": (
+        "sklearn.datasets.load_sample_images",
+        "CC BY 2.0",
+        "vultilion, flickr.com/photos/vultilion/6056698931 (scikit-learn's README "
+        "credits danielbuechele; its link names vultilion)",
+    ),
+}
 BUILTIN_PHOTOS = tuple(n for n, (src, _, _) in PHOTO_LICENCES.items() if src.startswith("skimage"))
 _SKLEARN_PHOTOS = ("china", "flower")
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")

@@ -105,13 +105,21 @@ class FeatureSelection:
         return self.mode in ("spatial", "both")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "timesteps": list(self.timesteps), "sites": list(self.sites),
-                "context": list(self.context)}  # fmt: skip
+        return {
+            "mode": self.mode,
+            "timesteps": list(self.timesteps),
+            "sites": list(self.sites),
+            "context": list(self.context),
+        }
 
     @classmethod
     def from_dict(cls, sel: dict[str, Any]) -> FeatureSelection:
-        return cls(sel["mode"], tuple(sel["timesteps"]), tuple(sel["sites"]),
-                   tuple(sel.get("context") or ()))  # fmt: skip
+        return cls(
+            sel["mode"],
+            tuple(sel["timesteps"]),
+            tuple(sel["sites"]),
+            tuple(sel.get("context") or ()),
+        )
 
     @classmethod
     def resolve(
@@ -170,8 +178,9 @@ def assemble(
         widths[1] = parts[-1].shape[1]
     if selection.spatial:
         assert inputs.cache is not None
-        parts.append(inputs.cache.gather(rows, cols, timesteps=selection.timesteps,
-                                         sites=selection.sites))  # fmt: skip
+        parts.append(
+            inputs.cache.gather(rows, cols, timesteps=selection.timesteps, sites=selection.sites)
+        )
     return np.concatenate(parts, axis=1), (widths[0], widths[1])
 
 
@@ -207,8 +216,7 @@ class TrainedHead:
                 "train pixels may be in this test set"
             )
         self._check_store("cache_identity_sha256", cache, "--features FEATURES.zarr")
-        self._check_store("context_identity_sha256", inputs.context,
-                          "--context-store CONTEXT.zarr")  # fmt: skip
+        self._check_store("context_identity_sha256", inputs.context, "--context-store CONTEXT.zarr")
 
     def _check_store(self, key: str, store: Any, option: str) -> None:
         """The feature cache or context store given is the one this head was trained on."""
@@ -283,8 +291,9 @@ def _load_estimator(p: Path, meta: dict[str, Any]) -> Any:
 
         config = json.loads((p / "config.json").read_text())
         cls = _TORCH_HEADS[config["class"]]
-        return cls.from_state(config["params"], config["fitted"],
-                              load_file(str(p / "model.safetensors")))  # fmt: skip
+        return cls.from_state(
+            config["params"], config["fitted"], load_file(str(p / "model.safetensors"))
+        )
     import skops.io as sio
 
     file = p / "model.skops"
@@ -358,8 +367,9 @@ def fit_head(
     check_seed("--seed", seed)
     recipe = split_recipe(name, params)
     families = tuple(context) if context is not None else recipe.context
-    selection = FeatureSelection.resolve(recipe.mode, inputs, timesteps, sites, families,
-                                         head=f"head `{name}`", kind=recipe.kind)  # fmt: skip
+    selection = FeatureSelection.resolve(
+        recipe.mode, inputs, timesteps, sites, families, head=f"head `{name}`", kind=recipe.kind
+    )
     est = build_head(recipe, inputs, selection, seed)
     check_params(est, name)  # before any pixel is read
     rows, cols = np.nonzero(train_mask)
@@ -399,8 +409,9 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     n_ctx = 0
     if selection.context and inputs.context is not None:
         n_ctx = sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
-    return make_head(recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed,
-                     **recipe.kwargs)  # fmt: skip
+    return make_head(
+        recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
+    )
 
 
 def open_inputs(
@@ -439,7 +450,15 @@ def train_head(
     read = {"--scene": scene, "--features": cache, "--context-store": context_store}
     check_outputs({"--out": (out, HEAD)}, read)
     inputs = open_inputs(scene, cache, context_store)
-    trained = fit_head(head, params or {}, inputs, train_mask=inputs.scene.train, seed=seed,
-                       timesteps=timesteps, sites=sites, context=context)  # fmt: skip
+    trained = fit_head(
+        head,
+        params or {},
+        inputs,
+        train_mask=inputs.scene.train,
+        seed=seed,
+        timesteps=timesteps,
+        sites=sites,
+        context=context,
+    )
     trained.save(out)
     return trained
