@@ -40,9 +40,12 @@ __all__ = [
     "CONTEXT_KEYS",
     "EXTRACT_KEYS",
     "HEADS_KEYS",
+    "PROPAGATE_HEAD",
+    "PROPAGATE_KEYS",
     "bench_context",
     "bench_extract",
     "bench_heads",
+    "bench_propagate",
     "default_site",
     "extraction_seconds",
     "matmul_gflops",
@@ -516,6 +519,85 @@ def bench_context(
             "synthetic": synthetic,
             "families": families,
             "config": cfg.to_dict(),
+        },
+    }
+
+
+PROPAGATE_KEYS = ("train_seconds", "evaluate_seconds", "peak_rss_gb", "oa")
+#: The head ``hsicache bench propagate`` times: params.yaml's ``propagate`` entry.
+PROPAGATE_HEAD: dict[str, Any] = {
+    "use": "spectral",
+    "context": ["mean7", "mean15", "mean21", "mean31", "mean45"],
+}
+
+
+def bench_propagate(
+    *,
+    size: int = 1000,
+    bands: int = 224,
+    head: dict[str, Any] | None = None,
+    scene: str | Path | None = None,
+    context: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time the ``propagate`` head at scene scale and measure its peak memory.
+
+    ``train`` (reading every pixel's features, the neighbour graph of all pixels, the
+    spreading, saving) and ``evaluate`` (the test pixels' nearest graph nodes) run in a fresh
+    child process (``spawn``): ``peak_rss_gb`` is that child's own peak resident memory. The
+    scene is a synthetic ``size`` x ``size`` x ``bands`` cube (5 labels per class) and its
+    context store holds the ``meanW`` windows the head reads, unless ``scene`` and ``context``
+    name stores; making them is not timed.
+
+    Returns:
+        :data:`PROPAGATE_KEYS` figures (``oa`` on the scene's test pixels) and ``details``.
+    """
+    import multiprocessing as mp
+
+    from pipeline.checks import check_int
+    from pipeline.context import ContextConfig, write_context
+
+    params = {**PROPAGATE_HEAD, **(head or {})}
+    with tempfile.TemporaryDirectory(prefix="hsicache-bench-propagate-") as tmp:
+        work = Path(tmp)
+        if scene is None:
+            check_int("--size", size, low=16)
+            check_int("--bands", bands, low=3)
+            scene = _synthetic_scene(work, size, bands)
+        if context is None:
+            windows = tuple(int(f[4:]) for f in params.get("context", []) if f.startswith("mean"))
+            cfg = ContextConfig(windows=windows or (7,), emp_components=0, slic_sizes=())
+            context = work / "context.zarr"
+            write_context(scene=scene, out=context, config=cfg)
+        with mp.get_context("spawn").Pool(1) as pool:
+            figures = pool.apply(
+                _propagate_child, (str(scene), str(context), str(work / "head"), params)
+            )
+    return {k: figures[k] for k in PROPAGATE_KEYS} | {"details": figures["details"]}
+
+
+def _propagate_child(scene: str, context: str, out: str, params: dict[str, Any]) -> dict[str, Any]:
+    """In the child: train and evaluate the head, with wall seconds and peak resident bytes."""
+    from pipeline.evaluation import evaluate
+    from pipeline.training import train_head
+
+    started = time.perf_counter()
+    trained = train_head(
+        scene=scene, cache=None, head="propagate", out=out, params=params, context_store=context
+    )
+    trained_at = time.perf_counter()
+    metrics, _, _ = evaluate(scene=scene, cache=None, head=out, context=context)
+    done = time.perf_counter()
+    meta = trained.meta
+    return {
+        "train_seconds": trained_at - started,
+        "evaluate_seconds": done - trained_at,
+        "peak_rss_gb": _peak_rss() / 2**30,
+        "oa": metrics["oa"],
+        "details": {
+            "pixels": meta["n_train"] + meta["n_unlabeled"],
+            "features": meta["n_features"],
+            "n_test": metrics["n_test"],
+            "params": params,
         },
     }
 

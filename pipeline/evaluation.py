@@ -38,9 +38,11 @@ from pipeline.training import (
     TrainedHead,
     assemble,
     build_head,
+    fit_rows,
     load_head,
     open_inputs,
     split_recipe,
+    unwrap,
 )
 
 __all__ = [
@@ -88,10 +90,14 @@ def evaluate(
     return metrics, actual, predicted
 
 
-def resplit(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The scene's own split protocol drawn again with ``seed`` (``official``: unchanged)."""
+def resplit(scene: Scene, seed: int, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The scene's own split protocol drawn again with ``seed`` (``official``: unchanged), or
+    with ``per_class`` train pixels per class instead of the scene's count (an ``official`` or
+    ``fraction`` split is then drawn ``per-class``; ``blocks`` stays blocks)."""
     split = scene.attrs.get("split") or {}
     protocol = split.get("protocol", "per-class")
+    if per_class is not None and protocol != "blocks":
+        protocol = "per-class"
     if protocol == "official":
         return scene.train, scene.test
     return make_split(
@@ -99,7 +105,7 @@ def resplit(scene: Scene, seed: int) -> tuple[np.ndarray, np.ndarray]:
         scene.labels,
         scene.class_ids,
         seed=seed,
-        per_class=split.get("per_class"),
+        per_class=per_class if per_class is not None else split.get("per_class"),
         fraction=split.get("fraction"),
         small_classes=split.get("small_classes", "error"),
         block_size=split.get("block_size") or 16,
@@ -138,11 +144,15 @@ def refit_over_seeds(
     *,
     selection: FeatureSelection | None = None,
     progress: Callable[[int, int], None] | None = None,
+    per_class: int | None = None,
 ) -> dict[str, Any]:
     """Fit the recipe ``params`` of head ``name`` on the scene's split re-drawn with each seed
-    and score it on that seed's test pixels; mean ± std over the seeds.
+    (with ``per_class`` train pixels per class when given: :func:`resplit`) and score it on
+    that seed's test pixels; mean ± std over the seeds.
 
-    The features of every labeled pixel are read once and shared by all seeds; ``selection``
+    The features of every labeled pixel, and of the unlabelled pixels a semi-supervised head
+    is fitted with (:func:`~pipeline.training.fit_rows`), are read once and shared by all
+    seeds; ``selection``
     fixes what the head reads (default: what its recipe names, all cached arrays).
     """
     if not seeds:
@@ -155,19 +165,23 @@ def refit_over_seeds(
         recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
     )
     check_params(build_head(recipe, inputs, selection, 0), name)
-    rows, cols = np.nonzero(sc.labels >= 0)
+    plans = [(seed, *resplit(sc, seed, per_class)) for seed in seeds]
+    fits = [fit_rows(sc, train, recipe.unlabeled(), seed) for seed, train, _ in plans]
+    need = sc.labels >= 0
+    for r, c, _ in fits:
+        need[r, c] = True
+    rows, cols = np.nonzero(need)
     X, _ = assemble(inputs, rows, cols, selection)
-    y = sc.labels[rows, cols]
     position = np.full(sc.shape, -1, dtype=np.int64)
     position[rows, cols] = np.arange(rows.size)
     runs = []
-    for k, seed in enumerate(seeds):
-        train, test = resplit(sc, seed)
-        tr, te = position[train], position[test]  # row-major, as fit_head orders pixels
+    for k, ((seed, train, test), (r, c, y)) in enumerate(zip(plans, fits, strict=True)):
         est = build_head(recipe, inputs, selection, seed)
-        fit_estimator(est, X[tr], y[tr], name)
-        run = classification_metrics(y[te], np.asarray(est.predict(X[te]), dtype=np.int64),
-                                     sc.class_names)  # fmt: skip
+        est, _ = unwrap(fit_estimator(est, X[position[r, c]], y, name))
+        truth = sc.labels[test]  # row-major, as position[test]
+        run = classification_metrics(
+            truth, np.asarray(est.predict(X[position[test]]), dtype=np.int64), sc.class_names
+        )
         runs.append({"seed": seed, **{key: run[key] for key in ("oa", "aa", "kappa", "miou")},
                      "n_train": int(train.sum()), "n_test": run["n_test"]})  # fmt: skip
         if progress:
@@ -177,7 +191,7 @@ def refit_over_seeds(
         **summarise_seeds(runs),
         "seeds": runs,
         "selection": selection.to_dict(),
-        "protocol": protocol_card(sc, seeds),
+        "protocol": protocol_card(sc, seeds) | ({"per_class": per_class} if per_class else {}),
     }
 
 

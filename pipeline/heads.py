@@ -16,7 +16,8 @@ Normalisation (and PCA) statistics are fitted inside ``fit``, i.e. on the train 
 Both train with AdamW on a class-balanced cross-entropy, optional mixup, and early stopping on a
 stratified validation part of the train labels when every class has enough of them; seeded.
 :func:`make_head` builds any registered head by name (also ``svm``, ``rf``, ``logreg``,
-``xgboost`` and scikit-learn classifiers by import path).
+``xgboost``, ``propagate`` (label spreading over every scene pixel,
+:mod:`pipeline.semisupervised`) and scikit-learn classifiers by import path).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ HEADS: dict[str, str | None] = {
     "rf": None,
     "logreg": None,
     "xgboost": None,
+    "propagate": None,
 }
 FEATURE_MODES = ("spectral", "spatial", "both")
 
@@ -489,7 +491,10 @@ def check_params(est: Any, name: str) -> None:
     """Every step's parameters through the estimator's own validation (scikit-learn's
     ``_parameter_constraints``), before any pixel is read: a bad value is a
     :class:`ConfigError` naming the parameter, the value and what is allowed."""
-    for step in [s for _, s in getattr(est, "steps", [])] or [est]:
+    inner = getattr(est, "estimator", None)  # a self-training wrapper: it and what it wraps
+    outer = [est] if inner is not None else []
+    est = inner if inner is not None else est
+    for step in outer + ([s for _, s in getattr(est, "steps", [])] or [est]):
         if hasattr(step, "_parameter_constraints") or isinstance(step, _EncodedXGB):
             try:
                 step._validate_params()
@@ -499,8 +504,9 @@ def check_params(est: Any, name: str) -> None:
 
 def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
     """``est.fit(X, y)``, with a head's bad parameter value or failure to fit as one
-    :class:`ConfigError` naming the head (scikit-learn checks parameters before any work)."""
-    classes = np.unique(y)
+    :class:`ConfigError` naming the head (scikit-learn checks parameters before any work).
+    ``y = -1`` marks unlabelled rows (semi-supervised heads)."""
+    classes = np.unique(y[y >= 0])
     if classes.size < 2:
         raise ConfigError(
             f"head `{name}`: the train pixels hold only one class ({classes.tolist()}); a "
@@ -511,7 +517,7 @@ def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
     except InvalidParameterError as exc:
         raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
     except (ValueError, TypeError) as exc:
-        if isinstance(_final(est), _TorchHead):
+        if isinstance(_final(getattr(est, "estimator", None) or est), _TorchHead):
             raise  # the torch heads' own code: a failure here is a bug, not a parameter
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"head `{name}` cannot be fitted with its parameters: {reason}") from None
@@ -547,6 +553,10 @@ def make_head(
             )
         if name in ("concat", "spatial", "spectral"):
             return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
+        if name == "propagate":
+            from pipeline.semisupervised import PropagationHead
+
+            return PropagationHead(random_state=random_state, **params)
         pca = params.pop("pca", None)
         if name == "svm":
             from sklearn.svm import SVC

@@ -43,6 +43,7 @@ from pipeline.heads import (
 )
 from pipeline.outputs import HEAD, check_outputs
 from pipeline.scene import Scene, open_scene
+from pipeline.semisupervised import check_self_training, self_training
 from pipeline.store import atomic_output, jsonable, package_versions
 
 __all__ = [
@@ -54,10 +55,12 @@ __all__ = [
     "assemble",
     "build_head",
     "fit_head",
+    "fit_rows",
     "load_head",
     "open_inputs",
     "split_recipe",
     "train_head",
+    "unwrap",
 ]
 
 HEAD_FORMAT = "hsicache-head/1"
@@ -256,7 +259,14 @@ class TrainedHead:
         return Path(path)
 
 
-_TRUSTED_PREFIXES = ("sklearn.", "xgboost.", "numpy.", "scipy.", "pipeline.heads.")
+_TRUSTED_PREFIXES = (
+    "sklearn.",
+    "xgboost.",
+    "numpy.",
+    "scipy.",
+    "pipeline.heads.",
+    "pipeline.semisupervised.",
+)
 
 
 def load_head(path: str | Path) -> TrainedHead:
@@ -325,25 +335,41 @@ class Recipe:
         mode: the feature mode (``use`` for classic heads; fixed for the torch heads).
         context: context families the head reads.
         kwargs: the head's constructor arguments.
+        self_training: the checked ``self_training`` section (threshold, max_iter, pool), if any.
     """
 
     kind: str
     mode: str
     context: tuple[str, ...]
     kwargs: dict[str, Any]
+    self_training: dict[str, Any] | None = None
+
+    def unlabeled(self) -> int | str | None:
+        """The unlabelled pixels the head is fitted with: ``"all"`` (``propagate``: every
+        pixel of the scene), a count (``self_training.pool``) or ``None`` (none)."""
+        if self.kind == "propagate":
+            return "all"
+        return self.self_training["pool"] if self.self_training else None
 
 
 def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
     """A head entry's recipe: ``kind`` defaults to ``name``, ``use`` (classic heads) is the
-    feature mode and ``context`` the context families."""
+    feature mode, ``context`` the context families and ``self_training`` wraps the head in a
+    self-training loop."""
     kwargs = dict(params)
     kind = check_kind(str(kwargs.pop("kind", name)))
+    loop = kwargs.pop("self_training", None)
+    loop = check_self_training(name, loop) if loop is not None else None
+    if loop is not None and kind == "propagate":
+        raise ConfigError(
+            f"head `{name}`: `propagate` already uses every pixel; drop `self_training`"
+        )
     context = kwargs.pop("context", None) or ()
     if isinstance(context, str):
         context = [c.strip() for c in context.split(",") if c.strip()]
     if not isinstance(context, (list, tuple)) or not all(isinstance(c, str) for c in context):
         raise ConfigError(f"`context` of head `{name}` must list family names, got {context!r}")
-    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs)
+    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs, loop)
 
 
 def fit_head(
@@ -372,12 +398,12 @@ def fit_head(
     )
     est = build_head(recipe, inputs, selection, seed)
     check_params(est, name)  # before any pixel is read
-    rows, cols = np.nonzero(train_mask)
-    if rows.size == 0:
+    if not np.any(train_mask):
         raise ConfigError("the scene has no train pixels")
+    rows, cols, y = fit_rows(inputs.scene, train_mask, recipe.unlabeled(), seed)
     started = time.perf_counter()
     X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
-    fit_estimator(est, X, inputs.scene.labels[rows, cols], name)
+    est, loop = unwrap(fit_estimator(est, X, y, name))
     scene, cache, ctx = inputs.scene, inputs.cache, inputs.context
     meta = {
         "name": name,
@@ -396,7 +422,9 @@ def fit_head(
         "context_path": str(ctx.path) if ctx is not None and selection.context else None,
         "class_ids": scene.class_ids.tolist(),
         "class_names": list(scene.class_names),
-        "n_train": int(rows.size),
+        "n_train": int((y >= 0).sum()),
+        "n_unlabeled": int((y < 0).sum()),
+        "self_training": loop,
         "train_seconds": time.perf_counter() - started,
         "package_versions": package_versions(),
     }
@@ -409,9 +437,54 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     n_ctx = 0
     if selection.context and inputs.context is not None:
         n_ctx = sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
-    return make_head(
+    est = make_head(
         recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
     )
+    if recipe.self_training is None:
+        return est
+    if not hasattr(est, "predict_proba"):
+        raise ConfigError(
+            f"head kind `{recipe.kind}` has no predict_proba, which `self_training` needs "
+            "(svm: add `probability: true`)"
+        )
+    loop = recipe.self_training
+    return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
+
+
+def fit_rows(
+    scene: Scene, train_mask: np.ndarray, unlabeled: int | str | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels a head is fitted on, ``(rows, cols, y)``: the train pixels (row-major), then
+    its unlabelled pixels (``y = -1``; row-major): every other pixel of the scene for
+    ``"all"``, a seeded sample of ``unlabeled`` of them for a count, none for ``None``.
+
+    The unlabelled pixels are drawn from every pixel that is not a train pixel, labelled test
+    pixels included (their labels are never read)."""
+    rows, cols = np.nonzero(train_mask)
+    y = scene.labels[rows, cols]
+    if unlabeled is None:
+        return rows, cols, y
+    flat = np.flatnonzero(~np.asarray(train_mask).ravel())
+    if unlabeled != "all" and int(unlabeled) < flat.size:
+        rng = np.random.default_rng(seed)
+        flat = np.sort(rng.choice(flat, int(unlabeled), replace=False))
+    ur, uc = np.unravel_index(flat, train_mask.shape)
+    hidden = np.full(flat.size, -1, dtype=y.dtype)
+    return np.concatenate([rows, ur]), np.concatenate([cols, uc]), np.concatenate([y, hidden])
+
+
+def unwrap(est: Any) -> tuple[Any, dict[str, Any] | None]:
+    """A fitted self-training wrapper's final head (what is saved and predicts) and what the
+    loop did; any other estimator as it is."""
+    final = getattr(est, "estimator_", None)
+    if final is None:
+        return est, None
+    labelled_at = np.asarray(est.labeled_iter_)
+    return final, {
+        "iterations": int(est.n_iter_),
+        "pseudo_labelled": int((labelled_at > 0).sum()),
+        "termination": str(est.termination_condition_),
+    }
 
 
 def open_inputs(

@@ -145,10 +145,6 @@ def heads(
                    f"(the cache's backbone, {how})")  # fmt: skip
 
 
-if __name__ == "__main__":
-    run_app(app)
-
-
 @app.command()
 def context(
     size: int = typer.Option(1000, "--size", help="Side of the synthetic scene in pixels."),
@@ -173,3 +169,36 @@ def context(
     typer.echo(f"  seconds            {rep['seconds']:10.1f}   (target <= 60 on 2 cores)")
     typer.echo(f"  peak memory GB     {rep['peak_rss_gb']:10.2f}   (target <= 4)")
     typer.echo(f"  megapixels/s       {rep['megapixels_per_s']:10.3f}")
+
+
+@app.command()
+def propagate(
+    size: int = typer.Option(1000, "--size", help="Side of the synthetic scene in pixels."),
+    bands: int = typer.Option(224, "--bands", help="Bands of the synthetic scene."),
+    scene: str | None = typer.Option(
+        None, "--scene", help="Time this scene store instead of a synthetic one." + STORE_HELP
+    ),
+    context_store: str | None = typer.Option(
+        None, "--context-store", help="Its context store (default: one made, untimed)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Seconds and peak memory of the `propagate` head (label spreading over every pixel)."""
+    from pipeline.bench import PROPAGATE_KEYS, bench_propagate
+
+    with user_errors(debug):
+        rep = bench_propagate(size=size, bands=bands, scene=scene, context=context_store)
+    if as_json:
+        typer.echo(json.dumps({k: rep[k] for k in PROPAGATE_KEYS}))
+        return
+    d = rep["details"]
+    typer.echo(f"propagate over {d['pixels']:,} pixels x {d['features']} features")
+    typer.echo(f"  train seconds      {rep['train_seconds']:10.1f}   (target <= 300 on 2 cores)")
+    typer.echo(f"  evaluate seconds   {rep['evaluate_seconds']:10.1f}   ({d['n_test']:,} test px)")
+    typer.echo(f"  peak memory GB     {rep['peak_rss_gb']:10.2f}   (target <= 8)")
+    typer.echo(f"  test OA            {rep['oa']:10.4f}")
+
+
+if __name__ == "__main__":
+    run_app(app)

@@ -22,7 +22,8 @@ from stages._common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 HEAD_HELP = (
-    "film | concat | spatial | spectral | svm | rf | logreg | xgboost | an import path such as "
+    "film | concat | spatial | spectral | svm | rf | logreg | xgboost | propagate | an import "
+    "path such as "
     "sklearn.ensemble.ExtraTreesClassifier | a name under `heads:` in --params whose `kind` is one "
     "of those."
 )
