@@ -14,6 +14,7 @@ head folder        ``head.json`` with ``format: hsicache-head/…``
 backbone folder    ``pretrain.json`` with ``format: hsicache-backbone/…``
 metrics file       JSON with ``format: hsicache-metrics/…``
 confusion CSV      the header line ``actual,predicted``
+curve CSV          a header line starting ``per_class,``
 Markdown table     a first line ``<!-- hsicache ...``
 PNG                a ``Software: hsicache`` text chunk
 .npy map           ``# hsicache-npy`` in the header's padding (``np.load`` ignores it)
@@ -43,6 +44,7 @@ __all__ = [
     "BACKBONE",
     "CONFUSION_CSV",
     "CONTEXT",
+    "CURVE_CSV",
     "FEATURES",
     "GEOTIFF",
     "HEAD",
@@ -161,6 +163,14 @@ def _confusion_csv(path: Path) -> bool:
         return False
 
 
+def _curve_csv(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.readline().startswith(b"per_class,")
+    except OSError:
+        return False
+
+
 def _markdown(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
@@ -206,6 +216,7 @@ HEAD = OutputKind("head folder", True, _head)
 BACKBONE = OutputKind("backbone folder", True, _backbone)
 METRICS = OutputKind("metrics file", False, _metrics)
 CONFUSION_CSV = OutputKind("confusion CSV", False, _confusion_csv)
+CURVE_CSV = OutputKind("curve CSV", False, _curve_csv)
 PNG = OutputKind("PNG written by hsicache", False, _png)
 MARKDOWN = OutputKind("Markdown table written by hsicache", False, _markdown)
 NPY = OutputKind(".npy written by hsicache", False, _npy)

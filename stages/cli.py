@@ -9,12 +9,14 @@ from stages import (
     cache,
     compare,
     context,
+    curve,
     evaluate,
     extract,
     layers,
     predict,
     prepare,
     pretrain,
+    probe,
     train,
 )
 from stages._common import OneLineErrorsGroup
@@ -34,6 +36,8 @@ app.command("train", help=train.train.__doc__)(train.train)
 app.command("evaluate", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
 app.command("predict", help=predict.predict.__doc__)(predict.predict)
 app.command("compare", help=compare.compare.__doc__)(compare.compare)
+app.command("probe", help=probe.probe.__doc__)(probe.probe)
+app.command("curve", help=curve.curve.__doc__)(curve.curve)
 app.add_typer(cache.app, name="cache", help=cache.__doc__)
 app.add_typer(bench.app, name="bench", help=bench.__doc__)
 

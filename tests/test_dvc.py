@@ -26,6 +26,7 @@ TINY_PARAMS = {
     "heads": {"spectral": {"hidden": 16, "max_epochs": 5},
               "spatial": {"hidden": 16, "max_epochs": 5}},
     "compare": {"heads": ["spectral", "spatial"], "seeds": [0, 1]},
+    "curve": {"heads": ["spectral"], "per_class": [2, 5], "seeds": [0]},
 }  # fmt: skip
 
 
@@ -73,7 +74,7 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     # (1) everything runs and writes metrics and maps
     out = _run(repo, *dvc, "repro")
     heads = {"spectral", "spatial"}
-    expected = {"prepare", "pretrain", "context", "extract", "compare"} | {
+    expected = {"prepare", "pretrain", "context", "extract", "compare", "curve"} | {
         f"{stage}@{h}" for stage in ("train", "evaluate", "predict") for h in heads
     }
     assert _ran(out) == expected
@@ -90,7 +91,7 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     params["heads"]["spectral"] = {"hidden": 24, "max_epochs": 5}
     _write_params(repo, params)
     out = _run(repo, *dvc, "repro")
-    assert _ran(out) == {"compare"} | {
+    assert _ran(out) == {"compare", "curve"} | {
         f"{stage}@{h}" for stage in ("train", "evaluate", "predict")
         for h in ("logreg_spec", "spectral")
     }  # fmt: skip

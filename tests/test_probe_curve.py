@@ -1,0 +1,154 @@
+"""``probe`` (what is worth reading, ranked on train pixels alone) and ``curve`` (accuracy
+against labels per class)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.context import ContextConfig, write_context
+from pipeline.evaluation import evaluate_seeds, resplit
+from pipeline.extract import extract_features
+from pipeline.prepare import prepare
+from pipeline.probe import probe
+from pipeline.scene import open_scene
+from pipeline.training import Inputs, open_inputs, train_head
+from stages.cli import app
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict[str, Path]:
+    """A synthetic scene (4 labels per class), its context store and a tiny feature cache."""
+    d = tmp_path_factory.mktemp("probe")
+    prepare(out=d / "scene.zarr", builtin="synthetic", per_class=4, seed=0)
+    cfg = ContextConfig(components=4, windows=(3, 7), emp_components=0, slic_sizes=(16,))
+    write_context(scene=d / "scene.zarr", out=d / "ctx.zarr", config=cfg)
+    extract_features(scene=d / "scene.zarr", out=d / "f.zarr", backbone="builtin:tiny",
+                     timesteps=[0], sites=["up1.res1", "up0.upsample"], stride=16)  # fmt: skip
+    return {"scene": d / "scene.zarr", "ctx": d / "ctx.zarr", "f": d / "f.zarr"}
+
+
+class _Poisoned:
+    """A context store whose features are noise at ``bad`` pixels."""
+
+    def __init__(self, store, bad: np.ndarray) -> None:
+        self.store, self.bad, self.families = store, bad, store.families
+
+    def gather(self, rows, cols, families):
+        out = self.store.gather(rows, cols, families)
+        hit = self.bad[rows, cols]
+        out[hit] = np.random.default_rng(1).normal(0, 50, (int(hit.sum()), out.shape[1]))
+        return out
+
+
+class TestProbe:
+    def test_ranks_without_reading_a_test_pixel(self, stores):
+        inputs = open_inputs(stores["scene"], stores["f"], stores["ctx"])
+        clean = probe(inputs, seeds=[0], pairs_of=3)
+        _, test = resplit(inputs.scene, 0)
+        poisoned = Inputs(inputs.scene, inputs.cache, _Poisoned(inputs.context, test))
+        dirty = probe(poisoned, seeds=[0], pairs_of=3)
+        assert [r["selection"] for r in clean["rows"]] == [r["selection"] for r in dirty["rows"]]
+        assert [r["cv_mean"] for r in clean["rows"]] == [r["cv_mean"] for r in dirty["rows"]]
+        changed = [r["selection"] for r, s in zip(clean["rows"], dirty["rows"], strict=True)
+                   if r["test_oa_mean"] != s["test_oa_mean"]]  # fmt: skip
+        assert "mean3" in changed  # the poison did reach the test column
+
+    def test_rows_pairs_and_recommendation(self, stores):
+        inputs = open_inputs(stores["scene"], stores["f"], stores["ctx"])
+        result = probe(inputs, seeds=[0, 1], pairs_of=3)
+        names = [r["selection"] for r in result["rows"]]
+        singles = {"spectrum", "mean3", "mean7", "slic16", "t0:up1.res1", "t0:up0.upsample"}
+        assert singles <= set(names) and len(names) == len(singles) + 3
+        cvs = [r["cv_mean"] for r in result["rows"]]
+        assert cvs == sorted(cvs, reverse=True)
+        rec = result["recommended"]
+        assert rec["selection"] in names and rec["selection"] != "spectrum"
+        assert "never ranks" in result["protocol"]["ranking"]
+
+    def test_recommended_flags_are_what_train_takes(self, runner, stores, tmp_path):
+        args = ["probe", "--scene", str(stores["scene"]), "--features", str(stores["f"]),
+                "--context-store", str(stores["ctx"]), "--seeds", "0", "--pairs-of", "2",
+                "--out", str(tmp_path / "p.json")]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "test OA (never ranks)" in result.stdout
+        body = json.loads((tmp_path / "p.json").read_text())
+        flags = body["recommended"]["flags"].split()
+        train = runner.invoke(app, ["train", "--scene", str(stores["scene"]), "--features",
+                                    str(stores["f"]), "--context-store", str(stores["ctx"]),
+                                    "--head", "concat", "--head-params", '{"max_epochs": 2}',
+                                    "--out", str(tmp_path / "h"), *flags])  # fmt: skip
+        assert train.exit_code == 0, train.output
+
+    @pytest.mark.parametrize("extra,culprit", [
+        (["--per-class", "1"], "--per-class"),
+        (["--seeds", ""], "--seeds"),
+        (["--folds", "1"], "--folds"),
+    ])  # fmt: skip
+    def test_bad_input_is_one_line(self, runner, stores, tmp_path, extra, culprit):
+        result = runner.invoke(app, ["probe", "--scene", str(stores["scene"]), "--context",
+                                     str(stores["ctx"]), "--out", str(tmp_path / "p.json"),
+                                     *extra])  # fmt: skip
+        assert result.exit_code == 2 and culprit in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+    def test_nothing_to_probe(self, runner, stores):
+        result = runner.invoke(app, ["probe", "--scene", str(stores["scene"])])
+        assert result.exit_code == 2 and "nothing to probe" in result.stderr
+
+
+class TestCurve:
+    def test_agrees_with_evaluate_seeds_at_the_same_count(self, runner, stores, tmp_path):
+        params = tmp_path / "p.yaml"
+        params.write_text("heads:\n  lr: {kind: logreg, use: spectral, context: [mean3]}\n")
+        args = ["curve", "--scene", str(stores["scene"]), "--context", str(stores["ctx"]),
+                "--heads", "lr", "--per-class", "2,4", "--seeds", "0,1", "--params",
+                str(params), "--out", str(tmp_path / "c.json"), "--csv",
+                str(tmp_path / "c.csv"), "--png", str(tmp_path / "c.png"), "--json"]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        rows = json.loads(result.stdout)
+        assert [(r["head"], r["per_class"]) for r in rows] == [("lr", 2), ("lr", 4)]
+        assert all({"head", "per_class", "oa_mean", "oa_std", "aa_mean", "kappa_mean"} <= set(r)
+                   for r in rows)  # fmt: skip
+        train_head(scene=stores["scene"], cache=None, head="lr", out=tmp_path / "h",
+                   params={"kind": "logreg", "use": "spectral", "context": ["mean3"]},
+                   context_store=stores["ctx"])  # fmt: skip
+        ref = evaluate_seeds(scene=stores["scene"], cache=None, head=tmp_path / "h",
+                             seeds=[0, 1], context=stores["ctx"])  # fmt: skip
+        assert rows[1]["oa_mean"] == pytest.approx(ref["oa"]["mean"])  # the scene's own 4/class
+        assert rows[0]["oa_mean"] != pytest.approx(ref["oa"]["mean"])
+        lines = (tmp_path / "c.csv").read_text().splitlines()
+        assert lines[0] == "per_class,lr" and len(lines) == 3
+        assert lines[2] == f"4,{rows[1]['oa_mean']:.6f}"
+        assert (tmp_path / "c.png").stat().st_size > 1000
+
+    @pytest.mark.parametrize("extra,culprit", [
+        (["--per-class", "0"], "--per-class"),
+        (["--per-class", "2,-1"], "--per-class"),
+        (["--heads", "nosuch"], "unknown head `nosuch`"),
+    ])  # fmt: skip
+    def test_bad_input_is_one_line(self, runner, stores, tmp_path, extra, culprit):
+        args = ["curve", "--scene", str(stores["scene"]), "--heads", "logreg", "--out",
+                str(tmp_path / "c.json"), "--csv", str(tmp_path / "c.csv"), *extra]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and culprit in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+    def test_refuses_to_replace_a_users_csv(self, runner, stores, tmp_path):
+        mine = tmp_path / "c.csv"
+        mine.write_text("my,data\n1,2\n")
+        result = runner.invoke(app, ["curve", "--scene", str(stores["scene"]), "--heads",
+                                     "logreg", "--per-class", "2", "--csv", str(mine)])  # fmt: skip
+        assert result.exit_code == 2 and "--csv" in result.stderr
+        assert mine.read_text() == "my,data\n1,2\n"
+
+
+def test_resplit_draws_the_count_asked(stores):
+    sc = open_scene(stores["scene"])
+    train, _ = resplit(sc, 0, per_class=2)
+    assert np.bincount(sc.labels[train]).tolist() == [2] * len(sc.class_ids)
