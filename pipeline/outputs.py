@@ -15,6 +15,8 @@ backbone folder    ``pretrain.json`` with ``format: hsicache-backbone/…``
 metrics file       JSON with ``format: hsicache-metrics/…``
 confusion CSV      the header line ``actual,predicted``
 curve CSV          a header line starting ``per_class,``
+suggestions CSV    the header line ``row,col,x,y,predicted_class,score``
+GeoJSON            a FeatureCollection with the member ``"hsicache"``
 Markdown table     a first line ``<!-- hsicache ...``
 PNG                a ``Software: hsicache`` text chunk
 .npy map           ``# hsicache-npy`` in the header's padding (``np.load`` ignores it)
@@ -46,6 +48,7 @@ __all__ = [
     "CONTEXT",
     "CURVE_CSV",
     "FEATURES",
+    "GEOJSON",
     "GEOTIFF",
     "HEAD",
     "MARKDOWN",
@@ -53,6 +56,7 @@ __all__ = [
     "NPY",
     "PNG",
     "SCENE",
+    "SUGGEST_CSV",
     "OutputKind",
     "check_outputs",
     "local_path",
@@ -171,6 +175,22 @@ def _curve_csv(path: Path) -> bool:
         return False
 
 
+def _suggest_csv(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.readline().strip() == b"row,col,x,y,predicted_class,score"
+    except OSError:
+        return False
+
+
+def _geojson(path: Path) -> bool:
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(body, dict) and "hsicache" in body
+
+
 def _markdown(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
@@ -217,6 +237,8 @@ BACKBONE = OutputKind("backbone folder", True, _backbone)
 METRICS = OutputKind("metrics file", False, _metrics)
 CONFUSION_CSV = OutputKind("confusion CSV", False, _confusion_csv)
 CURVE_CSV = OutputKind("curve CSV", False, _curve_csv)
+SUGGEST_CSV = OutputKind("suggestions CSV", False, _suggest_csv)
+GEOJSON = OutputKind("GeoJSON", False, _geojson)
 PNG = OutputKind("PNG written by hsicache", False, _png)
 MARKDOWN = OutputKind("Markdown table written by hsicache", False, _markdown)
 NPY = OutputKind(".npy written by hsicache", False, _npy)

@@ -17,6 +17,7 @@ from stages import (
     prepare,
     pretrain,
     probe,
+    suggest,
     train,
 )
 from stages._common import OneLineErrorsGroup
@@ -38,6 +39,7 @@ app.command("predict", help=predict.predict.__doc__)(predict.predict)
 app.command("compare", help=compare.compare.__doc__)(compare.compare)
 app.command("probe", help=probe.probe.__doc__)(probe.probe)
 app.command("curve", help=curve.curve.__doc__)(curve.curve)
+app.command("suggest", help=suggest.suggest.__doc__)(suggest.suggest)
 app.add_typer(cache.app, name="cache", help=cache.__doc__)
 app.add_typer(bench.app, name="bench", help=bench.__doc__)
 

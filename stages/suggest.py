@@ -1,0 +1,116 @@
+"""``hsicache suggest``: the next pixels to label, or a simulation of the labelling loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from stages._common import (
+    DEBUG_OPTION,
+    HEAD_FEATURES_OPTION,
+    PARAMS_OPTION,
+    SCENE_OPTION,
+    STORE_HELP,
+    parse_csv_ints,
+    progress_bar,
+    run_app,
+    user_errors,
+)
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def suggest(
+    scene: str = SCENE_OPTION,
+    features: str | None = HEAD_FEATURES_OPTION,
+    context_store: str | None = typer.Option(
+        None,
+        "--context-store",
+        "--context",
+        help="Context store from `hsicache context`." + STORE_HELP,
+    ),
+    head: str = typer.Option(
+        ..., "--head", help="A name under `heads:` of the params file (its recipe) or a kind."
+    ),
+    n: int = typer.Option(
+        50, "--n", help="How many pixels to suggest (per round with --simulate)."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="CSV row,col,x,y,predicted_class,score to write; with --simulate, the JSON of "
+        "both curves.",
+    ),
+    png: Path | None = typer.Option(
+        None,
+        "--png",
+        help="PNG: the suggestions on the rendering and the label map (with "
+        "--simulate: both curves).",
+    ),
+    geojson: Path | None = typer.Option(
+        None, "--geojson", help="GeoJSON points of the suggestions (x, y in the scene's CRS)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the head and the candidate sample."),
+    pool: int = typer.Option(
+        50_000, "--pool", help="Candidates scored: a seeded sample of the unlabelled pixels."
+    ),
+    simulate: int | None = typer.Option(
+        None,
+        "--simulate",
+        help="ROUNDS: run the loop against the ground truth (each round adds --n suggested "
+        "pixels with their true labels, or --n random ones) and write both curves.",
+    ),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Split seeds of --simulate."),
+    per_class: int | None = typer.Option(
+        None,
+        "--per-class",
+        help="Labels per class --simulate starts from (default: the scene's split).",
+    ),
+    params: Path | None = PARAMS_OPTION,
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """The next pixels to label: uncertain (small margin between the two likeliest classes),
+    diverse (k-centre greedy in feature space) and spread over the predicted classes; never a
+    train pixel. With --simulate, the loop against the ground truth beside random picks."""
+    from pipeline.suggest import run_simulation, run_suggest
+
+    recipes = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    stores = {"scene": scene, "cache": features, "context": context_store}
+    if simulate is not None:
+        with user_errors(debug), progress_bar("simulate") as progress:
+            result = run_simulation(
+                **stores,
+                head=head,
+                recipes=recipes,
+                n=n,
+                rounds=simulate,
+                seeds=parse_csv_ints(seeds, "--seeds") or [],
+                per_class=per_class,
+                out=out,
+                png=png,
+                progress=progress,
+            )
+        for strategy in ("suggested", "random"):
+            oa = " ".join(f"{100 * v:.1f}" for v in result[strategy]["oa_mean"])
+            typer.echo(f"{strategy:<10} OA by round: {oa}")
+        typer.echo(f"gain at the end: {100 * result['gain_at_end']:+.1f} points OA -> {out}")
+        return
+    with user_errors(debug):
+        result = run_suggest(
+            **stores,
+            head=head,
+            recipes=recipes,
+            n=n,
+            out=out,
+            png=png,
+            geojson=geojson,
+            seed=seed,
+            pool=pool,
+        )
+    typer.echo(f"wrote {out}: {len(result['suggestions'])} pixels to label next")
+
+
+if __name__ == "__main__":
+    run_app(app)
