@@ -358,11 +358,18 @@ def extraction_seconds(
                              sites=list(sites), out=Path(tmp) / "features.zarr",
                              patch=ident["patch"], stride=ident["stride"], batch_size=batch_size,
                              noise_seed=ident["noise_seed"], class_seed=ident["class_seed"],
-                             class_label=ident["class_label"])  # fmt: skip
+                             class_label=ident["class_label"], zoom=ident.get("zoom", 1),
+                             noise_samples=ident.get("noise_samples", 1))  # fmt: skip
             return load_s + time.perf_counter() - started
     sc = open_scene(scene)
-    layout = TileLayout(height=sc.shape[0], width=sc.shape[1], patch=ident["patch"],
-                        stride=ident["stride"], chunk_tiles=1)  # fmt: skip
+    layout = TileLayout(
+        height=sc.shape[0],
+        width=sc.shape[1],
+        patch=ident["patch"],
+        stride=ident["stride"],
+        chunk_tiles=1,
+        zoom=ident.get("zoom", 1),
+    )
     tiles = layout.all_tiles
     sel = tiles[: min(batch_size, len(tiles))]
     x0 = layout.batch(layout.model_input(sc.rgb), sel).to(dev)
@@ -376,7 +383,7 @@ def extraction_seconds(
             return bb.features(x, t, list(sites), class_labels=labels)
 
         per_batch += time_call(forward, repeats=1)
-    return load_s + per_batch * len(tiles) / len(sel)
+    return load_s + per_batch * ident.get("noise_samples", 1) * len(tiles) / len(sel)
 
 
 def bench_heads(

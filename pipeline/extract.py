@@ -66,6 +66,9 @@ class TileLayout:
         patch: window side.
         stride: distance between windows = side of the owned square.
         chunk_tiles: owned squares per cache chunk side.
+        zoom: the rendering is upsampled this many times (bilinear) before the windows tile
+            it; patch, stride and owned squares are in upsampled pixels, the cache and its
+            chunks in scene pixels (each scene pixel averages its ``zoom x zoom`` block).
     """
 
     height: int
@@ -73,6 +76,7 @@ class TileLayout:
     patch: int
     stride: int
     chunk_tiles: int
+    zoom: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,13 +90,14 @@ class TileLayout:
 
     @property
     def tiles(self) -> tuple[int, int]:
-        """Windows per column and per row."""
-        return math.ceil(self.height / self.stride), math.ceil(self.width / self.stride)
+        """Windows per column and per row (of the upsampled rendering)."""
+        z = self.zoom
+        return math.ceil(self.height * z / self.stride), math.ceil(self.width * z / self.stride)
 
     @property
     def chunk(self) -> int:
-        """Cache chunk side in pixels."""
-        return self.chunk_tiles * self.stride
+        """Cache chunk side in scene pixels."""
+        return self.chunk_tiles * self.stride // self.zoom
 
     @property
     def chunks(self) -> tuple[int, int]:
@@ -122,8 +127,11 @@ class TileLayout:
         y, x = ti * self.stride - origin[0], tj * self.stride - origin[1]
         return padded[y : y + self.patch, x : x + self.patch]
 
-    def owned_squares(self, features: torch.Tensor) -> np.ndarray:
-        """``(N, C, r, r)`` feature maps → the owned squares, ``(N, stride, stride, C)`` float16.
+    def owned_squares(
+        self, features: torch.Tensor, dtype: torch.dtype = torch.float16
+    ) -> np.ndarray:
+        """``(N, C, r, r)`` feature maps → the owned squares, ``(N, stride, stride, C)``
+        (float16 unless ``dtype`` says otherwise).
 
         Maps coarser than the patch are first resized to it (bilinear).
         """
@@ -134,7 +142,7 @@ class TileLayout:
             )
         p0 = self.pad
         core = f[:, :, p0 : p0 + self.stride, p0 : p0 + self.stride]
-        return core.permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()
+        return core.permute(0, 2, 3, 1).to(dtype).cpu().numpy()
 
     @property
     def all_tiles(self) -> list[tuple[int, int]]:
@@ -142,8 +150,14 @@ class TileLayout:
         return [(i, j) for i in range(self.tiles[0]) for j in range(self.tiles[1])]
 
     def model_input(self, rgb: np.ndarray) -> np.ndarray:
-        """The rendering in [0, 1] as the backbone sees it: scaled to [-1, 1], reflect-padded."""
-        return self.pad_image(np.asarray(rgb, dtype=np.float32) * 2.0 - 1.0)
+        """The rendering in [0, 1] as the backbone sees it: upsampled (``zoom``), scaled to
+        [-1, 1], reflect-padded."""
+        image = np.asarray(rgb, dtype=np.float32)
+        if self.zoom > 1:
+            rows = np.arange(self.height * self.zoom)
+            cols = np.arange(self.width * self.zoom)
+            image = upsample_region(image, rows, cols, self.zoom)
+        return self.pad_image(image * 2.0 - 1.0)
 
     def batch(
         self,
@@ -159,9 +173,35 @@ class TileLayout:
     def pad_image(self, image: np.ndarray) -> np.ndarray:
         """Reflect-pad ``(H, W, C)`` so every window lies inside."""
         ty, tx = self.tiles
-        after_y = ty * self.stride + self.patch - self.stride - self.pad - self.height
-        after_x = tx * self.stride + self.patch - self.stride - self.pad - self.width
+        h, w = self.height * self.zoom, self.width * self.zoom
+        after_y = ty * self.stride + self.patch - self.stride - self.pad - h
+        after_x = tx * self.stride + self.patch - self.stride - self.pad - w
         return np.pad(image, ((self.pad, after_y), (self.pad, after_x), (0, 0)), mode="reflect")
+
+
+#: The upsampling factors ``--zoom`` takes.
+ZOOMS = (1, 2, 4, 8)
+
+
+def _bilinear_taps(index: np.ndarray, n: int, zoom: int) -> tuple[np.ndarray, ...]:
+    """For pixels ``index`` of an ``n``-pixel axis upsampled ``zoom`` times: the two source
+    pixels and the second one's weight (bilinear, pixel centres aligned: torch's
+    ``interpolate(mode="bilinear", align_corners=False)``)."""
+    src = np.clip((index + 0.5) / zoom - 0.5, 0.0, n - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def upsample_region(rgb: Any, rows: np.ndarray, cols: np.ndarray, zoom: int) -> np.ndarray:
+    """Pixels ``rows x cols`` of the rendering ``rgb`` (``(H, W, C)``, numpy or zarr) upsampled
+    ``zoom`` times, bilinear; only the box of ``rgb`` that holds their taps is read."""
+    r0, r1, rw = _bilinear_taps(rows, rgb.shape[0], zoom)
+    c0, c1, cw = _bilinear_taps(cols, rgb.shape[1], zoom)
+    y, x = int(r0.min()), int(c0.min())
+    box = np.asarray(rgb[y : int(r1.max()) + 1, x : int(c1.max()) + 1], dtype=np.float32)
+    top = box[r0 - y] * (1 - rw)[:, None, None] + box[r1 - y] * rw[:, None, None]
+    return top[:, c0 - x] * (1 - cw)[None, :, None] + top[:, c1 - x] * cw[None, :, None]
 
 
 def extract_features(
@@ -187,6 +227,8 @@ def extract_features(
     client: Any = None,
     resources: dict[str, float] | None = None,
     threads: int | None = None,
+    zoom: int = 1,
+    noise_samples: int = 1,
 ) -> Location:
     """Extract per-pixel features of a prepared scene into a (resumable) Zarr cache.
 
@@ -225,6 +267,12 @@ def extract_features(
         resources: dask resources each chunk task needs (``{"GPU": 1}``: one task per GPU).
         threads: torch intra-op threads per forward pass (default: this process's). CPU
             kernels depend on it, so equal thread counts give bit-identical caches.
+        zoom: upsample the rendering this many times (1, 2, 4, 8; bilinear) before the
+            backbone, and average-pool the features back onto the scene's pixels: a field edge
+            then spans several of the backbone's pixels. ``stride`` (and ``patch``) are in
+            upsampled pixels; the work grows as ``zoom`` squared.
+        noise_samples: average the features over this many seeded noise draws at each
+            timestep (as DIFT does); 1 is one draw, ``noise_seed``'s.
 
     Returns:
         Where the cache is. While it is written the store holds a writer lock
@@ -234,6 +282,7 @@ def extract_features(
     _check_values(
         timesteps, sites, patch, stride, batch_size, noise_seed, class_seed, chunk_tiles, threads
     )
+    _check_sampling(zoom, noise_samples, stride)
     spec_path = backbone if isinstance(backbone, (str, Path)) and Path(backbone).exists() else None
     check_outputs({"--out": (out, FEATURES)}, {"--scene": scene, "--backbone": spec_path})
     sc = open_scene(scene, lazy=True)
@@ -246,7 +295,7 @@ def extract_features(
     else:
         bb = load_backbone(backbone, device=dev, dtype=dt)
     chosen, patch = _check_backbone_fit(bb, sites, timesteps, class_label, patch, stride)
-    layout = _layout(sc.shape, patch, stride, chunk_tiles, chosen)
+    layout = _layout(sc.shape, patch, stride, chunk_tiles, chosen, zoom)
     check_rendering(sc.rgb, scene)  # before anything is written: a hole would become NaNs
     where = Location.of(out)
     with _writing(where), StoreLock(where):
@@ -273,6 +322,7 @@ def extract_features(
             truncate=truncate,
             batch_size=batch_size,
             threads=threads or torch.get_num_threads(),
+            noise_samples=noise_samples,
         )
         root, done = create_or_resume(
             where,
@@ -344,6 +394,18 @@ def _check_values(
         check_int("--threads", threads, low=1)
 
 
+def _check_sampling(zoom: int, noise_samples: int, stride: int) -> None:
+    """``zoom`` one of :data:`ZOOMS` dividing ``stride``; ``noise_samples`` at least 1."""
+    if isinstance(zoom, bool) or zoom not in ZOOMS:
+        raise ConfigError(f"`--zoom` must be one of {', '.join(map(str, ZOOMS))}, got {zoom!r}")
+    check_int("--noise-samples", noise_samples, low=1)
+    if stride % zoom:
+        raise ConfigError(
+            f"`--stride` {stride} must be a multiple of `--zoom` {zoom} (a window's owned "
+            "square must cover whole scene pixels)"
+        )
+
+
 def _check_backbone_fit(
     bb: Backbone,
     sites: Sequence[str],
@@ -373,17 +435,23 @@ def _check_backbone_fit(
 
 
 def _layout(
-    shape: tuple[int, int], patch: int, stride: int, chunk_tiles: int | None, chosen: list[Site]
+    shape: tuple[int, int],
+    patch: int,
+    stride: int,
+    chunk_tiles: int | None,
+    chosen: list[Site],
+    zoom: int = 1,
 ) -> TileLayout:
     """The tiling, with chunks of about 1 MB or more unless ``chunk_tiles`` is given."""
     h, w = shape
     min_channels = min(s.channels for s in chosen)
+    side = stride // zoom  # scene pixels per owned square
     k = chunk_tiles if chunk_tiles is not None else 1
-    while chunk_tiles is None and (k * stride) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
-        if k * stride >= max(h, w):
+    while chunk_tiles is None and (k * side) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
+        if k * side >= max(h, w):
             break
         k += 1
-    return TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k)
+    return TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k, zoom=zoom)
 
 
 def _provenance(
@@ -543,10 +611,16 @@ class ChunkJob:
     truncate: bool
     batch_size: int
     threads: int
+    noise_samples: int = 1
 
     def identity(self, image_fingerprint: str) -> dict[str, Any]:
-        """What determines the cache's content; a store made with another one is refused."""
-        return {
+        """What determines the cache's content; a store made with another one is refused.
+        (``zoom`` and ``noise_samples`` appear only when not 1, so such caches are the same
+        as before they existed.)"""
+        extra = {"zoom": self.layout.zoom} if self.layout.zoom != 1 else {}
+        if self.noise_samples != 1:
+            extra["noise_samples"] = self.noise_samples
+        return extra | {
             "image_fingerprint": image_fingerprint,
             "backbone": self.backbone,
             "weights_sha256": self.weights_sha256,
@@ -574,8 +648,11 @@ class _SceneImage:
         tiles = lay.tiles_of_chunk(ci, cj)
         t0, t1 = tiles[0], tiles[-1]
         r0, c0 = t0[0] * lay.stride, t0[1] * lay.stride
-        rows = _reflect(np.arange(r0, t1[0] * lay.stride + lay.patch) - lay.pad, lay.height)
-        cols = _reflect(np.arange(c0, t1[1] * lay.stride + lay.patch) - lay.pad, lay.width)
+        z = lay.zoom
+        rows = _reflect(np.arange(r0, t1[0] * lay.stride + lay.patch) - lay.pad, lay.height * z)
+        cols = _reflect(np.arange(c0, t1[1] * lay.stride + lay.patch) - lay.pad, lay.width * z)
+        if z > 1:
+            return upsample_region(self.rgb, rows, cols, z) * 2.0 - 1.0, r0, c0
         box = np.asarray(
             self.rgb[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1], dtype=np.float32
         )
@@ -616,30 +693,33 @@ def compute_chunk(
     tiles = lay.tiles_of_chunk(ci, cj)
     padded, r0, c0 = image.chunk_input(ci, cj)
     dev = next(bb.unet.parameters()).device
-    eps = seeded_noise((3, lay.patch, lay.patch), job.noise_seed).to(dev)
-    dtype = getattr(torch, job.dtype)
+    noises = [seeded_noise((3, lay.patch, lay.patch), s).to(dev) for s in noise_seeds(job)]
+    exact = lay.zoom == 1 and len(noises) == 1  # float16 straight from the backbone
+    z = lay.zoom
     buffers = {
-        (t, name): np.empty((y1 - y0, x1 - x0, bb.site(name).channels), dtype=np.float16)
+        (t, name): np.zeros(
+            ((y1 - y0) * z, (x1 - x0) * z, bb.site(name).channels),
+            dtype=np.float16 if exact else np.float32,
+        )
         for t in job.timesteps
         for name in job.sites
     }
-    names = list(job.sites)
     for b0 in range(0, len(tiles), job.batch_size):
         batch = tiles[b0 : b0 + job.batch_size]
         x0_batch = lay.batch(padded, batch, origin=(r0, c0)).to(dev)
         labels = patch_class_labels(bb, batch, job.class_seed, job.class_label, device=dev)
         for t in job.timesteps:
-            xt = noised(x0_batch, eps, int(t), bb.scheduler).to(dtype)
-            feats = bb.features(xt, int(t), names, class_labels=labels, truncate=job.truncate)
-            for name in names:
-                core = lay.owned_squares(feats[name])
-                buf = buffers[(t, name)]
-                for n, (ti, tj) in enumerate(batch):  # edge squares are clipped to the scene
-                    ry, rx = ti * lay.stride - y0, tj * lay.stride - x0
-                    hh, ww = min(lay.stride, buf.shape[0] - ry), min(lay.stride, buf.shape[1] - rx)
-                    buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
+            for eps in noises:
+                xt = noised(x0_batch, eps, int(t), bb.scheduler).to(getattr(torch, job.dtype))
+                feats = bb.features(
+                    xt, int(t), list(job.sites), class_labels=labels, truncate=job.truncate
+                )
+                for name in job.sites:
+                    _stitch(lay, feats[name], batch, buffers[(t, name)], (y0 * z, x0 * z), exact)
         if on_batch:
             on_batch(len(batch))
+    if not exact:
+        buffers = {key: _pooled(buf, z, len(noises)) for key, buf in buffers.items()}
     written = time.perf_counter()
     for (t, name), buf in buffers.items():
         if not all_finite(buf):  # never in a cache: it would pass as features
@@ -657,6 +737,43 @@ def compute_chunk(
         "written_bytes": float(sum(buf.nbytes for buf in buffers.values())),
         "patches": float(len(tiles)),
     }
+
+
+def noise_seeds(job: ChunkJob) -> list[int]:
+    """The seeds of the noise draws averaged at each timestep: ``noise_seed`` first (one draw:
+    the cache of old), then seeds derived from it."""
+    return [job.noise_seed] + [
+        (job.noise_seed + 1_000_003 * k) % 2**32 for k in range(1, job.noise_samples)
+    ]
+
+
+def _stitch(
+    lay: TileLayout,
+    features: torch.Tensor,
+    batch: Sequence[tuple[int, int]],
+    buf: np.ndarray,
+    origin: tuple[int, int],
+    exact: bool,
+) -> None:
+    """Each window's owned square of ``features`` into ``buf`` (whose first pixel lies at
+    ``origin`` of the upsampled rendering): written when ``exact``, else added (a sum over the
+    noise draws). Edge squares are clipped to the scene."""
+    core = lay.owned_squares(features, torch.float16 if exact else torch.float32)
+    for n, (ti, tj) in enumerate(batch):
+        ry, rx = ti * lay.stride - origin[0], tj * lay.stride - origin[1]
+        hh, ww = min(lay.stride, buf.shape[0] - ry), min(lay.stride, buf.shape[1] - rx)
+        if exact:
+            buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
+        else:
+            buf[ry : ry + hh, rx : rx + ww] += core[n, :hh, :ww]
+
+
+def _pooled(buf: np.ndarray, zoom: int, draws: int) -> np.ndarray:
+    """The mean over the noise draws, average-pooled ``zoom x zoom`` onto scene pixels,
+    float16."""
+    h, w, c = buf.shape
+    pooled = buf.reshape(h // zoom, zoom, w // zoom, zoom, c).mean(axis=(1, 3)) / draws
+    return pooled.astype(np.float16)
 
 
 def _run_on_cluster(

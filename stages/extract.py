@@ -53,6 +53,16 @@ def extract(
         "--class-label",
         help="Give every patch this class id instead of a seeded random one per patch.",
     ),
+    zoom: int = typer.Option(
+        1,
+        "--zoom",
+        help="Upsample the rendering this many times (1, 2, 4, 8; bilinear) before the backbone "
+        "and average-pool the features back onto the pixels. --stride is in upsampled pixels; "
+        "the work grows as zoom squared.",
+    ),
+    noise_samples: int = typer.Option(
+        1, "--noise-samples", help="Average the features over this many seeded noise draws."
+    ),
     chunk_tiles: int | None = typer.Option(
         None,
         "--chunk-tiles",
@@ -101,6 +111,8 @@ def extract(
             client=cluster(workers, scheduler),
             resources=wanted,
             threads=threads,
+            zoom=zoom,
+            noise_samples=noise_samples,
         )
     typer.echo(f"wrote {out}")
 
