@@ -42,31 +42,22 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.kinds import FEATURE_MODES, HEADS, REGISTRY, HeadSpec, check_kind, head_help, register
 
 __all__ = [
     "FEATURE_MODES",
     "HEADS",
+    "REGISTRY",
     "FiLMClassifier",
+    "HeadSpec",
     "MLPHead",
     "check_kind",
     "check_params",
     "fit_estimator",
+    "head_help",
     "make_head",
+    "register",
 ]
-
-#: Which part of ``[spectrum | spatial]`` each built-in head reads; classic heads take ``use``.
-HEADS: dict[str, str | None] = {
-    "film": "both",
-    "concat": "both",
-    "spatial": "spatial",
-    "spectral": "spectral",
-    "svm": None,
-    "rf": None,
-    "logreg": None,
-    "xgboost": None,
-    "propagate": None,
-}
-FEATURE_MODES = ("spectral", "spatial", "both")
 
 
 def _at_least(low: int) -> Interval:
@@ -477,16 +468,6 @@ class _MLPNet(nn.Module):
         return self.net(torch.cat([spec, spat], dim=1))
 
 
-def check_kind(kind: str) -> str:
-    """``kind`` if it names a head (a :data:`HEADS` key or an import path)."""
-    if kind not in HEADS and "." not in kind:
-        raise ConfigError(
-            f"unknown head `{kind}`: choose one of {', '.join(HEADS)} or give a scikit-learn "
-            "classifier's import path (sklearn.ensemble.ExtraTreesClassifier)"
-        )
-    return kind
-
-
 def check_params(est: Any, name: str) -> None:
     """Every step's parameters through the estimator's own validation (scikit-learn's
     ``_parameter_constraints``), before any pixel is read: a bad value is a
@@ -528,85 +509,105 @@ def _final(est: Any) -> Any:
     return steps[-1][1] if steps else est
 
 
+# The factories pipeline.kinds.REGISTRY names ("pipeline.heads:film", ...): each takes the
+# column counts, the seed and the head's parameters and returns the bare estimator.
+
+
+def film(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    return FiLMClassifier(
+        n_spectral=n_spectral, n_context=n_context, random_state=random_state, **params
+    )
+
+
+def mlp(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
+
+
+def svm(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    from sklearn.svm import SVC
+
+    params.setdefault("C", 100.0)
+    params.setdefault("gamma", "scale")
+    return SVC(class_weight="balanced", random_state=random_state, **params)
+
+
+def rf(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    from sklearn.ensemble import RandomForestClassifier
+
+    params.setdefault("n_estimators", 300)
+    return RandomForestClassifier(random_state=random_state, n_jobs=-1, **params)
+
+
+def logreg(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    params.setdefault("max_iter", 2000)
+    return LogisticRegression(class_weight="balanced", **params)
+
+
+def xgboost(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    from xgboost import XGBClassifier
+
+    # XGBoost's own rounds and step (300 rounds at 0.1 were 3x slower and no better); each
+    # tree sees a tenth of the columns: with 5-10 labels per class that gained 3-14 points OA
+    # over all columns (5 seeds, Indian Pines and SalinasA)
+    params.setdefault("n_estimators", 100)
+    params.setdefault("max_depth", 4)
+    params.setdefault("learning_rate", 0.3)
+    params.setdefault("colsample_bytree", 0.1)
+    return _EncodedXGB(XGBClassifier(random_state=random_state, n_jobs=-1, **params))
+
+
+def propagate(*, n_spectral: int, n_context: int, random_state: int, **params: Any) -> Any:
+    from pipeline.semisupervised import PropagationHead
+
+    return PropagationHead(random_state=random_state, **params)
+
+
 def make_head(
     name: str, *, n_spectral: int, n_context: int = 0, random_state: int = 0, **params: Any
 ) -> Any:
-    """Build the head called ``name`` (see :data:`HEADS`) or a classifier by import path.
+    """Build the head kind ``name`` (see :data:`REGISTRY`) or a classifier by import path.
 
     Args:
-        name: a :data:`HEADS` key, or ``package.module.Class`` of a scikit-learn classifier.
+        name: a :data:`REGISTRY` key, or ``package.module.Class`` of a scikit-learn classifier.
         n_spectral: spectral columns at the front of ``X`` (for ``film``).
         n_context: context columns after them (``film`` feeds them to its spectral branch; every
             other head reads them as columns like any other).
         random_state: seed.
-        **params: the head's keyword arguments; classic heads also take ``pca`` (components
-            fitted on the train pixels; ``None`` = none). ``use`` is consumed by the caller.
+        **params: the head's keyword arguments; heads with ``preprocess`` also take ``pca``
+            (components fitted on the train pixels; ``None`` = none). ``use`` is consumed by
+            the caller.
 
     Raises:
         ConfigError: unknown name or parameter.
     """
     params = dict(params)
+    spec = REGISTRY.get(name)
+    if spec is None and "." not in name:
+        check_kind(name)
+    pca = params.pop("pca", None) if spec is None or spec.preprocess else None
     try:
-        if name == "film":
-            return FiLMClassifier(
-                n_spectral=n_spectral, n_context=n_context, random_state=random_state, **params
-            )
-        if name in ("concat", "spatial", "spectral"):
-            return MLPHead(n_spectral=n_spectral, random_state=random_state, **params)
-        if name == "propagate":
-            from pipeline.semisupervised import PropagationHead
-
-            return PropagationHead(random_state=random_state, **params)
-        pca = params.pop("pca", None)
-        if name == "svm":
-            from sklearn.svm import SVC
-
-            params.setdefault("C", 100.0)
-            params.setdefault("gamma", "scale")
-            est = SVC(class_weight="balanced", random_state=random_state, **params)
-        elif name == "rf":
-            from sklearn.ensemble import RandomForestClassifier
-
-            params.setdefault("n_estimators", 300)
-            est = RandomForestClassifier(random_state=random_state, n_jobs=-1, **params)
-        elif name == "logreg":
-            from sklearn.linear_model import LogisticRegression
-
-            params.setdefault("max_iter", 2000)
-            est = LogisticRegression(class_weight="balanced", **params)
-        elif name == "xgboost":
-            from xgboost import XGBClassifier
-
-            # XGBoost's own rounds and step (300 rounds at 0.1 were 3x slower and no better);
-            # each tree sees a tenth of the columns: with 5-10 labels per class that gained
-            # 3-14 points OA over all columns (5 seeds, Indian Pines and SalinasA: README)
-            params.setdefault("n_estimators", 100)
-            params.setdefault("max_depth", 4)
-            params.setdefault("learning_rate", 0.3)
-            params.setdefault("colsample_bytree", 0.1)
-            est = _EncodedXGB(XGBClassifier(random_state=random_state, n_jobs=-1, **params))
-        elif "." in name:
+        if spec is None:
             est = _by_import_path(name, random_state, params)
         else:
-            raise ConfigError(
-                f"unknown head `{name}`: choose one of {', '.join(HEADS)} or give a "
-                "scikit-learn classifier's import path (sklearn.ensemble.ExtraTreesClassifier)"
+            est = spec.build(
+                n_spectral=n_spectral, n_context=n_context, random_state=random_state, **params
             )
     except TypeError as exc:
         raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+    if spec is not None and not spec.preprocess:
+        return est
     from sklearn.decomposition import PCA
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     steps: list[Any] = []
-    if pca or name not in _SCALE_FREE:  # trees split on thresholds: scaling changes nothing
+    if pca or spec is None or not spec.scale_free:
         steps.append(StandardScaler())
     if pca:
         steps.append(PCA(n_components=int(pca), random_state=random_state))
     return make_pipeline(*steps, est)
-
-
-_SCALE_FREE = ("rf", "xgboost")
 
 
 def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any:

@@ -6,7 +6,8 @@ score that ranks them is stratified k-fold cross-validation **on the train pixel
 the scene's split protocol re-drawn for each seed; the test pixels' accuracy of the same probe
 fitted on all train pixels is reported in its own column and never ranks anything. The best
 selection that ``train`` can express (context families, and cached arrays forming a
-timesteps x sites product) is recommended as flags.
+timesteps x sites product) of each kind — context families, cached arrays — is recommended as
+flags.
 """
 
 from __future__ import annotations
@@ -205,17 +206,33 @@ def probe(
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best-ranked row ``train`` can read as it is: its selection, flags and scores."""
+    """The best-ranked context selection and the best-ranked cached-array selection that
+    ``train`` can read as they are (each alone or a pair; a pair of arrays only when it is a
+    timesteps x sites product), joined into one set of flags."""
+    best: dict[str, Any] = {}
     for r in rows:
-        flags = r["candidate"].flags()
-        if flags is not None:
-            return {
-                "selection": r["selection"],
-                **flags,
-                "cv_mean": r["cv_mean"],
-                "flags": as_flags(flags),
-            }
-    return None
+        cand = r["candidate"]
+        flags = cand.flags()
+        if flags is None or (cand.context and cand.arrays):
+            continue
+        kind = "context" if cand.context else "arrays"
+        best.setdefault(kind, (r, flags))
+    if not best:
+        return None
+    ctx = best.get("context", (None, {"context": []}))
+    arr = best.get("arrays", (None, {"timesteps": [], "sites": []}))
+    flags = {
+        "context": ctx[1]["context"],
+        "timesteps": arr[1]["timesteps"],
+        "sites": arr[1]["sites"],
+    }
+    chosen = [r for r, _ in best.values()]
+    return {
+        "selection": " + ".join(r["selection"] for r in chosen),
+        **flags,
+        "cv_mean": {r["selection"]: r["cv_mean"] for r in chosen},
+        "flags": as_flags(flags),
+    }
 
 
 def as_flags(flags: dict[str, list[Any]]) -> str:

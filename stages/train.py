@@ -21,12 +21,14 @@ from stages._common import (
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
-HEAD_HELP = (
-    "film | concat | spatial | spectral | svm | rf | logreg | xgboost | propagate | an import "
-    "path such as "
-    "sklearn.ensemble.ExtraTreesClassifier | a name under `heads:` in --params whose `kind` is one "
-    "of those."
-)
+
+def _head_help() -> str:
+    from pipeline.kinds import head_help
+
+    return head_help()
+
+
+HEAD_HELP = _head_help()
 
 
 def head_params_for(head: str, given: str | None, params_file: Path | None) -> dict[str, Any]:

@@ -21,3 +21,8 @@ class NearestMean(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         d = ((np.asarray(X)[:, None, :] - self.means_[None]) ** 2).sum(axis=-1)
         return self.classes_[np.argmin(d, axis=1)]
+
+
+def nearest_mean(*, n_spectral: int, n_context: int, random_state: int, **params):
+    """A head factory for the registry test: ``NearestMean`` with its parameters."""
+    return NearestMean(**params)

@@ -360,3 +360,21 @@ def test_bench_heads_json(runner, stage_one):
                                     "--estimate-extraction"])  # fmt: skip
     assert estimated.exit_code == 0, estimated.output
     assert "estimated from one batch" in estimated.stdout
+
+
+def test_a_registered_kind_is_a_head_everywhere():
+    from pipeline.errors import ConfigError
+    from pipeline.kinds import HEADS, REGISTRY, HeadSpec, head_help, register
+    from pipeline.training import split_recipe
+
+    register(HeadSpec("nearest", "tests.custom_estimators:nearest_mean", help="nearest mean"))
+    try:
+        assert "nearest" in HEADS and HEADS["nearest"] is None and "nearest" in head_help()
+        est = make_head("nearest", n_spectral=3, shrink=0.5)
+        assert [n for n, _ in est.steps] == ["standardscaler", "nearestmean"]
+        assert est.steps[-1][1].shrink == 0.5
+        assert split_recipe("mine", {"kind": "nearest", "use": "spectral"}).mode == "spectral"
+    finally:
+        REGISTRY.pop("nearest")
+    with pytest.raises(ConfigError, match="unknown head `nearest`: choose one of film, concat"):
+        make_head("nearest", n_spectral=3)

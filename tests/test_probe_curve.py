@@ -66,7 +66,18 @@ class TestProbe:
         cvs = [r["cv_mean"] for r in result["rows"]]
         assert cvs == sorted(cvs, reverse=True)
         rec = result["recommended"]
-        assert rec["selection"] in names and rec["selection"] != "spectrum"
+        best_context = next(
+            r["selection"]
+            for r in result["rows"]
+            if r["selection"].startswith(("mean", "slic")) and ":" not in r["selection"]
+        )
+        best_array = next(
+            r["selection"]
+            for r in result["rows"]
+            if all(p.startswith("t") for p in r["selection"].split("+"))
+        )
+        assert rec["selection"] == f"{best_context} + {best_array}"
+        assert rec["context"] == best_context.split("+") and rec["timesteps"] == [0]
         assert "never ranks" in result["protocol"]["ranking"]
 
     def test_recommended_flags_are_what_train_takes(self, runner, stores, tmp_path):
