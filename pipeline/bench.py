@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import gc
 import itertools
+import math
 import sys
 import tempfile
 import time
@@ -334,6 +335,7 @@ def extraction_seconds(
     from pipeline.errors import HsicacheError
     from pipeline.extract import (
         TileLayout,
+        _SceneImage,
         extract_features,
         patch_class_labels,
         resolve_device,
@@ -367,12 +369,13 @@ def extraction_seconds(
         width=sc.shape[1],
         patch=ident["patch"],
         stride=ident["stride"],
-        chunk_tiles=1,
+        chunk_tiles=math.ceil(math.sqrt(batch_size)),  # chunk (0, 0) holds a whole batch
         zoom=ident.get("zoom", 1),
     )
     tiles = layout.all_tiles
-    sel = tiles[: min(batch_size, len(tiles))]
-    x0 = layout.batch(layout.model_input(sc.rgb), sel).to(dev)
+    sel = layout.tiles_of_chunk(0, 0)[:batch_size]
+    padded, r0, c0 = _SceneImage(sc.rgb, layout).chunk_input(0, 0)  # one chunk, never all
+    x0 = layout.batch(padded, sel, origin=(r0, c0)).to(dev)
     eps = seeded_noise((3, layout.patch, layout.patch), ident["noise_seed"]).to(dev)
     labels = patch_class_labels(bb, sel, ident["class_seed"], ident["class_label"], device=dev)
     per_batch = 0.0

@@ -184,7 +184,9 @@ def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str
     span = {f: 2 * inputs.context.reach(f) for f in run["selection"]["context"]}
     if run["selection"]["mode"] in ("spatial", "both") and inputs.cache is not None:
         ident = inputs.cache.attrs["identity"]  # a pixel sees its patch from its owned square
-        span["diffusion features"] = 2 * ((int(ident["patch"]) + int(ident["stride"])) // 2 - 1)
+        zoom = int(ident.get("zoom", 1))  # patch and stride are in upsampled pixels
+        reach = (int(ident["patch"]) + int(ident["stride"])) // 2 - 1
+        span["diffusion features"] = 2 * -(-reach // zoom)
     wide = {f: r for f, r in span.items() if r > buffer or r < 0}
     if wide:
         shown = ", ".join(f"{f} ({'unbounded' if r < 0 else f'{r} px'})" for f, r in wide.items())

@@ -40,10 +40,16 @@ def label_curve(
 
     if not heads:
         raise ConfigError("`--heads` names no head: give e.g. `--heads svm,propagate`")
+    from pipeline.evaluation import resplit
+
     if not counts:
         raise ConfigError("`--per-class` needs at least one count")
     for n in counts:
         check_int("--per-class", n, low=1)
+    counts = sorted(set(int(n) for n in counts))
+    for n in counts:  # a count a class cannot give fails now, before any fit
+        for seed in seeds:
+            resplit(inputs.scene, seed, n)
     total, done, rows, protocol = len(heads) * len(counts) * len(seeds), [0], [], {}
 
     def step(k: int, n: int) -> None:

@@ -136,6 +136,16 @@ def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def _card(scene: Scene, seeds: Sequence[int], per_class: int | None) -> dict[str, Any]:
+    """The protocol card of splits re-drawn with ``per_class`` (when given) by :func:`resplit`."""
+    card = protocol_card(scene, seeds)
+    if per_class is not None:
+        card["per_class"] = per_class
+        if card["split"] != "blocks":
+            card["split"] = "per-class"
+    return card
+
+
 def refit_over_seeds(
     inputs: Inputs,
     name: str,
@@ -177,7 +187,9 @@ def refit_over_seeds(
     runs = []
     for k, ((seed, train, test), (r, c, y)) in enumerate(zip(plans, fits, strict=True)):
         est = build_head(recipe, inputs, selection, seed)
-        est, _ = unwrap(fit_estimator(est, X[position[r, c]], y, name))
+        at = position[r, c]
+        whole = at.size == len(X) and bool((at == np.arange(at.size)).all())
+        est, _ = unwrap(fit_estimator(est, X if whole else X[at], y, name))  # no copy of X
         truth = sc.labels[test]  # row-major, as position[test]
         run = classification_metrics(
             truth, np.asarray(est.predict(X[position[test]]), dtype=np.int64), sc.class_names
@@ -191,7 +203,7 @@ def refit_over_seeds(
         **summarise_seeds(runs),
         "seeds": runs,
         "selection": selection.to_dict(),
-        "protocol": protocol_card(sc, seeds) | ({"per_class": per_class} if per_class else {}),
+        "protocol": _card(sc, seeds, per_class),
     }
 
 

@@ -695,11 +695,9 @@ def compute_chunk(
     dev = next(bb.unet.parameters()).device
     noises = [seeded_noise((3, lay.patch, lay.patch), s).to(dev) for s in noise_seeds(job)]
     exact = lay.zoom == 1 and len(noises) == 1  # float16 straight from the backbone
-    z = lay.zoom
-    buffers = {
+    buffers = {  # scene pixels: a zoomed square is pooled as soon as it is computed
         (t, name): np.zeros(
-            ((y1 - y0) * z, (x1 - x0) * z, bb.site(name).channels),
-            dtype=np.float16 if exact else np.float32,
+            (y1 - y0, x1 - x0, bb.site(name).channels), dtype=np.float16 if exact else np.float32
         )
         for t in job.timesteps
         for name in job.sites
@@ -715,11 +713,11 @@ def compute_chunk(
                     xt, int(t), list(job.sites), class_labels=labels, truncate=job.truncate
                 )
                 for name in job.sites:
-                    _stitch(lay, feats[name], batch, buffers[(t, name)], (y0 * z, x0 * z), exact)
+                    _stitch(lay, feats[name], batch, buffers[(t, name)], (y0, x0), exact)
         if on_batch:
             on_batch(len(batch))
     if not exact:
-        buffers = {key: _pooled(buf, z, len(noises)) for key, buf in buffers.items()}
+        buffers = {key: (buf / len(noises)).astype(np.float16) for key, buf in buffers.items()}
     written = time.perf_counter()
     for (t, name), buf in buffers.items():
         if not all_finite(buf):  # never in a cache: it would pass as features
@@ -755,25 +753,22 @@ def _stitch(
     origin: tuple[int, int],
     exact: bool,
 ) -> None:
-    """Each window's owned square of ``features`` into ``buf`` (whose first pixel lies at
-    ``origin`` of the upsampled rendering): written when ``exact``, else added (a sum over the
-    noise draws). Edge squares are clipped to the scene."""
+    """Each window's owned square of ``features``, average-pooled ``zoom x zoom`` onto scene
+    pixels, into ``buf`` (whose first pixel lies at ``origin`` of the scene): written when
+    ``exact``, else added (a sum over the noise draws). Edge squares are clipped to the
+    scene."""
     core = lay.owned_squares(features, torch.float16 if exact else torch.float32)
+    z, side = lay.zoom, lay.stride // lay.zoom
+    if z > 1:
+        n, s, _, c = core.shape
+        core = core.reshape(n, s // z, z, s // z, z, c).mean(axis=(2, 4))
     for n, (ti, tj) in enumerate(batch):
-        ry, rx = ti * lay.stride - origin[0], tj * lay.stride - origin[1]
-        hh, ww = min(lay.stride, buf.shape[0] - ry), min(lay.stride, buf.shape[1] - rx)
+        ry, rx = ti * side - origin[0], tj * side - origin[1]
+        hh, ww = min(side, buf.shape[0] - ry), min(side, buf.shape[1] - rx)
         if exact:
             buf[ry : ry + hh, rx : rx + ww] = core[n, :hh, :ww]
         else:
             buf[ry : ry + hh, rx : rx + ww] += core[n, :hh, :ww]
-
-
-def _pooled(buf: np.ndarray, zoom: int, draws: int) -> np.ndarray:
-    """The mean over the noise draws, average-pooled ``zoom x zoom`` onto scene pixels,
-    float16."""
-    h, w, c = buf.shape
-    pooled = buf.reshape(h // zoom, zoom, w // zoom, zoom, c).mean(axis=(1, 3)) / draws
-    return pooled.astype(np.float16)
 
 
 def _run_on_cluster(

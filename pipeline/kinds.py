@@ -44,6 +44,8 @@ class HeadSpec:
         scale_free: with ``preprocess``, skip the scaler unless ``pca`` asks for it (trees
             split on thresholds: scaling changes nothing).
         help: one line describing it.
+        unlabeled: ``"all"`` for a head fitted on every pixel of the scene (``y = -1`` for
+            the unlabelled ones), ``None`` for one fitted on its train pixels.
     """
 
     name: str
@@ -52,6 +54,7 @@ class HeadSpec:
     preprocess: bool = True
     scale_free: bool = False
     help: str = ""
+    unlabeled: str | None = None
 
     def build(self, **kwargs: Any) -> Any:
         """The estimator, from the factory."""
@@ -107,6 +110,7 @@ for _spec in (
         "propagate",
         f"{_HEADS}:propagate",
         preprocess=False,
+        unlabeled="all",
         help="label spreading over every pixel of the scene",
     ),
 ):

@@ -110,7 +110,7 @@ def _score(
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     ytr = y[train]
-    k = min(folds, int(np.bincount(ytr).min() if ytr.size else 0))
+    k = min(folds, int(np.unique(ytr, return_counts=True)[1].min()) if ytr.size else 0)
     if k < 2:
         raise ConfigError(
             "`--per-class` must give every class at least 2 train pixels for cross-validation"

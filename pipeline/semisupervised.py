@@ -42,7 +42,8 @@ __all__ = [
 
 #: Rows up to which neighbours are found exactly (brute force); above it, by an inverted file.
 EXACT_LIMIT = 60_000
-_CHUNK = 2048  # query rows per distance block: 2048 x 60,000 float32 = 0.5 GB at most
+_CHUNK = 2048  # query rows per distance block at most
+_BLOCK = 2048 * 60_000  # distances per block: 0.5 GB of float32, whatever a cell holds
 _CELL_SIZE = 1000  # rows per inverted-file cell
 _PROBE = 8  # cells searched per query cell
 
@@ -114,8 +115,9 @@ class NeighbourIndex:
         """(query rows, candidate base rows) blocks covering every query."""
         everything = torch.arange(len(self.base))
         if self.centres is None:
-            for s in range(0, len(q), _CHUNK):
-                yield torch.arange(s, min(s + _CHUNK, len(q))), everything
+            step = _rows_per_block(len(everything))
+            for s in range(0, len(q), step):
+                yield torch.arange(s, min(s + step, len(q))), everything
             return
         cell = self._nearest_centre(q)
         order = torch.argsort(cell, stable=True)
@@ -125,8 +127,14 @@ class NeighbourIndex:
         ):
             if len(rows):
                 cand = torch.cat([self.members[int(p)] for p in self.probe[c]])
-                for s in range(0, len(rows), _CHUNK):
-                    yield rows[s : s + _CHUNK], cand
+                step = _rows_per_block(len(cand))  # a crowded cell (duplicates) gets fewer
+                for s in range(0, len(rows), step):
+                    yield rows[s : s + step], cand
+
+
+def _rows_per_block(candidates: int) -> int:
+    """Query rows per block so a block's distances stay within :data:`_BLOCK`."""
+    return max(1, min(_CHUNK, _BLOCK // max(1, candidates)))
 
 
 def _exclude(d: torch.Tensor, own: torch.Tensor, cand: torch.Tensor, n_base: int) -> None:
@@ -207,15 +215,30 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         index = NeighbourIndex(nodes, random_state=self.random_state)
         idx, dist = index.search(nodes, self.n_neighbors, self_ids=np.arange(len(nodes)))
         spread = self._spread(_normalised_graph(idx, dist), y, labelled)
+        self.n_unreached_ = _fill_unreached(spread, nodes, labelled)
         self.nodes_ = nodes
         self.label_distributions_ = spread
         self.transduction_ = self.classes_[spread.argmax(1)]
+        self._index = index
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The fitted state without the neighbour index (rebuilt on demand after loading)."""
+        return {k: v for k, v in super().__getstate__().items() if k != "_index"}
+
     def _fit_projection(self, X: np.ndarray) -> None:
-        self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-        std = X.std(axis=0, dtype=np.float64)
-        self.scale_ = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        total = np.zeros(X.shape[1], dtype=np.float64)
+        squares = np.zeros(X.shape[1], dtype=np.float64)
+        for s in range(0, len(X), 65536):  # in blocks: no float64 copy of the whole of X
+            block = X[s : s + 65536].astype(np.float64)
+            total += block.sum(axis=0)
+            squares += (block * block).sum(axis=0)
+        mean = total / len(X)
+        std = np.sqrt(np.maximum(squares / len(X) - mean * mean, 0.0))
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = np.where(std > 1e-8 * np.maximum(1.0, np.abs(mean)), std, 1.0).astype(
+            np.float32
+        )
         self.components_ = None
         k = self.n_components
         if k is not None and k < X.shape[1]:
@@ -247,27 +270,41 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         Y[np.nonzero(labelled)[0], codes] = 1.0
         Y /= Y.sum(axis=0, keepdims=True)  # class-balanced: each class holds the same mass
         F = Y.copy()
+        reached = int(labelled.sum())
         for _ in range(self.max_iter):
             new = self.alpha * (S @ F) + (1.0 - self.alpha) * Y
             change = float(np.abs(new - F).max())
             F = new
-            if change < self.tol * float(F.max()):
+            now = int(np.count_nonzero(F.any(axis=1)))  # labels still spreading to new rows
+            if change < self.tol * float(F.max()) and now == reached:
                 break
+            reached = now
         total = F.sum(axis=1, keepdims=True)
-        uniform = np.full_like(F, 1.0 / F.shape[1])
-        return np.where(total > 0, F / np.where(total > 0, total, 1.0), uniform)
+        return np.where(total > 0, F / np.where(total > 0, total, 1.0), 0.0).astype(np.float32)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """The spread label distribution of each row's nearest graph node (its own node for a
         pixel of the scene the head was fitted on)."""
         check_is_fitted(self, "label_distributions_")
         X = validate_data(self, X, reset=False, dtype=np.float32)
-        index = NeighbourIndex(self.nodes_, random_state=self.random_state)
-        nearest, _ = index.search(self._project(X), 1)
+        if getattr(self, "_index", None) is None:  # built once per loaded head, not per call
+            self._index = NeighbourIndex(self.nodes_, random_state=self.random_state)
+        nearest, _ = self._index.search(self._project(X), 1)
         return self.label_distributions_[nearest[:, 0]]
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def _fill_unreached(spread: np.ndarray, nodes: np.ndarray, labelled: np.ndarray) -> int:
+    """Rows no label reached (a graph component without a train pixel) take the distribution of
+    their nearest labelled row, in place; how many there were."""
+    lost = np.flatnonzero(spread.sum(axis=1) == 0)
+    if lost.size:
+        seeds = np.flatnonzero(labelled)
+        nearest, _ = NeighbourIndex(nodes[seeds]).search(nodes[lost], 1)
+        spread[lost] = spread[seeds[nearest[:, 0]]]
+    return int(lost.size)
 
 
 def _normalised_graph(idx: np.ndarray, dist: np.ndarray) -> sparse.csr_matrix:

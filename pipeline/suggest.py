@@ -82,15 +82,15 @@ def choose(
     nearest = _min_distance(Z, L) if len(L) else np.full(shortlist.size, np.finfo(float).max)
     predicted = proba[shortlist].argmax(axis=1)
     cap = math.ceil(n / max(1, np.unique(predicted).size))
-    taken: dict[int, int] = {}
+    taken = np.zeros(proba.shape[1], dtype=np.int64)
     picks: list[int] = []
     while len(picks) < n:
-        open_ = np.array([taken.get(int(c), 0) < cap for c in predicted]) & np.isfinite(nearest)
+        open_ = (taken[predicted] < cap) & np.isfinite(nearest)
         if not open_.any():
             open_ = np.isfinite(nearest)  # every class has its share: take the farthest
         j = int(np.argmax(np.where(open_, nearest + 1e-9 * uncertainty[shortlist], -np.inf)))
         picks.append(j)
-        taken[int(predicted[j])] = taken.get(int(predicted[j]), 0) + 1
+        taken[predicted[j]] += 1
         nearest = np.minimum(nearest, _min_distance(Z, Z[j : j + 1]))
         nearest[j] = -np.inf  # never twice
     return shortlist[np.asarray(picks, dtype=np.int64)], uncertainty
@@ -157,6 +157,7 @@ def suggest_pixels(
     candidates = _candidates(sc.train, allowed, pool, seed)
     if n > candidates.size:
         raise ConfigError(f"`--n` {n} is more than the {candidates.size} pixels to choose from")
+    _check_probabilities(inputs, recipe, selection, name)
     est, Xl = _fit(inputs, name, params, selection, sc.train, seed)
     Xc = _features(inputs, candidates, selection)
     proba = np.asarray(est.predict_proba(Xc))
@@ -165,9 +166,20 @@ def suggest_pixels(
     return {
         "rows": rows,
         "cols": cols,
-        "predicted": proba[picks].argmax(axis=1),
+        "predicted": np.asarray(est.classes_)[proba[picks].argmax(axis=1)],
         "score": uncertainty[picks],
     }
+
+
+def _check_probabilities(inputs: Any, recipe: Any, selection: Any, name: str) -> None:
+    """Before any fit: the head must give class probabilities (uncertainty needs them)."""
+    from pipeline.training import build_head
+
+    if not hasattr(build_head(recipe, inputs, selection, 0), "predict_proba"):
+        raise ConfigError(
+            f"head `{name}` gives no class probabilities, which `suggest` needs (svm: add "
+            "`probability: true` to its entry)"
+        )
 
 
 def pixel_coordinates(scene: Any, rows: np.ndarray, cols: np.ndarray) -> tuple[Any, Any]:
@@ -213,6 +225,7 @@ def simulate(
     selection = FeatureSelection.resolve(
         recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
     )
+    _check_probabilities(inputs, recipe, selection, name)
     total, done = len(seeds) * 2 * (rounds + 1), [0]
     curves: dict[str, list[list[float]]] = {"suggested": [], "random": []}
     start_sizes = []
@@ -342,23 +355,37 @@ def _write_suggestions(
         writer.writeheader()
         writer.writerows(table)
     if geojson is not None:
+        lon_lat = _wgs84(sc, [t["x"] for t in table], [t["y"] for t in table])
+        keys = ("row", "col", "x", "y", "predicted_class", "score")
         body = {
             "type": "FeatureCollection",
             "hsicache": "suggest/1",
-            "crs_wkt": sc.crs,
+            "coordinates": "WGS84 longitude, latitude" if lon_lat else "pixel (column, row)",
             "features": [
                 {
                     "type": "Feature",
-                    "geometry": {"type": "Point", "coordinates": [t["x"], t["y"]]},
-                    "properties": {k: t[k] for k in ("row", "col", "predicted_class", "score")},
+                    "geometry": {"type": "Point", "coordinates": list(xy)},
+                    "properties": {k: t[k] for k in keys},
                 }
-                for t in table
+                for t, xy in zip(table, lon_lat or [(t["x"], t["y"]) for t in table], strict=True)
             ],
         }
         with atomic_output(geojson, GEOJSON, option="--geojson") as tmp:
             tmp.write_text(json.dumps(body))
     if png is not None:
         save_png(_plot_suggestions(table, sc), png, option="--png")
+
+
+def _wgs84(sc: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]] | None:
+    """Points in the scene's CRS as WGS84 longitude, latitude (GeoJSON's only CRS), or
+    ``None`` for a scene without a CRS (the GeoJSON then holds pixel coordinates)."""
+    if not sc.crs:
+        return None
+    from rasterio.crs import CRS
+    from rasterio.warp import transform
+
+    lon, lat = transform(CRS.from_wkt(sc.crs), CRS.from_epsg(4326), xs, ys)
+    return list(zip(lon, lat, strict=True))
 
 
 def _plot_suggestions(table: list[dict[str, Any]], sc: Any) -> Any:

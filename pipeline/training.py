@@ -34,6 +34,7 @@ from pipeline.errors import ConfigError, HsicacheError, SceneNotFoundError, Stor
 from pipeline.heads import (
     FEATURE_MODES,
     HEADS,
+    REGISTRY,
     FiLMClassifier,
     MLPHead,
     check_kind,
@@ -345,9 +346,11 @@ class Recipe:
     self_training: dict[str, Any] | None = None
 
     def unlabeled(self) -> int | str | None:
-        """The unlabelled pixels the head is fitted with: ``"all"`` (``propagate``: every
-        pixel of the scene), a count (``self_training.pool``) or ``None`` (none)."""
-        if self.kind == "propagate":
+        """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
+        ``unlabeled="all"``, such as ``propagate``: every pixel of the scene), a count
+        (``self_training.pool``) or ``None`` (none)."""
+        spec = REGISTRY.get(self.kind)
+        if spec is not None and spec.unlabeled == "all":
             return "all"
         return self.self_training["pool"] if self.self_training else None
 
@@ -454,18 +457,23 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
 def fit_rows(
     scene: Scene, train_mask: np.ndarray, unlabeled: int | str | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The pixels a head is fitted on, ``(rows, cols, y)``: the train pixels (row-major), then
-    its unlabelled pixels (``y = -1``; row-major): every other pixel of the scene for
-    ``"all"``, a seeded sample of ``unlabeled`` of them for a count, none for ``None``.
+    """The pixels a head is fitted on, ``(rows, cols, y)``, ``y = -1`` for unlabelled ones:
+    every pixel of the scene in row-major order for ``"all"``; else the train pixels
+    (row-major), then a seeded sample of ``unlabeled`` other pixels (row-major) for a count,
+    none for ``None``.
 
     The unlabelled pixels are drawn from every pixel that is not a train pixel, labelled test
     pixels included (their labels are never read)."""
+    train_mask = np.asarray(train_mask, dtype=bool)
+    if unlabeled == "all":
+        rows, cols = np.indices(train_mask.shape).reshape(2, -1)
+        return rows, cols, np.where(train_mask.ravel(), scene.labels.ravel(), -1)
     rows, cols = np.nonzero(train_mask)
     y = scene.labels[rows, cols]
     if unlabeled is None:
         return rows, cols, y
-    flat = np.flatnonzero(~np.asarray(train_mask).ravel())
-    if unlabeled != "all" and int(unlabeled) < flat.size:
+    flat = np.flatnonzero(~train_mask.ravel())
+    if int(unlabeled) < flat.size:
         rng = np.random.default_rng(seed)
         flat = np.sort(rng.choice(flat, int(unlabeled), replace=False))
     ur, uc = np.unravel_index(flat, train_mask.shape)
@@ -476,9 +484,11 @@ def fit_rows(
 def unwrap(est: Any) -> tuple[Any, dict[str, Any] | None]:
     """A fitted self-training wrapper's final head (what is saved and predicts) and what the
     loop did; any other estimator as it is."""
-    final = getattr(est, "estimator_", None)
-    if final is None:
+    from sklearn.semi_supervised import SelfTrainingClassifier
+
+    if not isinstance(est, SelfTrainingClassifier):
         return est, None
+    final = est.estimator_
     labelled_at = np.asarray(est.labeled_iter_)
     return final, {
         "iterations": int(est.n_iter_),

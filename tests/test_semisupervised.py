@@ -52,6 +52,16 @@ class TestPropagation:
         alone = PropagationHead(n_neighbors=1, n_components=None).fit(X[one_each], y[one_each])
         assert (alone.predict(X) == y).mean() < 0.8  # two rows: nearest of the two, no rings
 
+    def test_a_part_no_label_reaches_takes_the_nearest_labelled_class(self):
+        rng = np.random.default_rng(0)
+        centres = [(0, 0)] * 100 + [(10, 10)] * 100 + [(30, 30)] * 50
+        X = rng.normal(np.array(centres, dtype=float), 1.0)
+        y = np.full(250, -1)
+        y[0], y[100] = 3, 7  # the third blob is its own graph component, nearest to class 7
+        head = PropagationHead(n_components=None, n_neighbors=10).fit(X, y)
+        assert head.n_unreached_ == 50
+        assert (head.transduction_[200:] == 7).all() and (head.transduction_[:100] == 3).all()
+
     def test_inverted_file_finds_the_exact_neighbours(self, monkeypatch):
         rng = np.random.default_rng(0)
         centres = rng.normal(0, 5, (40, 8))

@@ -82,6 +82,19 @@ class TestSuggest:
         assert result.exit_code == 2 and culprit in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
+    def test_a_head_without_probabilities_is_named_before_any_fit(self, runner, ambiguous,
+                                                                   tmp_path):  # fmt: skip
+        result = runner.invoke(app, ["suggest", "--scene", str(ambiguous), "--head", "svm",
+                                     "--params", str(tmp_path / "none.yaml"), "--out",
+                                     str(tmp_path / "n.csv")])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        (tmp_path / "p.yaml").write_text("heads:\n  svm: {use: spectral}\n")
+        result = runner.invoke(app, ["suggest", "--scene", str(ambiguous), "--head", "svm",
+                                     "--params", str(tmp_path / "p.yaml"), "--out",
+                                     str(tmp_path / "n.csv")])  # fmt: skip
+        assert result.exit_code == 2 and "svm: add `probability: true`" in result.stderr
+        assert not (tmp_path / "n.csv").exists()
+
     def test_simulation_writes_both_curves(self, runner, ambiguous, tmp_path):
         out = tmp_path / "sim.json"
         result = runner.invoke(app, ["suggest", "--scene", str(ambiguous), "--head", "logreg",
