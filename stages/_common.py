@@ -43,6 +43,22 @@ CONTEXT_STORE_OPTION = typer.Option(
     help="Context store from `hsicache context`, for heads that read context families."
     + STORE_HELP,
 )
+#: The context store of the commands that put heads side by side (``--context`` for short).
+CONTEXT_OPTION = typer.Option(
+    None,
+    "--context-store",
+    "--context",
+    help="Context store from `hsicache context`." + STORE_HELP,
+)
+#: The heads of ``compare`` and ``curve``.
+HEADS_OPTION = typer.Option(
+    None,
+    "--heads",
+    help="Comma-separated heads: names under `heads:` of the params file (their recipes) "
+    "or bare kinds (svm, logreg, film...).",
+)
+#: Split seeds.
+SEEDS_OPTION = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated split seeds.")
 WORKERS_OPTION = typer.Option(
     None, "--workers", help="Run on a new local dask cluster of this many worker processes."
 )

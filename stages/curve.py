@@ -8,11 +8,13 @@ from pathlib import Path
 import typer
 
 from stages._common import (
+    CONTEXT_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
+    HEADS_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
-    STORE_HELP,
+    SEEDS_OPTION,
     parse_csv,
     parse_csv_ints,
     progress_bar,
@@ -27,22 +29,12 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def curve(
     scene: str = SCENE_OPTION,
     features: str | None = HEAD_FEATURES_OPTION,
-    context_store: str | None = typer.Option(
-        None,
-        "--context-store",
-        "--context",
-        help="Context store from `hsicache context`." + STORE_HELP,
-    ),
-    heads: str | None = typer.Option(
-        None,
-        "--heads",
-        help="Comma-separated heads: names under `heads:` of the params file (their recipes) "
-        "or bare kinds.",
-    ),
+    context_store: str | None = CONTEXT_OPTION,
+    heads: str | None = HEADS_OPTION,
     per_class: str = typer.Option(
         "1,2,3,5,10,20", "--per-class", help="Comma-separated counts of labels per class."
     ),
-    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated split seeds."),
+    seeds: str = SEEDS_OPTION,
     out: Path | None = typer.Option(None, "--out", help="JSON file of the rows (a DVC metric)."),
     csv_path: Path | None = typer.Option(
         None, "--csv", help="CSV of OA: per_class, then a column per head (a DVC plot)."

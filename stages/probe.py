@@ -10,6 +10,7 @@ import typer
 from stages._common import (
     DEBUG_OPTION,
     SCENE_OPTION,
+    SEEDS_OPTION,
     STORE_HELP,
     parse_csv_ints,
     progress_bar,
@@ -35,7 +36,7 @@ def probe(
     per_class: int | None = typer.Option(
         None, "--per-class", help="Train pixels per class (default: the scene's split)."
     ),
-    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated split seeds."),
+    seeds: str = SEEDS_OPTION,
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds on the train pixels."),
     pairs_of: int = typer.Option(
         4, "--pairs-of", help="Also score every pair of this many best single candidates."

@@ -7,11 +7,11 @@ from pathlib import Path
 import typer
 
 from stages._common import (
+    CONTEXT_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
-    STORE_HELP,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -25,12 +25,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def suggest(
     scene: str = SCENE_OPTION,
     features: str | None = HEAD_FEATURES_OPTION,
-    context_store: str | None = typer.Option(
-        None,
-        "--context-store",
-        "--context",
-        help="Context store from `hsicache context`." + STORE_HELP,
-    ),
+    context_store: str | None = CONTEXT_OPTION,
     head: str = typer.Option(
         ..., "--head", help="A name under `heads:` of the params file (its recipe) or a kind."
     ),

@@ -13,13 +13,7 @@ from pipeline.extract import extract_features, upsample_region
 from pipeline.prepare import prepare
 from pipeline.scene import open_scene
 from stages.cli import app
-
-
-class _ProbeBackbone(Backbone):
-    """Its one site returns the noised input itself: each cached value reveals its patch."""
-
-    def features(self, x, timestep, sites, *, class_labels=None, truncate=True):
-        return {"probe": x.clone()}
+from tests.test_extract import _ProbeBackbone
 
 
 @pytest.fixture(scope="module")
