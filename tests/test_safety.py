@@ -137,6 +137,21 @@ def _predict(w, *extra, out="map.npy"):
             "--out", _at(w, out), *extra]  # fmt: skip
 
 
+def _curve(w, *extra, out="new.json"):
+    return ["curve", "--scene", w["a.zarr"], "--features", w["fa.zarr"], "--heads", "logreg",
+            "--per-class", "2", "--seeds", "0", "--out", _at(w, out), *extra]  # fmt: skip
+
+
+def _probe(w, *extra, out="new.json"):
+    return ["probe", "--scene", w["a.zarr"], "--features", w["fa.zarr"], "--seeds", "0",
+            "--out", _at(w, out), *extra]  # fmt: skip
+
+
+def _suggest(w, *extra, out="next.csv"):
+    return ["suggest", "--scene", w["a.zarr"], "--features", w["fa.zarr"], "--head", "logreg",
+            "--n", "5", "--out", _at(w, out), *extra]  # fmt: skip
+
+
 def _pretrain(w, *extra, out="backbone"):
     return ["pretrain", "--out", _at(w, out), "--images", w["photos"], *PRETRAIN, *extra]
 
@@ -185,6 +200,15 @@ CASES = [
                                                                 f"{w['dir']}/c.png"), "--png", None),
     ("evaluate-a-damaged-head", lambda w: [*_evaluate(w)[:6], w["head_damaged"], *_evaluate(w)[7:]],
      "is damaged", None),
+    ("curve-out-a-users-json", lambda w: _curve(w, out="user.json"), "not a metrics file", None),
+    ("curve-csv-a-users-csv", lambda w: _curve(w, "--csv", w["user.csv"]), "--csv", None),
+    ("curve-png-a-users-png", lambda w: _curve(w, "--png", w["user.png"]), "--png", None),
+    ("probe-out-a-users-json", lambda w: _probe(w, out="user.json"), "not a metrics file", None),
+    ("probe-out-is-the-scene", lambda w: _probe(w, out="a.zarr"), "is the input", None),
+    ("suggest-out-a-users-csv", lambda w: _suggest(w, out="user.csv"), "--out", None),
+    ("suggest-geojson-a-users-json", lambda w: _suggest(w, "--geojson", w["user.json"]), "--geojson", None),
+    ("suggest-simulate-out-a-head", lambda w: _suggest(w, "--simulate", "2", out="head"),
+     "not a metrics file", None),
     # -- values checked up front, naming the option --
     ("prepare-negative-seed", lambda w: _cube(w, "--seed", "-1"), "--seed", None),
     ("prepare-unknown-small-classes", lambda w: _cube(w, "--small-classes", "bogus"), "--small-classes", None),
@@ -207,6 +231,16 @@ CASES = [
     ("train-unknown-kind", lambda w: _train(w, "--head", "mine", "--head-params", '{"kind": "gpt"}'),
      "unknown head `gpt`", None),
     ("evaluate-negative-seed", lambda w: _evaluate(w, "--seeds", "0,-1"), "--seeds", None),
+    ("curve-per-class-zero", lambda w: _curve(w, "--per-class", "0"), "--per-class", None),
+    ("probe-one-fold", lambda w: _probe(w, "--folds", "1"), "--folds", None),
+    ("suggest-n-zero", lambda w: _suggest(w, "--n", "0"), "--n", None),
+    ("extract-zoom-three", lambda w: _extract(w, "--zoom", "3"), "--zoom", None),
+    ("extract-no-noise-draws", lambda w: _extract(w, "--noise-samples", "0"), "--noise-samples", None),
+    ("train-propagate-no-neighbours", lambda w: _train(w, "--head", "propagate", "--head-params",
+                                                       '{"n_neighbors": 0, "use": "spectral"}'), "n_neighbors", None),
+    ("train-self-training-threshold-one", lambda w: _train(w, "--head", "logreg", "--head-params",
+                                                           '{"use": "spectral", "self_training": {"threshold": 1}}'),
+     "threshold", None),
     ("bench-extract-timestep-out-of-range", lambda w: ["bench", "extract", "--backbone", "builtin:tiny",
                                                        "--timesteps", "5000"], "timestep 5000", None),
     ("pretrain-widths-not-multiples-of-8", lambda w: _pretrain(w, "--block-out-channels", "12,20"),
@@ -264,7 +298,7 @@ def test_the_matrix_is_at_least_forty_cases_over_every_command():
                                                        "cube_corrupt.zarr", "no_identity.zarr")}})[0]
                 for c in CASES}  # fmt: skip
     assert {"prepare", "extract", "train", "evaluate", "predict", "pretrain", "layers", "cache",
-            "bench"} <= commands  # fmt: skip
+            "bench", "curve", "probe", "suggest"} <= commands  # fmt: skip
     assert len({c[0] for c in CASES}) == len(CASES) >= 40
 
 
@@ -277,6 +311,9 @@ WRITERS = {
     "evaluate": (lambda w, o: _evaluate(w, "--png", _at(w, f"{o}/c.png"), metrics=f"{o}/m.json"), ()),
     "predict": (lambda w, o: _predict(w, "--png", _at(w, f"{o}/m.png"), out=f"{o}/m.npy"), ()),
     "pretrain": (lambda w, o: _pretrain(w, out=f"{o}/bb"), ("bb.partial",)),
+    "curve": (lambda w, o: _curve(w, "--csv", _at(w, f"{o}/c.csv"), out=f"{o}/c.json"), ()),
+    "probe": (lambda w, o: _probe(w, out=f"{o}/p.json"), ()),
+    "suggest": (lambda w, o: _suggest(w, "--png", _at(w, f"{o}/n.png"), out=f"{o}/n.csv"), ()),
 }  # fmt: skip
 
 
