@@ -169,7 +169,9 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         alpha: how far labels spread (0 < alpha < 1; near 1: far).
         n_components: principal components of the standardised columns (``None``: all columns).
         max_iter, tol: the spreading iterations.
-        random_state: seed (PCA and the inverted-file index).
+        random_state: the head's seed. The graph does not depend on it (PCA and the
+            inverted-file index use fixed seeds): the same pixels give the same graph for every
+            split seed, so refits share it.
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -210,17 +212,39 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
             )
         labelled = y >= 0
         self.classes_ = np.unique(y[labelled])
-        self._fit_projection(X)
-        nodes = self._project(X)
-        index = NeighbourIndex(nodes, random_state=self.random_state)
-        idx, dist = index.search(nodes, self.n_neighbors, self_ids=np.arange(len(nodes)))
-        spread = self._spread(_normalised_graph(idx, dist), y, labelled)
+        nodes, index, graph = self._graph(X)
+        spread = self._spread(graph, y, labelled)
         self.n_unreached_ = _fill_unreached(spread, nodes, labelled)
         self.nodes_ = nodes
         self.label_distributions_ = spread
         self.transduction_ = self.classes_[spread.argmax(1)]
         self._index = index
         return self
+
+    def _graph(self, X: np.ndarray) -> tuple[np.ndarray, NeighbourIndex, sparse.csr_matrix]:
+        """The nodes, their index and the normalised graph of ``X``: they depend on ``X`` and
+        the graph parameters only, never on labels, so refits on the same pixels (one per split
+        seed in ``compare``, ``curve``, ``evaluate --seeds``) reuse the last one built."""
+        import hashlib
+
+        digest = hashlib.blake2b(np.ascontiguousarray(X).view(np.uint8), digest_size=16)
+        key = (X.shape, digest.hexdigest(), self.n_neighbors, self.n_components)
+        if _LAST_GRAPH.get("key") != key:
+            _LAST_GRAPH.clear()  # one graph at a time: a scene's graph can be large
+            self._fit_projection(X)
+            nodes = self._project(X)
+            index = NeighbourIndex(nodes)
+            idx, dist = index.search(nodes, self.n_neighbors, self_ids=np.arange(len(nodes)))
+            projection = (self.mean_, self.scale_, self.components_)
+            _LAST_GRAPH.update(
+                key=key,
+                projection=projection,
+                nodes=nodes,
+                index=index,
+                graph=_normalised_graph(idx, dist),
+            )
+        self.mean_, self.scale_, self.components_ = _LAST_GRAPH["projection"]
+        return _LAST_GRAPH["nodes"], _LAST_GRAPH["index"], _LAST_GRAPH["graph"]
 
     def __getstate__(self) -> dict[str, Any]:
         """The fitted state without the neighbour index (rebuilt on demand after loading)."""
@@ -244,12 +268,13 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         if k is not None and k < X.shape[1]:
             from sklearn.decomposition import PCA
 
-            rng = np.random.default_rng(self.random_state)
+            rng = np.random.default_rng(0)
             take = np.sort(rng.choice(len(X), min(len(X), 200_000), replace=False))
+            full = X.shape[1] <= 2048  # exact, no randomness; else a fixed-seed randomized SVD
             pca = PCA(
                 n_components=min(k, len(take)),
-                svd_solver="randomized",
-                random_state=self.random_state,
+                svd_solver="full" if full else "randomized",
+                random_state=None if full else 0,
             )
             pca.fit((X[take] - self.mean_) / self.scale_)
             self.components_ = pca.components_.astype(np.float32)
@@ -288,12 +313,16 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "label_distributions_")
         X = validate_data(self, X, reset=False, dtype=np.float32)
         if getattr(self, "_index", None) is None:  # built once per loaded head, not per call
-            self._index = NeighbourIndex(self.nodes_, random_state=self.random_state)
+            self._index = NeighbourIndex(self.nodes_)
         nearest, _ = self._index.search(self._project(X), 1)
         return self.label_distributions_[nearest[:, 0]]
 
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+#: The graph :meth:`PropagationHead._graph` built last, with its key.
+_LAST_GRAPH: dict[str, Any] = {}
 
 
 def _fill_unreached(spread: np.ndarray, nodes: np.ndarray, labelled: np.ndarray) -> int:
