@@ -163,3 +163,20 @@ def test_resplit_draws_the_count_asked(stores):
     sc = open_scene(stores["scene"])
     train, _ = resplit(sc, 0, per_class=2)
     assert np.bincount(sc.labels[train]).tolist() == [2] * len(sc.class_ids)
+
+
+def test_probe_reads_a_bounded_sample_of_test_pixels(stores, monkeypatch):
+    import pipeline.probe
+
+    inputs = open_inputs(stores["scene"], None, stores["ctx"])
+    whole = probe(inputs, seeds=[0], pairs_of=0)
+    read = []
+    gather = inputs.context.gather
+    monkeypatch.setattr(
+        inputs.context, "gather", lambda r, c, f: read.append(r.size) or gather(r, c, f)
+    )
+    monkeypatch.setattr(pipeline.probe, "_TEST_SAMPLE", 50)
+    sampled = probe(inputs, seeds=[0], pairs_of=0)
+    n_train = int(resplit(inputs.scene, 0)[0].sum())
+    assert set(read) == {n_train + 50}  # the train pixels and 50 test pixels, nothing else
+    assert [r["cv_mean"] for r in sampled["rows"]] == [r["cv_mean"] for r in whole["rows"]]
