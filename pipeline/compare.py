@@ -33,6 +33,7 @@ from pipeline.errors import ConfigError
 __all__ = [
     "COMPARE_KEYS",
     "compare_heads",
+    "head_recipe",
     "markdown_table",
     "plot_comparison",
     "run_comparison",
@@ -294,7 +295,7 @@ def run_comparison(
         {"--out": (out, METRICS), "--markdown": (markdown, MARKDOWN), "--png": (png, PNG)},
         {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
     )
-    table = {name: _recipe(name, recipes) for name in heads}
+    table = {name: head_recipe(name, recipes) for name in heads}
     result = compare_heads(
         scene=scene,
         cache=cache,
@@ -308,7 +309,7 @@ def run_comparison(
     return result
 
 
-def _recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
+def head_recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
     """The ``heads.<name>`` entry of the params file, or ``{}`` for a bare kind."""
     from pipeline.heads import check_kind
     from pipeline.params import head_settings, load_section

@@ -112,7 +112,7 @@ def run_curve(
 ) -> dict[str, Any]:
     """Check the outputs, :func:`label_curve` the named heads (entries of ``recipes``, or bare
     kinds) and write the JSON (a DVC metrics file), the CSV (a DVC plot) and the PNG."""
-    from pipeline.compare import _recipe
+    from pipeline.compare import head_recipe
     from pipeline.outputs import CURVE_CSV, METRICS, PNG, check_outputs
     from pipeline.training import open_inputs
 
@@ -124,7 +124,7 @@ def run_curve(
         {"--out": (out, METRICS), "--csv": (csv_path, CURVE_CSV), "--png": (png, PNG)},
         {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
     )
-    table = {name: _recipe(name, recipes) for name in heads}
+    table = {name: head_recipe(name, recipes) for name in heads}
     result = label_curve(open_inputs(scene, cache, context), table, counts, seeds, progress)
     _write(result, out, csv_path, png)
     return result

@@ -57,6 +57,7 @@ __all__ = [
     "head_help",
     "make_head",
     "register",
+    "require_probabilities",
 ]
 
 
@@ -481,6 +482,16 @@ def check_params(est: Any, name: str) -> None:
                 step._validate_params()
             except InvalidParameterError as exc:
                 raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+
+
+def require_probabilities(est: Any, name: str, needed_by: str) -> None:
+    """A :class:`ConfigError` unless ``est`` gives class probabilities (``predict_proba``),
+    which ``needed_by`` needs; before any pixel is read."""
+    if not hasattr(est, "predict_proba"):
+        raise ConfigError(
+            f"head `{name}` gives no class probabilities, which {needed_by} needs (svm: add "
+            "`probability: true` to its entry)"
+        )
 
 
 def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:

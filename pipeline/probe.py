@@ -40,9 +40,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
-        parts = ["spectrum"] if self.spectrum else []
-        parts += list(self.context) + [f"t{t}:{s}" for t, s in self.arrays]
-        return "+".join(parts)
+        return "+".join(self.parts())
 
     def parts(self) -> list[str]:
         """The single candidates this one joins."""

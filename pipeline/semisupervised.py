@@ -199,9 +199,6 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
 
-    #: the training layer hands this head every pixel of the scene
-    unlabeled_pixels = "all"
-
     def fit(self, X: Any, y: Any) -> PropagationHead:
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float32)

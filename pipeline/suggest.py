@@ -110,13 +110,10 @@ def _diversity_space(candidates: np.ndarray, labelled: np.ndarray, seed: int) ->
 def _min_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Each row of ``a``'s distance to its nearest row of ``b``."""
     out = np.empty(len(a), dtype=np.float64)
-    for s in range(0, len(a), 4096):
-        d = ((a[s : s + 4096, None, :] - b[None]) ** 2).sum(-1) if len(b) < 256 else None
-        if d is None:
-            from scipy.spatial.distance import cdist
+    from scipy.spatial.distance import cdist
 
-            d = cdist(a[s : s + 4096], b, "sqeuclidean")
-        out[s : s + 4096] = d.min(axis=1)
+    for s in range(0, len(a), 4096):
+        out[s : s + 4096] = cdist(a[s : s + 4096], b, "sqeuclidean").min(axis=1)
     return out
 
 
@@ -173,13 +170,10 @@ def suggest_pixels(
 
 def _check_probabilities(inputs: Any, recipe: Any, selection: Any, name: str) -> None:
     """Before any fit: the head must give class probabilities (uncertainty needs them)."""
+    from pipeline.heads import require_probabilities
     from pipeline.training import build_head
 
-    if not hasattr(build_head(recipe, inputs, selection, 0), "predict_proba"):
-        raise ConfigError(
-            f"head `{name}` gives no class probabilities, which `suggest` needs (svm: add "
-            "`probability: true` to its entry)"
-        )
+    require_probabilities(build_head(recipe, inputs, selection, 0), name, "`suggest`")
 
 
 def pixel_coordinates(scene: Any, rows: np.ndarray, cols: np.ndarray) -> tuple[Any, Any]:
@@ -305,7 +299,7 @@ def run_suggest(
     pool: int | None = 50_000,
 ) -> dict[str, Any]:
     """Check the outputs, :func:`suggest_pixels`, and write the CSV (and PNG, GeoJSON)."""
-    from pipeline.compare import _recipe
+    from pipeline.compare import head_recipe
     from pipeline.outputs import GEOJSON, PNG, SUGGEST_CSV, check_outputs
     from pipeline.training import open_inputs
 
@@ -316,7 +310,7 @@ def run_suggest(
         {"--out": (out, SUGGEST_CSV), "--png": (png, PNG), "--geojson": (geojson, GEOJSON)},
         {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
     )
-    params = _recipe(head, recipes)
+    params = head_recipe(head, recipes)
     inputs = open_inputs(scene, cache, context)
     picked = suggest_pixels(inputs, head, params, n=n, seed=seed, pool=pool)
     sc = inputs.scene
@@ -433,7 +427,7 @@ def run_simulation(
     """Check the outputs, :func:`simulate`, and write its JSON (and the PNG of both curves)."""
     import json
 
-    from pipeline.compare import _recipe
+    from pipeline.compare import head_recipe
     from pipeline.evaluation import METRICS_FORMAT
     from pipeline.outputs import METRICS, PNG, check_outputs
     from pipeline.plots import save_png
@@ -448,7 +442,7 @@ def run_simulation(
         {"--out": (out, METRICS), "--png": (png, PNG)},
         {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
     )
-    params = _recipe(head, recipes)
+    params = head_recipe(head, recipes)
     result = simulate(
         open_inputs(scene, cache, context),
         head,

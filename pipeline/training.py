@@ -41,6 +41,7 @@ from pipeline.heads import (
     check_params,
     fit_estimator,
     make_head,
+    require_probabilities,
 )
 from pipeline.outputs import HEAD, check_outputs
 from pipeline.scene import Scene, open_scene
@@ -445,11 +446,7 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     )
     if recipe.self_training is None:
         return est
-    if not hasattr(est, "predict_proba"):
-        raise ConfigError(
-            f"head kind `{recipe.kind}` has no predict_proba, which `self_training` needs "
-            "(svm: add `probability: true`)"
-        )
+    require_probabilities(est, recipe.kind, "`self_training`")
     loop = recipe.self_training
     return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
 
