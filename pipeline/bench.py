@@ -356,12 +356,18 @@ def extraction_seconds(
     if run:
         with tempfile.TemporaryDirectory(prefix="hsicache-bench-extract-") as tmp:
             started = time.perf_counter()
-            extract_features(scene=scene, backbone=bb, timesteps=list(timesteps),
-                             sites=list(sites), out=Path(tmp) / "features.zarr",
-                             patch=ident["patch"], stride=ident["stride"], batch_size=batch_size,
-                             noise_seed=ident["noise_seed"], class_seed=ident["class_seed"],
-                             class_label=ident["class_label"], zoom=ident.get("zoom", 1),
-                             noise_samples=ident.get("noise_samples", 1))  # fmt: skip
+            same = ("patch", "stride", "noise_seed", "class_seed", "class_label")
+            extract_features(
+                scene=scene,
+                backbone=bb,
+                timesteps=list(timesteps),
+                sites=list(sites),
+                out=Path(tmp) / "features.zarr",
+                batch_size=batch_size,
+                zoom=ident.get("zoom", 1),
+                noise_samples=ident.get("noise_samples", 1),
+                **{key: ident[key] for key in same},
+            )
             return load_s + time.perf_counter() - started
     sc = open_scene(scene)
     layout = TileLayout(
