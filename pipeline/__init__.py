@@ -1,7 +1,20 @@
-"""hsicache library: scene readers, splits, renderings, the feature cache and heads.
+"""hsicache library, in subpackages that follow the data:
 
-The library never reads ``params.yaml`` and never prints: progress is reported through the
-``rich`` progress object or callback a caller hands in.
+* :mod:`pipeline.scene` — readers, built-in and synthetic scenes, the rendering, splits,
+  ``prepare``;
+* :mod:`pipeline.backbone` — the frozen diffusion UNet: loading, ADM conversion, pretraining;
+* :mod:`pipeline.features` — extraction into the feature cache, and the context store;
+* :mod:`pipeline.heads` — the head registry, torch and classic heads, semi-supervised heads,
+  training against the caches;
+* :mod:`pipeline.evaluation` — metrics, evaluation and maps, ``compare``, ``curve``, ``probe``,
+  ``suggest``;
+* :mod:`pipeline.io` (outputs, atomic writes, locations, the lock, dask, ``params.yaml``
+  sections) and :mod:`pipeline.utils` (argument checks, devices) serve them all;
+  :mod:`pipeline.bench` times them.
+
+The library never prints: progress is reported through the ``rich`` progress object or
+callback a caller hands in. Only :mod:`pipeline.io.params` reads ``params.yaml``, for callers
+(the commands, ``compare``) that name head recipes by their entry there.
 """
 
 from pipeline.errors import HsicacheError

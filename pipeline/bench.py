@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.autotune import time_call
-from pipeline.backbone import Backbone, load_backbone, noised, seeded_noise
+from pipeline.backbone.autotune import time_call
+from pipeline.backbone.loading import Backbone, load_backbone, noised, seeded_noise
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -75,8 +75,14 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device) -> float:
     return 2 * n**3 / seconds / 1e9
 
 
-def forward_flops(bb: Backbone, x: torch.Tensor, timestep: int, sites: Sequence[str],
-                  labels: torch.Tensor | None, truncate: bool) -> int:  # fmt: skip
+def forward_flops(
+    bb: Backbone,
+    x: torch.Tensor,
+    timestep: int,
+    sites: Sequence[str],
+    labels: torch.Tensor | None,
+    truncate: bool,
+) -> int:
     """FLOPs of one (truncated) forward of the batch ``x``."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -116,11 +122,11 @@ def bench_extract(
         The :data:`EXTRACT_KEYS` figures plus a ``details`` mapping (device, CPU capability,
         dtype, patches, FLOPs per patch, seconds, the naive figures and the dtype report).
     """
-    from pipeline.autotune import without_memory
-    from pipeline.checks import check_int
-    from pipeline.devices import cpu_capability, resolve_device
-    from pipeline.prepare import prepare
-    from pipeline.scene import open_scene
+    from pipeline.backbone.autotune import without_memory
+    from pipeline.scene.core import open_scene
+    from pipeline.scene.preparation import prepare
+    from pipeline.utils.checks import check_int
+    from pipeline.utils.devices import cpu_capability, resolve_device
 
     check_int("--naive-patches", naive_patches, low=1)
     check_int("--batch-size", batch_size, low=1)
@@ -144,7 +150,7 @@ def bench_extract(
             stats, out = run(dtype, "features.zarr", progress)
         reference = run("fp32", "fp32.zarr", None)
         dt = getattr(torch, _chosen(stats, dtype, dev))
-        from pipeline.cache import cache_info
+        from pipeline.features.cache import cache_info
 
         cache_to_raw = cache_info(out)["cache_to_raw"]
     patches = stats["patches"]
@@ -192,8 +198,8 @@ def _naive_and_flops(
     work: Path,
 ) -> tuple[list[str], int, dict[str, Any], int]:
     """``(sites, stride, naive figures, FLOPs of one truncated patch forward)``."""
-    from pipeline.backbone import check_timesteps
-    from pipeline.extract import TileLayout, patch_class_labels
+    from pipeline.backbone.loading import check_timesteps
+    from pipeline.features.extract import TileLayout, patch_class_labels
 
     bb = load_backbone(backbone, device=dev)
     names = list(sites) if sites else [default_site(bb)]
@@ -232,7 +238,7 @@ def _timed_extraction(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[dict[str, Any], Path]:
     """One ``extract`` from the backbone SPEC, as the command runs it; its statistics."""
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
 
     stats: dict[str, Any] = {}
     extract_features(
@@ -253,7 +259,7 @@ def _timed_extraction(
 
 def _chosen(stats: dict[str, Any], dtype: str, dev: torch.device) -> str:
     """The torch dtype name an extraction computed in."""
-    from pipeline.devices import resolve_dtype
+    from pipeline.utils.devices import resolve_dtype
 
     choice = stats["dtype_report"].get("choice")
     if choice:
@@ -274,9 +280,11 @@ def _naive(
     channels = sum(bb.site(n).channels for n in names)
     patch = layout.patch
     kept = np.lib.format.open_memmap(
-        work / "naive.npy", mode="w+", dtype=np.float32,
+        work / "naive.npy",
+        mode="w+",
+        dtype=np.float32,
         shape=(len(tiles), patch, patch, channels),
-    )  # fmt: skip
+    )
     was = bb.dtype
     bb.cast(torch.float32)
 
@@ -326,14 +334,14 @@ def extraction_seconds(
     """Seconds stage one takes to re-extract these features with the cache's backbone.
 
     Both ways time loading the backbone named in the cache's provenance. ``run=True``: then
-    stage one itself, :func:`~pipeline.extract.extract_features` over the whole scene into a
-    temporary store, with the cache's parameters restricted to these timesteps and sites.
+    stage one itself, :func:`~pipeline.features.extract.extract_features` over the whole scene
+    into a temporary store, with the cache's parameters restricted to these timesteps and sites.
     ``run=False``: an estimate for scenes where that takes too long, one batch of real
     patches per timestep scaled to all patches (rendering and cache writes left out, so it
     errs low). ``None`` when the backbone cannot be loaded here.
     """
     from pipeline.errors import HsicacheError
-    from pipeline.extract import (
+    from pipeline.features.extract import (
         TileLayout,
         _SceneImage,
         extract_features,
@@ -341,7 +349,7 @@ def extraction_seconds(
         resolve_device,
         resolve_dtype,
     )
-    from pipeline.scene import open_scene
+    from pipeline.scene.core import open_scene
 
     ident = cache.attrs["identity"]
     dev = resolve_device("auto")
@@ -350,8 +358,11 @@ def extraction_seconds(
         bb = load_backbone(ident["backbone"], device=dev)
     except (HsicacheError, OSError):
         return None
-    bb.cast(getattr(torch, ident.get("compute_dtype") or "float32")
-            if dev.type == "cpu" else resolve_dtype("auto", dev))  # fmt: skip
+    bb.cast(
+        getattr(torch, ident.get("compute_dtype") or "float32")
+        if dev.type == "cpu"
+        else resolve_dtype("auto", dev)
+    )
     load_s = time.perf_counter() - started
     if run:
         with tempfile.TemporaryDirectory(prefix="hsicache-bench-extract-") as tmp:
@@ -408,7 +419,7 @@ def bench_heads(
 
     Every head first runs once untimed (the process's one-off costs: imports, kernel set-up),
     then stage one is timed once per feature selection, then each head runs ``repeats`` times
-    from a cold :data:`~pipeline.storage.memory_cache`; each step's median counts.
+    from a cold :data:`~pipeline.io.storage.memory_cache`; each step's median counts.
 
     Per head: ``train_s``, ``evaluate_s``, ``predict_s``; ``reuse_ratio`` = seconds to
     re-extract the features the head reads with the cache's backbone (stage one run for real,
@@ -417,11 +428,11 @@ def bench_heads(
     ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps,
     cold) ÷ bytes of the features the head actually needs (float16, every pixel it touches).
     """
-    from pipeline.cache import FeatureCache, count_reads
-    from pipeline.evaluation import evaluate, predict_map
-    from pipeline.scene import open_scene
-    from pipeline.storage import memory_cache
-    from pipeline.training import train_head
+    from pipeline.evaluation.scoring import evaluate, predict_map
+    from pipeline.features.cache import FeatureCache, count_reads
+    from pipeline.heads.training import train_head
+    from pipeline.io.storage import memory_cache
+    from pipeline.scene.core import open_scene
 
     if repeats < 1:
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
@@ -437,8 +448,9 @@ def bench_heads(
         def steps(name: str, params: dict[str, Any]) -> tuple[Any, list[float]]:
             slug = name.replace(".", "_")  # an import path names a head folder too
             times = [time.perf_counter()]
-            trained = train_head(scene=scene, cache=features, head=name, out=work / slug,
-                                 params=dict(params))  # fmt: skip
+            trained = train_head(
+                scene=scene, cache=features, head=name, out=work / slug, params=dict(params)
+            )
             times.append(time.perf_counter())
             evaluate(scene=scene, cache=features, head=work / slug)
             times.append(time.perf_counter())
@@ -495,7 +507,7 @@ def bench_context(
     config: Any = None,
     scene: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Time :func:`pipeline.context.write_context` and measure its peak memory.
+    """Time :func:`pipeline.features.context.write_context` and measure its peak memory.
 
     The context stage runs in a fresh child process (``spawn``), so ``peak_rss_gb`` is that
     process's own peak resident memory, interpreter and imports included, and ``seconds`` its
@@ -507,8 +519,8 @@ def bench_context(
     """
     import multiprocessing as mp
 
-    from pipeline.checks import check_int
-    from pipeline.context import ContextConfig
+    from pipeline.features.context import ContextConfig
+    from pipeline.utils.checks import check_int
 
     cfg = config or ContextConfig()
     synthetic = scene is None
@@ -523,7 +535,7 @@ def bench_context(
             seconds, rss, families = pool.apply(
                 _context_child, (str(scene), str(work / "c.zarr"), cfg)
             )
-        from pipeline.scene import open_scene
+        from pipeline.scene.core import open_scene
 
         shape = open_scene(scene, lazy=True).shape
     return {
@@ -569,8 +581,8 @@ def bench_propagate(
     """
     import multiprocessing as mp
 
-    from pipeline.checks import check_int
-    from pipeline.context import ContextConfig, write_context
+    from pipeline.features.context import ContextConfig, write_context
+    from pipeline.utils.checks import check_int
 
     params = {**PROPAGATE_HEAD, **(head or {})}
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-propagate-") as tmp:
@@ -593,8 +605,8 @@ def bench_propagate(
 
 def _propagate_child(scene: str, context: str, out: str, params: dict[str, Any]) -> dict[str, Any]:
     """In the child: train and evaluate the head, with wall seconds and peak resident bytes."""
-    from pipeline.evaluation import evaluate
-    from pipeline.training import train_head
+    from pipeline.evaluation.scoring import evaluate
+    from pipeline.heads.training import train_head
 
     started = time.perf_counter()
     trained = train_head(
@@ -620,8 +632,8 @@ def _propagate_child(scene: str, context: str, out: str, params: dict[str, Any])
 
 def _synthetic_scene(work: Path, size: int, bands: int) -> Path:
     """A ``size`` x ``size`` x ``bands`` synthetic scene store (Voronoi fields, 8 classes)."""
-    from pipeline.prepare import prepare
-    from pipeline.synthetic import make_synthetic_scene
+    from pipeline.scene.preparation import prepare
+    from pipeline.scene.synthetic import make_synthetic_scene
 
     synth = make_synthetic_scene(size, size, bands, seed=0, region_size=48)
     np.save(work / "cube.npy", synth.cube.astype(np.float32))
@@ -640,7 +652,7 @@ def _synthetic_scene(work: Path, size: int, bands: int) -> Path:
 
 def _context_child(scene: str, out: str, cfg: Any) -> tuple[float, int, dict[str, int]]:
     """In the child: the context stage, its wall seconds and its peak resident bytes."""
-    from pipeline.context import write_context
+    from pipeline.features.context import write_context
 
     started = time.perf_counter()
     store = write_context(scene=scene, out=out, config=cfg)

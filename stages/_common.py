@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as _usage  # type: ignore[no-redef]
 
 from pipeline.errors import ConfigError, HsicacheError, HsicacheWarning
-from pipeline.params import load_section
+from pipeline.io.params import load_section
 
 BACKBONE_HELP = (
     "builtin:tiny | builtin:adm64 | diffusers folder | hub id | guided-diffusion .pt checkpoint."
@@ -72,8 +72,8 @@ SCHEDULER_OPTION = typer.Option(
 
 def cluster(workers: int | None, scheduler: str | None) -> Callable[[], Any] | None:
     """``--workers``/``--scheduler`` checked now, the cluster opened once there is work, with
-    its dashboard address on stderr (see :func:`pipeline.cluster.cluster_opener`)."""
-    from pipeline.cluster import cluster_opener
+    its dashboard address on stderr (see :func:`pipeline.io.cluster.cluster_opener`)."""
+    from pipeline.io.cluster import cluster_opener
 
     def show(client: Any) -> None:
         typer.echo(f"dask dashboard: {client.dashboard_link}", err=True)

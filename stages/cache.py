@@ -22,7 +22,7 @@ def info(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Sites, shapes, bytes on disk, compression ratio and provenance."""
-    from pipeline.cache import cache_info
+    from pipeline.features.cache import cache_info
 
     with user_errors(debug):
         rep = cache_info(store)
@@ -57,8 +57,8 @@ def verify(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Check every chunk is present, readable and finite, and made from this scene's image."""
-    from pipeline.cache import verify_cache
-    from pipeline.scene import open_scene
+    from pipeline.features.cache import verify_cache
+    from pipeline.scene.core import open_scene
 
     with user_errors(debug):
         fp = open_scene(scene).image_fingerprint if scene is not None else None
@@ -79,7 +79,7 @@ def unlock(
     A lock left by a killed process on the same host is taken over by the next `extract`
     without this; use it only when you are sure no `extract` still writes the cache.
     """
-    from pipeline.cache import unlock_cache
+    from pipeline.features.cache import unlock_cache
 
     with user_errors(debug):
         owner = unlock_cache(store)

@@ -48,7 +48,7 @@ def compare(
 
     Each head's recipe is refitted on the split re-drawn for every seed, reusing the caches.
     """
-    from pipeline.compare import run_comparison
+    from pipeline.evaluation.compare import run_comparison
 
     recipes_file = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
     with user_errors(debug), progress_bar("compare") as progress:
@@ -68,7 +68,7 @@ def compare(
     if as_json:
         typer.echo(json.dumps(result["rows"]))
         return
-    from pipeline.compare import markdown_table
+    from pipeline.evaluation.compare import markdown_table
 
     typer.echo(markdown_table(result).split("\n", 2)[2].rstrip())
 

@@ -55,7 +55,7 @@ def context(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Compute context families (meanW, emp, slicN) from the scene's cube, not the backbone."""
-    from pipeline.context import ContextConfig, write_context
+    from pipeline.features.context import ContextConfig, write_context
 
     with user_errors(debug):
         given = {

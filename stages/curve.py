@@ -48,7 +48,7 @@ def curve(
 ) -> None:
     """Accuracy against labels per class: each head's recipe refitted on the split re-drawn
     with every count and seed, reusing the caches."""
-    from pipeline.curve import CURVE_KEYS, run_curve
+    from pipeline.evaluation.curve import CURVE_KEYS, run_curve
 
     recipes_file = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
     with user_errors(debug), progress_bar("curve") as progress:

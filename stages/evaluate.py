@@ -42,8 +42,12 @@ def evaluate(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """OA, AA, kappa, per-class precision/recall/F1/IoU, mIoU and the confusion matrix."""
-    from pipeline.evaluation import check_evaluation_outputs, evaluate_seeds, write_evaluation
-    from pipeline.evaluation import evaluate as run_evaluate
+    from pipeline.evaluation.scoring import (
+        check_evaluation_outputs,
+        evaluate_seeds,
+        write_evaluation,
+    )
+    from pipeline.evaluation.scoring import evaluate as run_evaluate
 
     with user_errors(debug):
         seed_list = parse_csv_ints(seeds, "--seeds")

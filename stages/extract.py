@@ -87,8 +87,8 @@ def extract(
 
     One writer per cache: a second `extract` into a cache being written is refused.
     """
-    from pipeline.cluster import parse_resources
-    from pipeline.extract import extract_features
+    from pipeline.features.extract import extract_features
+    from pipeline.io.cluster import parse_resources
 
     with user_errors(debug), progress_bar("extract") as progress:
         wanted = parse_resources(resources)

@@ -18,7 +18,7 @@ def layers(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """List the feature sites of a backbone in forward order."""
-    from pipeline.backbone import load_backbone
+    from pipeline.backbone.loading import load_backbone
 
     with user_errors(debug):
         bb = load_backbone(backbone)

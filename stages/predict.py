@@ -43,7 +43,7 @@ def predict(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Predict every pixel without loading all features into memory."""
-    from pipeline.evaluation import predict_map
+    from pipeline.evaluation.scoring import predict_map
 
     with user_errors(debug), progress_bar("predict") as progress:
         summary = predict_map(scene=scene, cache=features, head=head, out=out, png=png,

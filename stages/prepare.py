@@ -96,7 +96,7 @@ def prepare(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Read a scene, check it, split its labels and write SCENE.zarr."""
-    from pipeline.prepare import prepare as run
+    from pipeline.scene.preparation import prepare as run
 
     with user_errors(debug):
         scene = run(

@@ -60,8 +60,8 @@ def pretrain(
 ) -> None:
     """Train a small UNet (epsilon-prediction, EMA) on natural photographs, resumably; or write
     hsicache's shipped one (--shipped natural-s), as `dvc repro` does by default."""
-    from pipeline.pretrain import PretrainConfig
-    from pipeline.pretrain import pretrain as run_pretrain
+    from pipeline.backbone.pretraining import PretrainConfig
+    from pipeline.backbone.pretraining import pretrain as run_pretrain
 
     with user_errors(debug):
         config = PretrainConfig(

@@ -51,7 +51,7 @@ def probe(
 
     The test pixels' accuracy is shown in its own column and never ranks anything.
     """
-    from pipeline.probe import run_probe
+    from pipeline.evaluation.probing import run_probe
 
     with user_errors(debug), progress_bar("probe") as progress:
         result = run_probe(

@@ -69,7 +69,7 @@ def suggest(
     """The next pixels to label: uncertain (small margin between the two likeliest classes),
     diverse (k-centre greedy in feature space) and spread over the predicted classes; never a
     train pixel. With --simulate, the loop against the ground truth beside random picks."""
-    from pipeline.suggest import run_simulation, run_suggest
+    from pipeline.evaluation.suggest import run_simulation, run_suggest
 
     recipes = params or (Path("params.yaml") if Path("params.yaml").is_file() else None)
     stores = {"scene": scene, "cache": features, "context": context_store}

@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 
 def _head_help() -> str:
-    from pipeline.kinds import head_help
+    from pipeline.heads.registry import head_help
 
     return head_help()
 
@@ -44,7 +44,7 @@ def head_params_for(head: str, given: str | None, params_file: Path | None) -> d
             raise ConfigError("`--head-params` must be a JSON object of keyword arguments")
         return value
     if params_file is not None:
-        from pipeline.params import head_settings
+        from pipeline.io.params import head_settings
 
         return head_settings(params_file, head)
     return {}
@@ -81,7 +81,7 @@ def train(
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Fit a head on the train pixels (the backbone never runs) and save it."""
-    from pipeline.training import train_head
+    from pipeline.heads.training import train_head
 
     with user_errors(debug):
         trained = train_head(

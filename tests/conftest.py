@@ -47,14 +47,14 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_user_cache(tmp_path_factory) -> None:
-    """Measured choices (pipeline.autotune) go to a throw-away cache, not the user's."""
+    """Measured choices (pipeline.backbone.autotune) go to a throw-away cache, not the user's."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> str:
     """A 96 x 96 synthetic scene store, 3 labels per class (one per test module that asks)."""
-    from pipeline.prepare import prepare
+    from pipeline.scene.preparation import prepare
 
     path = tmp_path_factory.mktemp("scene") / "scene.zarr"
     prepare(out=path, builtin="synthetic", per_class=3, seed=0)

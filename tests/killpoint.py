@@ -38,9 +38,9 @@ def main() -> None:
 
     from zarr.storage import LocalStore
 
-    import pipeline.extract as extract
-    import pipeline.storage as storage
-    from pipeline.backbone import Backbone
+    import pipeline.features.extract as extract
+    import pipeline.io.storage as storage
+    from pipeline.backbone.loading import Backbone
 
     def after(fn, hook):
         def wrapped(*a, **k):

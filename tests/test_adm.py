@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pipeline.adm import convert_adm_state_dict
-from pipeline.backbone import load_backbone
+from pipeline.backbone.adm import convert_adm_state_dict
+from pipeline.backbone.loading import load_backbone
 from pipeline.errors import ConfigError
 from stages.cli import app
 from tests.adm_reference import ADMUNet

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.extract import extract_features
-from pipeline.prepare import prepare
-from pipeline.training import train_head
+from pipeline.features.extract import extract_features
+from pipeline.heads.training import train_head
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 TINY = ["--backbone", "builtin:tiny"]

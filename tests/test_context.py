@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.context import ContextConfig, ContextStore, reduce_spectra, write_context
 from pipeline.errors import StoreError
-from pipeline.extract import extract_features
-from pipeline.prepare import prepare
-from pipeline.scene import open_scene
-from pipeline.training import load_head, train_head
+from pipeline.features.context import ContextConfig, ContextStore, reduce_spectra, write_context
+from pipeline.features.extract import extract_features
+from pipeline.heads.training import load_head, train_head
+from pipeline.scene.core import open_scene
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 SMALL = ContextConfig(components=4, windows=(3, 7), emp_components=2, emp_radii=(1, 2),
@@ -95,7 +95,7 @@ class TestContextFeatures:
         assert ds.attrs["families"]["mean7"] == {"channels": 4, "reach": 3}
 
     def test_a_killed_run_leaves_nothing_and_the_rerun_gives_the_same_bytes(self, stores, tmp_path):
-        code = ("import os, signal, pipeline.context as c\n"
+        code = ("import os, signal, pipeline.features.context as c\n"
                 "real = c.slic_family\n"
                 "def die(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
                 "c.slic_family = die\n"
@@ -135,7 +135,7 @@ class TestHeadsReadContext:
     ])  # fmt: skip
     def test_every_kind_trains_evaluates_and_maps_with_context(self, stores, tmp_path, head,
                                                                params):  # fmt: skip
-        from pipeline.evaluation import evaluate, predict_map
+        from pipeline.evaluation.scoring import evaluate, predict_map
 
         kw = dict(scene=stores["scene.zarr"], cache=stores["f.zarr"])
         trained = train_head(**kw, head=head, out=tmp_path / "h", params=params,
@@ -165,7 +165,7 @@ class TestHeadsReadContext:
         assert not (tmp_path / "h").exists()
 
     def test_a_saved_head_refuses_a_context_store_made_otherwise(self, stores, tmp_path):
-        from pipeline.evaluation import evaluate
+        from pipeline.evaluation.scoring import evaluate
 
         train_head(scene=stores["scene.zarr"], cache=None, head="logreg", out=tmp_path / "h",
                    params={"use": "spectral", "context": ["mean3"]},
@@ -198,7 +198,7 @@ class TestCompare:
         train_head(scene=stores["scene.zarr"], cache=None, head="ctx_lr", out=tmp_path / "h",
                    params={"kind": "logreg", "use": "spectral", "context": ["mean7"]},
                    context_store=stores["ctx.zarr"])  # fmt: skip
-        from pipeline.evaluation import evaluate_seeds
+        from pipeline.evaluation.scoring import evaluate_seeds
 
         seeds = evaluate_seeds(scene=stores["scene.zarr"], cache=None, head=tmp_path / "h",
                                seeds=[0, 1], context=stores["ctx.zarr"])  # fmt: skip

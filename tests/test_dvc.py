@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,3 +105,31 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     assert "extract" in ran and "compare" in ran
     assert not {"pretrain", "prepare", "context"} & ran
     assert {f"train@{h}" for h in ("spatial",)} <= ran
+
+    # (5) editing a library module makes `dvc status` report exactly the stages importing it
+    per_head = {f"{s}@{h}" for s in ("train", "evaluate", "predict") for h in params["heads"]}
+    for module, importers in {
+        "pipeline/heads/semisupervised.py": per_head | {"compare", "curve"},
+        "pipeline/backbone/adm.py": {"pretrain", "extract"},
+        "stages/context.py": {"context"},
+    }.items():
+        path = repo / module
+        source = path.read_text()
+        path.write_text(source + "\n# an edit\n")
+        assert _changed_deps(repo) == importers, module
+        path.write_text(source)
+    assert _changed_deps(repo) == set()
+
+
+def _changed_deps(repo: Path) -> set[str]:
+    """The stages `dvc status` reports with changed deps."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "dvc", "status", "--json"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    return {
+        stage
+        for stage, changes in status.items()
+        if any(isinstance(c, dict) and "changed deps" in c for c in changes)
+    }

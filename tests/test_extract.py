@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, Site, _weights_hash, load_backbone, seeded_noise
-from pipeline.cache import FeatureCache
+from pipeline.backbone.loading import Backbone, Site, _weights_hash, load_backbone, seeded_noise
 from pipeline.errors import ConfigError, StoreError
-from pipeline.extract import TileLayout, extract_features
-from pipeline.prepare import prepare
+from pipeline.features.cache import FeatureCache
+from pipeline.features.extract import TileLayout, extract_features
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 SITES = ["up0.upsample", "up1.res1"]
@@ -27,7 +27,7 @@ def tiny() -> Backbone:
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> str:
     """A 40 x 37 synthetic scene: odd sizes exercise edge tiles and partial chunks."""
-    from pipeline.scene import write_scene
+    from pipeline.scene.core import write_scene
 
     path = tmp_path_factory.mktemp("scene") / "scene.zarr"
     sc = prepare(out=path, builtin="synthetic", per_class=2, seed=0)
@@ -102,7 +102,7 @@ AVX2 = {"kernels": "AVX2", "native_bf16": False, "features": {"avx2": True}}
 
 class TestAutoDtype:
     def test_a_cpu_without_native_bf16_is_fp32_at_once(self, tiny, monkeypatch):
-        from pipeline import autotune
+        from pipeline.backbone import autotune
 
         def no_bf16(_bb):
             raise AssertionError("a bf16 copy was made on a CPU without native bf16")
@@ -116,7 +116,7 @@ class TestAutoDtype:
                           "reason": "no native bf16 on this CPU"}  # fmt: skip
 
     def test_a_slow_bf16_is_abandoned_within_one_patch(self, tiny, monkeypatch):
-        from pipeline import autotune
+        from pipeline.backbone import autotune
 
         made, seen = [], []
         real_copy = autotune._bf16_copy
@@ -141,7 +141,7 @@ class TestAutoDtype:
         assert trial < 0.5 + 4 * report["fp32_s"]  # abandoned, not run to the end
 
     def test_measures_once_and_leaves_the_weights_exact(self, tiny):
-        from pipeline.autotune import choose_cpu_dtype
+        from pipeline.backbone.autotune import choose_cpu_dtype
 
         before = tiny.weights_sha256
         x = torch.randn(2, 3, 32, 32)
@@ -182,7 +182,7 @@ class TestExtract:
             noise_seed=3,
         )
         got = _read_all(out, (10,), ["probe"]).astype(np.float32)
-        from pipeline.scene import open_scene
+        from pipeline.scene.core import open_scene
 
         rgb = open_scene(scene).rgb * 2 - 1
         eps = seeded_noise((3, 32, 32), 3).numpy()

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureCache, verify_cache
 from pipeline.errors import HsicacheError
-from pipeline.extract import extract_features
-from pipeline.storage import LOCK_KEY
+from pipeline.features.cache import FeatureCache, verify_cache
+from pipeline.features.extract import extract_features
+from pipeline.io.storage import LOCK_KEY
 from stages.cli import app
 from tests.killpoint import POINTS
 
@@ -80,7 +80,7 @@ def test_a_live_writer_locks_out_a_second_one(runner, scene, reference, tmp_path
     out = tmp_path / "f.zarr"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom pipeline.storage import Location, StoreLock\n"
+         "import sys, time\nfrom pipeline.io.storage import Location, StoreLock\n"
          f"StoreLock(Location.of({str(out)!r})).__enter__()\nprint('locked', flush=True)\n"
          "time.sleep(120)"],
         stdout=subprocess.PIPE, text=True,

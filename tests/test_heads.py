@@ -12,12 +12,13 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from xgboost import XGBClassifier
 
 from pipeline.errors import StoreError
-from pipeline.evaluation import predict_map
-from pipeline.extract import extract_features
-from pipeline.heads import FiLMClassifier, MLPHead, _EncodedXGB, make_head
-from pipeline.metrics import classification_metrics, confusion_matrix
-from pipeline.prepare import prepare
-from pipeline.training import load_head, train_head
+from pipeline.evaluation.metrics import classification_metrics, confusion_matrix
+from pipeline.evaluation.scoring import predict_map
+from pipeline.features.extract import extract_features
+from pipeline.heads.build import _EncodedXGB, make_head
+from pipeline.heads.neural import FiLMClassifier, MLPHead
+from pipeline.heads.training import load_head, train_head
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 
@@ -171,7 +172,7 @@ class TestSavedHeads:
             load_head(tmp_path / "h")
 
     def test_named_configuration_of_a_kind_and_its_seeds(self, stage_one, tmp_path):
-        from pipeline.evaluation import evaluate_seeds
+        from pipeline.evaluation.scoring import evaluate_seeds
 
         scene, (cache, _) = stage_one
         params = {"kind": "logreg", "use": "spectral", "C": 0.5}
@@ -192,7 +193,7 @@ class TestSavedHeads:
 
 
 def _predict_peak(scene, cache, head, out) -> int:
-    from pipeline.storage import memory_cache
+    from pipeline.io.storage import memory_cache
 
     memory_cache.clear()  # kept blocks are bounded on their own (test_block_cache_is_bounded...)
     limit, memory_cache.limit_bytes = memory_cache.limit_bytes, 0
@@ -207,8 +208,8 @@ def _predict_peak(scene, cache, head, out) -> int:
 
 
 def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, monkeypatch):
-    from pipeline.cache import count_reads
-    from pipeline.storage import MemoryCache
+    from pipeline.features.cache import count_reads
+    from pipeline.io.storage import MemoryCache
 
     kept = MemoryCache(limit_bytes=1000)
     for k in range(5):
@@ -219,7 +220,7 @@ def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, m
     assert kept.get((1,)) is None and kept.get((0,)) is not None and kept.nbytes == 1000
 
     scene, (cache, _) = stage_one
-    monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(64 * 2**20))
+    monkeypatch.setattr("pipeline.io.storage.memory_cache", MemoryCache(64 * 2**20))
     with count_reads() as first:
         train_head(scene=scene, cache=cache, head="concat", out=tmp_path / "h",
                    params={"max_epochs": 3})  # fmt: skip
@@ -235,10 +236,10 @@ def test_block_cache_is_bounded_and_reads_each_chunk_once(stage_one, tmp_path, m
 def test_an_edge_block_is_kept_under_one_key_however_it_is_asked_for(tmp_path, monkeypatch):
     """Training reads whole chunks (``y0:y0 + chunk``), predict clips its blocks to the scene:
     the same edge block must not be fetched twice."""
-    from pipeline.cache import FeatureCache, count_reads, read_features
-    from pipeline.storage import MemoryCache
+    from pipeline.features.cache import FeatureCache, count_reads, read_features
+    from pipeline.io.storage import MemoryCache
 
-    monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(2**20))
+    monkeypatch.setattr("pipeline.io.storage.memory_cache", MemoryCache(2**20))
     scene, cache = tmp_path / "s.zarr", tmp_path / "f.zarr"
     prepare(out=scene, builtin="synthetic", per_class=2)
     extract_features(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"],
@@ -367,8 +368,8 @@ def test_bench_heads_json(runner, stage_one):
 
 def test_a_registered_kind_is_a_head_everywhere():
     from pipeline.errors import ConfigError
-    from pipeline.kinds import HEADS, REGISTRY, HeadSpec, head_help, register
-    from pipeline.training import split_recipe
+    from pipeline.heads.registry import HEADS, REGISTRY, HeadSpec, head_help, register
+    from pipeline.heads.training import split_recipe
 
     register(HeadSpec("nearest", "tests.custom_estimators:nearest_mean", help="nearest mean"))
     try:

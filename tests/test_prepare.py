@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.scene import open_scene
+from pipeline.scene.core import open_scene
 from stages.cli import app
 from tests.conftest import leftovers
 
@@ -104,9 +104,9 @@ class TestPrepareCli:
     ):
         import shutil
 
-        from pipeline.storage import MemoryCache
+        from pipeline.io.storage import MemoryCache
 
-        monkeypatch.setattr("pipeline.storage.memory_cache", MemoryCache(2**20))
+        monkeypatch.setattr("pipeline.io.storage.memory_cache", MemoryCache(2**20))
         out = tmp_path / "s.zarr"
         base = ["--cube", scenes / "tiny.npy", "--labels", scenes / "tiny_gt.npy", "--out", out]
         assert _prepare(runner, *base, "--per-class", 2).exit_code == 0
@@ -267,7 +267,7 @@ class TestPrepareRealData:
         assert int(scene.test.sum()) == 77533
 
     def test_dfc2013_official_counts(self, shared_data):
-        from pipeline.readers import read_map
+        from pipeline.scene.readers import read_map
 
         d = shared_data / "houston2013_split"
         train = read_map(d / "2013_IEEE_GRSS_DF_Contest_Samples_TR.tif").data

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.backbone import _weights_hash, load_backbone
-from pipeline.pretrain import PretrainConfig, load_photos, pretrain
+from pipeline.backbone.loading import _weights_hash, load_backbone
+from pipeline.backbone.pretraining import PretrainConfig, load_photos, pretrain
 from stages.cli import app
 
 TINY = dict(block_out_channels=[8, 16], crop=16, sample_size=32, batch_size=4, steps=40,

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.context import ContextConfig, write_context
-from pipeline.evaluation import evaluate_seeds, resplit
-from pipeline.extract import extract_features
-from pipeline.prepare import prepare
-from pipeline.probe import probe
-from pipeline.scene import open_scene
-from pipeline.training import Inputs, open_inputs, train_head
+from pipeline.evaluation.probing import probe
+from pipeline.evaluation.scoring import evaluate_seeds, resplit
+from pipeline.features.context import ContextConfig, write_context
+from pipeline.features.extract import extract_features
+from pipeline.heads.training import Inputs, open_inputs, train_head
+from pipeline.scene.core import open_scene
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 
@@ -166,7 +166,7 @@ def test_resplit_draws_the_count_asked(stores):
 
 
 def test_probe_reads_a_bounded_sample_of_test_pixels(stores, monkeypatch):
-    import pipeline.probe
+    import pipeline.evaluation.probing
 
     inputs = open_inputs(stores["scene"], None, stores["ctx"])
     whole = probe(inputs, seeds=[0], pairs_of=0)
@@ -175,7 +175,7 @@ def test_probe_reads_a_bounded_sample_of_test_pixels(stores, monkeypatch):
     monkeypatch.setattr(
         inputs.context, "gather", lambda r, c, f: read.append(r.size) or gather(r, c, f)
     )
-    monkeypatch.setattr(pipeline.probe, "_TEST_SAMPLE", 50)
+    monkeypatch.setattr(pipeline.evaluation.probing, "_TEST_SAMPLE", 50)
     sampled = probe(inputs, seeds=[0], pairs_of=0)
     n_train = int(resplit(inputs.scene, 0)[0].sum())
     assert set(read) == {n_train + 50}  # the train pixels and 50 test pixels, nothing else

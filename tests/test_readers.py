@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import KeyAmbiguityError, SceneFormatError, SceneNotFoundError
-from pipeline.readers import read_cube, read_map
+from pipeline.scene.readers import read_cube, read_map
 
 CUBE_FILES = [
     "tiny_v5.mat",

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import BandMismatchError, ConfigError
-from pipeline.render import render_rgb
+from pipeline.scene.render import render_rgb
 
 
 @pytest.fixture

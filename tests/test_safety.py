@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.extract import extract_features
-from pipeline.prepare import prepare
-from pipeline.training import train_head
+from pipeline.features.extract import extract_features
+from pipeline.heads.training import train_head
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 from tests.conftest import SCENES
 
@@ -322,14 +322,14 @@ WRITERS = {
 def test_an_os_error_at_the_write_step_is_one_line(runner, world, monkeypatch, command, code):
     """Every file write goes through ``publish`` (atomic outputs) or ``write_block`` (cache
     chunks): failing both there is a disk that fills up or turns read-only mid-run."""
-    import pipeline.extract
-    import pipeline.store
+    import pipeline.features.extract
+    import pipeline.io.store
 
     def fail(*_args, **_kw):
         raise OSError(code, os.strerror(code), "out-file")
 
-    monkeypatch.setattr(pipeline.store, "publish", fail)
-    monkeypatch.setattr(pipeline.extract, "write_block", fail)
+    monkeypatch.setattr(pipeline.io.store, "publish", fail)
+    monkeypatch.setattr(pipeline.features.extract, "write_block", fail)
     out = f"out_{command}_{code}"
     before = _snapshot(Path(world["dir"]))
     make_args, resumable = WRITERS[command]
@@ -344,7 +344,7 @@ def test_an_os_error_at_the_write_step_is_one_line(runner, world, monkeypatch, c
 
 
 def test_a_bad_block_cache_size_is_one_line_not_an_import_failure(runner, world, monkeypatch):
-    from pipeline import storage
+    from pipeline.io import storage
 
     monkeypatch.setattr(storage.memory_cache, "_limit", None)  # read again, as a new process
     monkeypatch.setattr(storage.memory_cache, "_values", type(storage.memory_cache._values)())
@@ -360,12 +360,12 @@ def test_a_bad_block_cache_size_is_one_line_not_an_import_failure(runner, world,
 
 
 def test_a_bug_is_an_internal_error_and_debug_shows_it(runner, world, monkeypatch):
-    import pipeline.training
+    import pipeline.heads.training
 
     def broken(*_a, **_kw):
         raise RuntimeError("something hsicache got wrong")
 
-    monkeypatch.setattr(pipeline.training, "fit_head", broken)
+    monkeypatch.setattr(pipeline.heads.training, "fit_head", broken)
     args = _train(world, "--head", "spectral")
     result = runner.invoke(app, args)
     assert result.exit_code == 3
@@ -405,7 +405,7 @@ def test_verify_reports_structural_damage_as_findings(runner, world):
 
 
 def test_a_cache_with_non_finite_features_is_never_complete(world, tmp_path, monkeypatch):
-    from pipeline.backbone import Backbone
+    from pipeline.backbone.loading import Backbone
     from pipeline.errors import StoreError
 
     real = Backbone.features

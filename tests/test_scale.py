@@ -10,12 +10,12 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureCache, verify_cache
-from pipeline.cluster import dask_client, worker_loads
-from pipeline.evaluation import predict_map
-from pipeline.extract import extract_features
-from pipeline.scene import open_scene
-from pipeline.training import train_head
+from pipeline.evaluation.scoring import predict_map
+from pipeline.features.cache import FeatureCache, verify_cache
+from pipeline.features.extract import extract_features
+from pipeline.heads.training import train_head
+from pipeline.io.cluster import dask_client, worker_loads
+from pipeline.scene.core import open_scene
 from stages.cli import app
 
 # 96 x 96 synthetic scene, 16-px chunks of 8-px tiles: 36 chunk tasks

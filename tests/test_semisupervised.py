@@ -10,13 +10,13 @@ import pytest
 from sklearn.datasets import make_circles
 from sklearn.linear_model import LogisticRegression
 
-from pipeline import semisupervised
-from pipeline.context import ContextConfig, write_context
-from pipeline.evaluation import evaluate, evaluate_seeds
-from pipeline.prepare import prepare
-from pipeline.scene import open_scene
-from pipeline.semisupervised import NeighbourIndex, PropagationHead
-from pipeline.training import fit_rows, load_head, train_head
+from pipeline.evaluation.scoring import evaluate, evaluate_seeds
+from pipeline.features.context import ContextConfig, write_context
+from pipeline.heads import semisupervised
+from pipeline.heads.semisupervised import NeighbourIndex, PropagationHead
+from pipeline.heads.training import fit_rows, load_head, train_head
+from pipeline.scene.core import open_scene
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 PROPAGATE = {"use": "spectral", "context": ["mean3"]}
@@ -170,7 +170,7 @@ class TestSelfTraining:
         loop = {"threshold": 0.9, "max_iter": 2, "pool": 200}
         params = {"max_epochs": 5, "context": ["mean3"], "self_training": loop}
         out = tmp_path / "film"
-        from pipeline.extract import extract_features
+        from pipeline.features.extract import extract_features
 
         extract_features(scene=stores["scene"], out=tmp_path / "f.zarr", backbone="builtin:tiny",
                          timesteps=[0], sites=["up1.res1"], stride=16)  # fmt: skip

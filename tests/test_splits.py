@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import LabelError, SplitError
-from pipeline.readers import read_map
-from pipeline.splits import encode_labels, make_split
+from pipeline.scene.readers import read_map
+from pipeline.scene.splits import encode_labels, make_split
 
 
 def _blobs() -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.prepare import prepare
-from pipeline.scene import open_scene
-from pipeline.suggest import choose
+from pipeline.evaluation.suggest import choose
+from pipeline.scene.core import open_scene
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.synthetic import make_synthetic_scene
+from pipeline.scene.synthetic import make_synthetic_scene
 
 
 class TestSyntheticScene:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import Backbone, Site, load_backbone, seeded_noise
-from pipeline.cache import FeatureCache
-from pipeline.extract import extract_features, upsample_region
-from pipeline.prepare import prepare
-from pipeline.scene import open_scene
+from pipeline.backbone.loading import Backbone, Site, load_backbone, seeded_noise
+from pipeline.features.cache import FeatureCache
+from pipeline.features.extract import extract_features, upsample_region
+from pipeline.scene.core import open_scene
+from pipeline.scene.preparation import prepare
 from stages.cli import app
 from tests.test_extract import _ProbeBackbone
 

@@ -1,0 +1,488 @@
+"""``pretrain``: train hsicache's own natural-image diffusion backbone, offline.
+
+Pretrained diffusion weights cannot be downloaded here, so hsicache trains a small diffusers
+``UNet2DModel`` with a ``DDPMScheduler`` (ε-prediction, AdamW with warm-up, EMA of the weights)
+on random crops (random scale, flips) of natural photographs that ship inside its dependencies:
+scikit-image's ``skimage.data`` photographs and scikit-learn's sample images. ``images`` adds
+any folder of JPEG/PNG photographs, ``scene`` the scene's own unlabeled 3-band rendering.
+
+Output: a folder that ``extract`` accepts as a backbone::
+
+    BACKBONE/
+      unet/                 save_pretrained of the EMA weights (config.json + safetensors)
+      scheduler/            scheduler_config.json
+      train_log.csv         step, loss, learning rate
+      pretrain.json         configuration, images, held-out denoising losses before and after
+
+Training is resumable: state is checkpointed to ``BACKBONE.partial/`` every
+``checkpoint_every`` steps, an interrupted run continues from there, and the final folder
+appears only when training has finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError, SceneFormatError, SceneNotFoundError
+from pipeline.io.outputs import BACKBONE, check_outputs
+from pipeline.io.store import atomic_output, jsonable, package_versions
+from pipeline.utils.checks import check_choice, check_int, check_number, check_seed
+
+__all__ = ["BUILTIN_PHOTOS", "PretrainConfig", "load_photos", "pretrain"]
+
+#: The photographs bundled with scikit-image and scikit-learn (no download) used by default:
+#: only those whose licence, as the package states it, allows shipping what is learned from
+#: them (CC0, public domain, CC BY with attribution). name -> (source, licence, attribution).
+PHOTO_LICENCES: dict[str, tuple[str, str, str]] = {
+    "astronaut": ("skimage.data.astronaut", "public domain", "Eileen Collins, NASA"),
+    "coffee": ("skimage.data.coffee", "CC0", "Rachel Michetti, courtesy of Pikolo Espresso Bar"),
+    "chelsea": ("skimage.data.chelsea", "CC0", "Stefan van der Walt"),
+    "rocket": ("skimage.data.rocket", "public domain", "SpaceX"),
+    "grass": ("skimage.data.grass", "CC0", "linolafett (DeviantArt, Grass-01)"),
+    "gravel": ("skimage.data.gravel", "CC0", "CC0Textures, Gravel04"),
+    "brick": ("skimage.data.brick", "CC0", "CC0Textures, Bricks25"),
+    "camera": ("skimage.data.camera", "CC0", "Lav Varshney"),
+    "clock": ("skimage.data.clock", "public domain", "Stefan van der Walt"),
+    "hubble_deep_field": ("skimage.data.hubble_deep_field", "public domain", "NASA, HubbleSite"),
+    "retina": ("skimage.data.retina", "CC0 1.0", "Mikael Häggström (Wikimedia Commons)"),
+    "china": (
+        "sklearn.datasets.load_sample_images",
+        "CC BY 2.0",
+        "danielbuechele, flickr.com/photos/danielbuechele/6061409035",
+    ),
+    "flower": (
+        "sklearn.datasets.load_sample_images",
+        "CC BY 2.0",
+        "vultilion, flickr.com/photos/vultilion/6056698931 (scikit-learn's README "
+        "credits danielbuechele; its link names vultilion)",
+    ),
+}
+BUILTIN_PHOTOS = tuple(n for n, (src, _, _) in PHOTO_LICENCES.items() if src.startswith("skimage"))
+_SKLEARN_PHOTOS = ("china", "flower")
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+BACKBONE_FORMAT = "hsicache-backbone/1"
+_NORM_GROUPS = 8
+_CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
+
+
+class PretrainConfig(dict):
+    """The training recipe (a plain mapping, stored with the result)."""
+
+    DEFAULTS: dict[str, Any] = {  # noqa: RUF012
+        "block_out_channels": [32, 64, 128],
+        "layers_per_block": 1,
+        "attention": True,
+        "sample_size": 64,
+        "crop": 32,
+        "scales": [1.0, 0.5, 0.25],
+        "batch_size": 16,
+        "steps": 2000,
+        "learning_rate": 5e-4,
+        "warmup": 100,
+        "ema": 0.995,
+        "seed": 0,
+        "holdout": ["chelsea"],
+        "checkpoint_every": 250,
+        "eval_crops": 64,
+    }
+
+    def __init__(self, **overrides: Any) -> None:
+        unknown = sorted(set(overrides) - set(self.DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"unknown pretrain setting `{unknown[0]}`; known: " + ", ".join(self.DEFAULTS)
+            )
+        super().__init__({**self.DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}})
+        self._check()
+
+    def _check(self) -> None:
+        """Every setting in range, and the widths a UNet with 8 norm groups can have."""
+        chans = self["block_out_channels"]
+        if not isinstance(chans, (list, tuple)) or not 1 <= len(chans) <= 6:
+            raise ConfigError(f"`block_out_channels` must list 1 to 6 widths, got {chans!r}")
+        for c in chans:
+            check_int("block_out_channels", c, low=8)
+            if c % _NORM_GROUPS:
+                raise ConfigError(
+                    f"`block_out_channels` {list(chans)}: every width must be a multiple of "
+                    f"{_NORM_GROUPS} (the UNet's group-norm groups), {c} is not"
+                )
+        step = 2 ** (len(chans) - 1)
+        for name in ("crop", "sample_size"):
+            if check_int(name, self[name], low=step) % step:
+                raise ConfigError(
+                    f"`{name}` {self[name]} must be a multiple of {step} for {len(chans)} levels"
+                )
+        for name in ("layers_per_block", "batch_size", "steps", "checkpoint_every", "eval_crops"):
+            check_int(name, self[name], low=1)
+        check_int("warmup", self["warmup"], low=0)
+        check_seed("seed", self["seed"])
+        check_number("learning_rate", self["learning_rate"], low=0, low_open=True)
+        check_number("ema", self["ema"], low=0, high=1, high_open=True)
+        scales = self["scales"]
+        if not isinstance(scales, (list, tuple)) or not scales:
+            raise ConfigError(f"`scales` must list one or more scales in (0, 1], got {scales!r}")
+        for v in scales:
+            check_number("scales", v, low=0, high=1, low_open=True)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        chans = [int(c) for c in self["block_out_channels"]]
+        deepest = "AttnDownBlock2D" if self["attention"] else "DownBlock2D"
+        return {
+            "sample_size": int(self["sample_size"]),
+            "in_channels": 3,
+            "out_channels": 3,
+            "layers_per_block": int(self["layers_per_block"]),
+            "block_out_channels": tuple(chans),
+            "down_block_types": ("DownBlock2D",) * (len(chans) - 1) + (deepest,),
+            "up_block_types": (deepest.replace("Down", "Up"),) + ("UpBlock2D",) * (len(chans) - 1),
+            "norm_num_groups": _NORM_GROUPS,
+            "attention_head_dim": min(32, chans[-1]),
+        }
+
+
+def _check_partial(partial: Path) -> None:
+    """The checkpoint folder beside the output may hold only pretrain's own checkpoint."""
+    from pipeline.errors import OutputConflictError
+    from pipeline.io.outputs import describe
+
+    if not partial.exists() and not partial.is_symlink():
+        return
+    if partial.is_dir() and all(p.name in _CHECKPOINT_FILES for p in partial.iterdir()):
+        return
+    raise OutputConflictError(
+        f"`{partial}` (where pretrain keeps its checkpoint, beside `--out`) holds "
+        f"{describe(partial)}: hsicache replaces only its own files; move that away first"
+    )
+
+
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float32) / float(np.iinfo(a.dtype).max)
+    a = a.astype(np.float32)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    return np.clip(a[..., :3], 0.0, 1.0)
+
+
+def load_photos(
+    images: str | Path | None = None,
+    scene: str | Path | None = None,
+    builtin: bool = True,
+) -> dict[str, np.ndarray]:
+    """Training photographs as ``name -> (H, W, 3) float32 in [0, 1]``.
+
+    Args:
+        images: a folder of JPEG/PNG/TIFF photographs (searched recursively).
+        scene: a scene store whose rendering is added as one more (unlabeled) image.
+        builtin: include the photographs bundled with scikit-image and scikit-learn.
+    """
+    photos: dict[str, np.ndarray] = {}
+    if builtin:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+
+        for name in BUILTIN_PHOTOS:
+            img = getattr(skimage.data, name)()
+            photos[name] = _to_rgb(img[0] if isinstance(img, tuple) else img)
+        sample = load_sample_images()
+        for name, img in zip(_SKLEARN_PHOTOS, sample.images, strict=True):
+            photos[name] = _to_rgb(img)
+    if images is not None:
+        from skimage.io import imread
+
+        folder = Path(images)
+        if not folder.is_dir():
+            raise SceneNotFoundError(f"image folder `{folder}` does not exist")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _PHOTO_SUFFIXES)
+        if not files:
+            raise SceneFormatError(f"image folder `{folder}` holds no JPEG/PNG/TIFF photographs")
+        for f in files:
+            try:
+                photos[f"{folder.name}/{f.relative_to(folder)}"] = _to_rgb(imread(f))
+            except Exception as exc:
+                raise SceneFormatError(f"{f}: cannot read as an image ({exc})") from None
+    if scene is not None:
+        from pipeline.scene.core import open_scene
+
+        photos["scene"] = np.asarray(open_scene(scene).rgb, dtype=np.float32)
+    if not photos:
+        raise ConfigError("no training images: keep the built-in photos or give --images")
+    return photos
+
+
+def _pyramids(
+    photos: dict[str, np.ndarray], scales: Sequence[float], crop: int
+) -> list[np.ndarray]:
+    """Each photo at each scale (area-averaged), keeping those at least one crop large."""
+    from skimage.transform import rescale
+
+    out = []
+    for img in photos.values():
+        for s in scales:
+            scaled = img if s == 1.0 else rescale(img, s, channel_axis=-1, anti_aliasing=True)
+            if min(scaled.shape[:2]) >= crop:
+                out.append(np.ascontiguousarray(scaled, dtype=np.float32))
+    return out
+
+
+def _crops(levels: list[np.ndarray], n: int, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random crops (random level, position, flips): ``(n, 3, crop, crop)`` in [-1, 1]."""
+    weights = np.array([lv.shape[0] * lv.shape[1] for lv in levels], dtype=np.float64)
+    picks = rng.choice(len(levels), size=n, p=weights / weights.sum())
+    batch = np.empty((n, crop, crop, 3), dtype=np.float32)
+    for k, i in enumerate(picks):
+        lv = levels[i]
+        y = rng.integers(0, lv.shape[0] - crop + 1)
+        x = rng.integers(0, lv.shape[1] - crop + 1)
+        c = lv[y : y + crop, x : x + crop]
+        if rng.random() < 0.5:
+            c = c[:, ::-1]
+        if rng.random() < 0.5:
+            c = c[::-1]
+        batch[k] = c
+    return batch.transpose(0, 3, 1, 2) * 2.0 - 1.0
+
+
+def _heldout_loss(unet: Any, scheduler: Any, x0: torch.Tensor, t_max: int, seed: int) -> float:
+    """Mean ε-prediction MSE on fixed held-out crops, timesteps uniform in ``[0, t_max)``."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, t_max, (x0.shape[0],), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    dev = next(unet.parameters()).device
+    losses = []
+    with torch.inference_mode():
+        for i in range(0, x0.shape[0], 32):
+            xt = scheduler.add_noise(x0[i : i + 32], eps[i : i + 32], t[i : i + 32]).to(dev)
+            pred = unet(xt, t[i : i + 32].to(dev)).sample
+            losses.append(float(((pred.cpu() - eps[i : i + 32]) ** 2).mean()) * len(pred))
+    return sum(losses) / x0.shape[0]
+
+
+def pretrain(
+    out: str | Path,
+    *,
+    config: PretrainConfig | None = None,
+    images: str | Path | None = None,
+    scene: str | Path | None = None,
+    builtin_photos: bool = True,
+    device: str = "auto",
+    progress: Callable[..., None] | None = None,
+    stop_after: int | None = None,
+    shipped: str | None = None,
+    weights_dtype: str = "fp32",
+) -> dict[str, Any]:
+    """Train the backbone and write it to ``out`` (see the module docstring).
+
+    Args:
+        out: the backbone folder to write.
+        config: the recipe (:class:`PretrainConfig`; defaults finish in about 10 minutes on two
+            CPU cores).
+        images, scene, builtin_photos: the training images (see :func:`load_photos`).
+        device: ``auto`` (cuda > mps > cpu) or a torch device.
+        progress: called as ``progress(step, steps, note)`` with the running loss.
+        stop_after: testing aid: stop (as if killed) after this many steps of this call,
+            leaving the checkpoint to resume from.
+        shipped: instead of training, write hsicache's shipped backbone of this name
+            (``natural-s``: trained by this function with the recipe in its ``pretrain.json``),
+            what ``dvc repro`` does by default.
+        weights_dtype: ``fp32`` or ``fp16``: the dtype the weights are saved in (the shipped
+            backbone is fp16; training always runs in fp32).
+
+    Returns:
+        The summary also written to ``pretrain.json`` (held-out losses before and after).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    from pipeline.utils.devices import resolve_device
+
+    cfg = config or PretrainConfig()
+    out = Path(out)
+    check_choice("--weights-dtype", weights_dtype, ("fp32", "fp16"))
+    check_outputs({"--out": (out, BACKBONE)}, {"--images": images, "--scene": scene})
+    if shipped is not None:
+        return _write_shipped(shipped, out)
+    partial = out.with_name(out.name + ".partial")
+    _check_partial(partial)
+    dev = resolve_device(device)
+    photos = load_photos(images, scene, builtin_photos)
+    holdout = [n for n in cfg["holdout"] if n in photos]
+    train_photos = {n: p for n, p in photos.items() if n not in holdout}
+    if not train_photos:
+        raise ConfigError("every training image is held out: shorten `holdout`")
+    crop = int(cfg["crop"])
+    levels = _pyramids(train_photos, cfg["scales"], crop)
+    if not levels:
+        raise ConfigError(f"no training image is at least {crop} pixels on each side")
+    eval_levels = _pyramids({n: photos[n] for n in holdout}, cfg["scales"], crop) or levels
+    eval_x0 = torch.from_numpy(
+        _crops(eval_levels, int(cfg["eval_crops"]), crop, np.random.default_rng(10_000))
+    )
+
+    torch.manual_seed(int(cfg["seed"]))
+    unet = UNet2DModel(**cfg.unet_kwargs()).to(dev)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    before = {
+        "t<100": _heldout_loss(unet, scheduler, eval_x0, 100, 1),
+        "all_t": _heldout_loss(unet, scheduler, eval_x0, 1000, 2),
+    }
+    opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["learning_rate"]), weight_decay=1e-4)
+    ema = EMAModel(unet.parameters(), decay=float(cfg["ema"]))
+    steps, warmup = int(cfg["steps"]), int(cfg["warmup"])
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start, log_rows = 0, []
+    rng = np.random.default_rng(int(cfg["seed"]))
+    fingerprint = jsonable({"config": dict(cfg), "images": sorted(train_photos)})
+    ckpt = partial / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == fingerprint:
+            unet.load_state_dict(state["unet"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            ema.load_state_dict(state["ema"])
+            start, log_rows, before = state["step"], state["log"], state["before"]
+            torch.set_rng_state(state["torch_rng"])
+            rng.bit_generator.state = state["np_rng"]
+        else:  # another recipe: start afresh
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    running = None
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "fingerprint": fingerprint,
+            "unet": unet.state_dict(),
+            "opt": opt.state_dict(),
+            "sched": sched.state_dict(),
+            "ema": ema.state_dict(),
+            "step": step,
+            "log": log_rows,
+            "before": before,
+            "torch_rng": torch.get_rng_state(),
+            "np_rng": rng.bit_generator.state,
+        }
+        tmp = partial / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(ckpt)
+
+    unet.train()
+    for step in range(start, steps):
+        x0 = torch.from_numpy(_crops(levels, int(cfg["batch_size"]), crop, rng)).to(dev)
+        t = torch.randint(0, 1000, (x0.shape[0],)).to(dev)
+        eps = torch.randn_like(x0)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, eps, t), t).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        value = float(loss.detach())
+        running = value if running is None else 0.98 * running + 0.02 * value
+        log_rows.append([step + 1, value, sched.get_last_lr()[0]])
+        if progress:
+            progress(step + 1, steps, f"loss {running:.4f}")
+        done = step + 1
+        if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
+            save_checkpoint(done)
+        if stop_after is not None and done - start >= stop_after and done < steps:
+            save_checkpoint(done)
+            return {"stopped_at": done}
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    after = {
+        "t<100": _heldout_loss(unet, scheduler, eval_x0, 100, 1),
+        "all_t": _heldout_loss(unet, scheduler, eval_x0, 1000, 2),
+    }
+    summary = {
+        "format": BACKBONE_FORMAT,
+        "config": dict(cfg),
+        "train_images": sorted(train_photos),
+        "holdout_images": holdout,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "heldout_loss_untrained": before,
+        "heldout_loss_trained": after,
+        "seconds_this_run": time.perf_counter() - started,
+        "device": str(dev),
+        "package_versions": package_versions(),
+    }
+    summary["weights_dtype"] = weights_dtype
+    with atomic_output(out, BACKBONE, option="--out") as tmp:
+        from pipeline.backbone.loading import _quietly
+
+        _quietly(unet.to, "cpu", dtype=torch.float16 if weights_dtype == "fp16" else torch.float32)
+        unet.save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+        with open(tmp / "train_log.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", "loss", "lr"])
+            writer.writerows(log_rows)
+        (tmp / "pretrain.json").write_text(json.dumps(jsonable(summary), indent=2))
+        credits = attribution(summary["train_images"] + holdout)
+        if credits:
+            (tmp / "ATTRIBUTION.md").write_text(credits)
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary
+
+
+def attribution(names: Sequence[str]) -> str:
+    """The credits of the built-in photographs among ``names``, as Markdown ('' if none)."""
+    used = [n for n in names if n in PHOTO_LICENCES]
+    if not used:
+        return ""
+    lines = [
+        "# Photographs this backbone was trained on",
+        "",
+        "Weights learned from these photographs, each under the licence its package states:",
+        "",
+        "| photograph | from | licence | credit |",
+        "|---|---|---|---|",
+    ]
+    for name in used:
+        source, licence, credit = PHOTO_LICENCES[name]
+        lines.append(f"| {name} | `{source}` | {licence} | {credit} |")
+    others = [n for n in names if n not in PHOTO_LICENCES]
+    if others:
+        lines += ["", f"And {len(others)} other image(s) given to `hsicache pretrain`."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_shipped(name: str, out: Path) -> dict[str, Any]:
+    """Copy the shipped backbone ``name`` to ``out``, as ``pretrain`` would have written it."""
+    from pipeline.backbone.loading import shipped_backbones
+
+    found = shipped_backbones()
+    if name not in found:
+        raise ConfigError(
+            f"unknown shipped backbone `{name}` (`--shipped`): hsicache ships "
+            + (", ".join(found) or "none in this installation")
+        )
+    with atomic_output(out, BACKBONE, option="--out") as tmp:
+        shutil.copytree(found[name], tmp)
+    summary = json.loads((out / "pretrain.json").read_text())
+    return {**summary, "shipped": name}

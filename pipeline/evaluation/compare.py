@@ -1,0 +1,359 @@
+"""``compare``: heads side by side over re-drawn splits, and what the diffusion features add.
+
+Each named head's recipe (its ``heads:`` entry, or a bare kind) is refitted on the scene's split
+protocol drawn again for every seed, reusing the feature cache and the context store, and scored
+on that seed's test pixels (:func:`pipeline.evaluation.scoring.refit_over_seeds`). For every head
+that reads the cached diffusion features, its twin without them is fitted on the same splits and the
+difference is reported, so the table answers, head by head, what those features add on top of
+the spectrum and its context:
+
+==================  ==============================================================
+head reads          twin without the diffusion features
+==================  ==============================================================
+``film``            the spectral MLP on the same spectrum and context, with FiLM's
+                    spectral PCA and width (FiLM without features to modulate is an MLP
+                    on its spectral branch)
+``concat``          the spectral MLP with the same settings, on the same columns
+classic, ``both``   the same classifier with ``use: spectral``
+``spatial`` only    none (nothing would be left to read)
+==================  ==============================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "COMPARE_KEYS",
+    "compare_heads",
+    "head_recipe",
+    "markdown_table",
+    "plot_comparison",
+    "run_comparison",
+    "twin_without",
+]
+
+#: The fields every row of ``compare --json`` has.
+COMPARE_KEYS = (
+    "head",
+    "oa_mean",
+    "oa_std",
+    "aa_mean",
+    "aa_std",
+    "kappa_mean",
+    "kappa_std",
+    "per_seed_oa",
+    "reads",
+    "without_diffusion_oa_mean",
+    "diffusion_gain",
+)
+
+
+def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe of head ``name`` without the cached diffusion features (module docstring),
+    or ``None`` when nothing would be left."""
+    from pipeline.heads.training import split_recipe
+
+    recipe = split_recipe(name, params)
+    if recipe.mode != "both":
+        return None  # spectral heads read no diffusion features; spatial ones nothing else
+    if recipe.kind not in ("film", "concat"):
+        return {**params, "kind": recipe.kind, "use": "spectral"}
+    keep = (
+        "hidden",
+        "dropout",
+        "learning_rate",
+        "weight_decay",
+        "max_epochs",
+        "batch_size",
+        "mixup_alpha",
+        "class_balanced",
+        "validation_fraction",
+        "min_val_per_class",
+        "patience",
+        "converged_loss",
+        "spectral_pca",
+        "device",
+    )
+    twin = {k: v for k, v in recipe.kwargs.items() if k in keep}
+    if recipe.kind == "film":  # FiLM's own defaults where its entry leaves them
+        twin.setdefault("spectral_pca", 30)
+        twin.setdefault("hidden", 128)
+    return {**twin, "kind": "spectral", "context": list(recipe.context)}
+
+
+def compare_heads(
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    context: str | Path | None,
+    heads: dict[str, dict[str, Any]],
+    seeds: Sequence[int],
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every head's OA/AA/kappa over ``seeds`` and what the diffusion features add.
+
+    Args:
+        scene, cache, context: the scene store, its feature cache and its context store
+            (either store may be ``None`` when no head reads it).
+        heads: ``{name: recipe}`` in table order.
+        seeds: split seeds.
+        progress: ``progress(done_fits, total_fits)``.
+        warn: called with a line for each head whose context looks further than a blocks
+            split's buffer (its test pixels then see the train pixels' neighbourhoods).
+
+    Returns:
+        ``{"protocol": protocol card, "rows": [one dict per head with COMPARE_KEYS...]}``.
+    """
+    from pipeline.evaluation.scoring import refit_over_seeds
+    from pipeline.heads.training import open_inputs
+
+    if not heads:
+        raise ConfigError("`--heads` names no head")
+    inputs = open_inputs(scene, cache, context)
+    twins = {name: twin_without(name, params) for name, params in heads.items()}
+    total = len(seeds) * (len(heads) + sum(t is not None for t in twins.values()))
+    done = [0]
+
+    def step(k: int, n: int) -> None:
+        if progress and k:
+            done[0] += 1
+            progress(done[0], total)
+
+    rows, protocol = [], None
+    for name, params in heads.items():
+        started = time.perf_counter()
+        run = refit_over_seeds(inputs, name, params, seeds, progress=step)
+        protocol = run["protocol"]
+        twin = twins[name]
+        base = (
+            refit_over_seeds(inputs, f"{name} (no diffusion)", twin, seeds, progress=step)
+            if twin is not None
+            else None
+        )
+        rows.append(_row(name, run, base, time.perf_counter() - started))
+        if warn is not None:
+            _warn_reach(name, run, inputs, warn)
+    return {"protocol": protocol, "rows": rows}
+
+
+def _row(name: str, run: dict[str, Any], base: dict[str, Any] | None, seconds: float) -> dict:
+    sel = run["selection"]
+    reads = (["spectrum"] if sel["mode"] in ("spectral", "both") else []) + list(sel["context"])
+    if sel["mode"] in ("spatial", "both"):
+        reads.append(
+            "diffusion " + ",".join(f"t{t}:{s}" for t in sel["timesteps"] for s in sel["sites"])
+        )
+    row = {
+        "head": name,
+        "oa_mean": run["oa"]["mean"],
+        "oa_std": run["oa"]["std"],
+        "aa_mean": run["aa"]["mean"],
+        "aa_std": run["aa"]["std"],
+        "kappa_mean": run["kappa"]["mean"],
+        "kappa_std": run["kappa"]["std"],
+        "per_seed_oa": [r["oa"] for r in run["seeds"]],
+        "reads": reads,
+        "without_diffusion_oa_mean": base["oa"]["mean"] if base else None,
+        "diffusion_gain": run["oa"]["mean"] - base["oa"]["mean"] if base else None,
+        "seconds": seconds,
+    }
+    if base:
+        row["without_diffusion_per_seed_oa"] = [r["oa"] for r in base["seeds"]]
+    return row
+
+
+def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str], None]) -> None:
+    """A blocks split whose buffer is narrower than the windows the head's features cover.
+
+    A feature that looks ``r`` pixels around its pixel spans a window of ``2 r`` (meanW: W);
+    unless the buffer is at least that wide, a test pixel's window and a train pixel's window
+    share pixels, so train pixels' surroundings leak into the test features.
+    """
+    card = run["protocol"]
+    if card["split"] != "blocks":
+        return
+    buffer = int(card.get("buffer") or 0)
+    span = {f: 2 * inputs.context.reach(f) for f in run["selection"]["context"]}
+    if run["selection"]["mode"] in ("spatial", "both") and inputs.cache is not None:
+        ident = inputs.cache.attrs["identity"]  # a pixel sees its patch from its owned square
+        zoom = int(ident.get("zoom", 1))  # patch and stride are in upsampled pixels
+        reach = (int(ident["patch"]) + int(ident["stride"])) // 2 - 1
+        span["diffusion features"] = 2 * -(-reach // zoom)
+    wide = {f: r for f, r in span.items() if r > buffer or r < 0}
+    if wide:
+        shown = ", ".join(f"{f} ({'unbounded' if r < 0 else f'{r} px'})" for f, r in wide.items())
+        warn(
+            f"head `{name}` reads features spanning more than the blocks split's buffer of "
+            f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
+            "with a `--buffer` at least that wide)"
+        )
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The comparison as a Markdown table with its protocol card."""
+    card = result["protocol"]
+    lines = [
+        "<!-- hsicache compare: written by `hsicache compare`; do not edit -->",
+        "",
+        f"Split `{card['split']}`"
+        + (f", {card['per_class']} labels per class" if card.get("per_class") else "")
+        + (f", buffer {card['buffer']} px" if card["split"] == "blocks" else "")
+        + f"; seeds {', '.join(map(str, card['seeds']))}; OA / AA / kappa in %, mean ± std.",
+        f"Model selection: {card['model_selection']}.",
+        "",
+        "| head | reads | OA | AA | kappa | without diffusion features | diffusion adds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        base, gain = r["without_diffusion_oa_mean"], r["diffusion_gain"]
+        without = "-" if base is None else f"{100 * base:.1f}"
+        adds = "-" if gain is None else f"{100 * gain:+.1f}"
+        lines.append(
+            f"| {r['head']} | {'; '.join(r['reads'])} | {_pm(r, 'oa')} | {_pm(r, 'aa')} | "
+            f"{_pm(r, 'kappa')} | {without} | {adds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pm(row: dict[str, Any], key: str) -> str:
+    return f"{100 * row[f'{key}_mean']:.1f} ± {100 * row[f'{key}_std']:.1f}"
+
+
+def plot_comparison(result: dict[str, Any], title: str = "") -> Any:
+    """A bar chart of OA per head with ±std error bars, its no-diffusion twin beside it."""
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2))
+    ax.bar(
+        x - 0.2,
+        [100 * r["oa_mean"] for r in rows],
+        0.4,
+        yerr=[100 * r["oa_std"] for r in rows],
+        capsize=3,
+        label="head",
+    )
+    twins = [(i, r) for i, r in enumerate(rows) if r["without_diffusion_oa_mean"] is not None]
+    if twins:
+        heights = [100 * r["without_diffusion_oa_mean"] for _, r in twins]
+        ax.bar(
+            [i + 0.2 for i, _ in twins],
+            heights,
+            0.4,
+            color="lightgray",
+            label="same without diffusion features",
+        )
+    ax.set_xticks(x, [r["head"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("overall accuracy, % (mean ± std over seeds)")
+    card = result["protocol"]
+    ax.set_title(title or f"{card['split']} split, seeds {card['seeds']}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    return fig
+
+
+def run_comparison(
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    context: str | Path | None,
+    heads: Sequence[str],
+    recipes: str | Path | None,
+    seeds: Sequence[int],
+    out: str | Path | None = None,
+    markdown: str | Path | None = None,
+    png: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``hsicache compare``: check the outputs, compare the heads, write what was asked for.
+
+    Args:
+        heads: head names: entries under ``heads:`` of ``recipes`` (a params file), or bare
+            kinds.
+        out, markdown, png: the JSON table (a DVC metrics file), the Markdown table, the chart.
+        Others: as :func:`compare_heads`.
+    """
+    from pipeline.io.outputs import MARKDOWN, METRICS, PNG, check_outputs
+
+    if not heads:
+        raise ConfigError("`--heads` names no head: give e.g. `--heads svm,film`")
+    if not seeds:
+        raise ConfigError("`--seeds` needs at least one seed")
+    check_outputs(
+        {"--out": (out, METRICS), "--markdown": (markdown, MARKDOWN), "--png": (png, PNG)},
+        {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
+    )
+    table = {name: head_recipe(name, recipes) for name in heads}
+    result = compare_heads(
+        scene=scene,
+        cache=cache,
+        context=context,
+        heads=table,
+        seeds=seeds,
+        progress=progress,
+        warn=warn,
+    )
+    _write(result, out, markdown, png)
+    return result
+
+
+def head_recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
+    """The ``heads.<name>`` entry of the params file, or ``{}`` for a bare kind."""
+    from pipeline.heads.registry import check_kind
+    from pipeline.io.params import head_settings, load_section
+
+    if recipes is not None and name in load_section(Path(recipes), "heads"):
+        return head_settings(Path(recipes), name)
+    try:
+        check_kind(name)
+    except ConfigError:
+        where = f" under `heads:` in `{recipes}`" if recipes else ""
+        raise ConfigError(
+            f"unknown head `{name}` in `--heads`: not a head{where} nor a head kind"
+        ) from None
+    return {}
+
+
+def _write(
+    result: dict[str, Any],
+    out: str | Path | None,
+    markdown: str | Path | None,
+    png: str | Path | None,
+) -> None:
+    import json
+
+    from pipeline.evaluation.scoring import METRICS_FORMAT
+    from pipeline.io.outputs import MARKDOWN, METRICS
+    from pipeline.io.store import atomic_output, jsonable
+    from pipeline.scene.plots import save_png
+
+    if out is not None:
+        rows = {
+            r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
+            for r in result["rows"]
+        }
+        body = {
+            "format": METRICS_FORMAT,
+            "kind": "compare",
+            "protocol": result["protocol"],
+            "heads": rows,
+        }
+        with atomic_output(out, METRICS, option="--out") as tmp:
+            tmp.write_text(json.dumps(jsonable(body), indent=2))
+    if markdown is not None:
+        with atomic_output(markdown, MARKDOWN, option="--markdown") as tmp:
+            tmp.write_text(markdown_table(result))
+    if png is not None:
+        save_png(plot_comparison(result), png, option="--png")

@@ -1,0 +1,544 @@
+"""Stage two: fit a head on the train pixels of a scene + feature cache, save it, evaluate it.
+
+The backbone never runs here: spatial features come from the cache (only the chunks holding the
+requested pixels are read), spectra from the scene store.
+
+A saved head is a folder::
+
+    HEAD/
+      head.json           what it is and what it was trained on (format, head name, parameters,
+                          feature selection, scene and cache fingerprints, classes, timings)
+      config.json         torch heads: constructor parameters + fitted sizes
+      model.safetensors   torch heads: weights and normalisation statistics
+      model.skops         other heads: the scikit-learn pipeline in skops' safe format
+
+Loading refuses a head of another format, and running it refuses a scene or cache other than
+the one it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError, HsicacheError, SceneNotFoundError, StoreError
+from pipeline.features.cache import FeatureCache
+from pipeline.features.context import ContextStore
+from pipeline.heads.build import check_params, fit_estimator, make_head, require_probabilities
+from pipeline.heads.neural import FiLMClassifier, MLPHead
+from pipeline.heads.registry import FEATURE_MODES, HEADS, REGISTRY, check_kind
+from pipeline.heads.semisupervised import check_self_training, self_training
+from pipeline.io.outputs import HEAD, check_outputs
+from pipeline.io.store import atomic_output, jsonable, package_versions
+from pipeline.scene.core import Scene, open_scene
+from pipeline.utils.checks import check_seed
+
+__all__ = [
+    "HEAD_FORMAT",
+    "FeatureSelection",
+    "Inputs",
+    "Recipe",
+    "TrainedHead",
+    "assemble",
+    "build_head",
+    "fit_head",
+    "fit_rows",
+    "load_head",
+    "open_inputs",
+    "split_recipe",
+    "train_head",
+    "unwrap",
+]
+
+HEAD_FORMAT = "hsicache-head/1"
+_TORCH_HEADS = {"FiLMClassifier": FiLMClassifier, "MLPHead": MLPHead}
+_KIND = {"cache_identity_sha256": "feature cache", "context_identity_sha256": "context store"}
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a head reads, opened and checked to belong together.
+
+    Attributes:
+        scene: the scene (spectra, labels, split).
+        cache: the feature cache of its image (diffusion features), if given.
+        context: the context store of its image (:mod:`pipeline.features.context`), if given.
+    """
+
+    scene: Scene
+    cache: FeatureCache | None = None
+    context: ContextStore | None = None
+
+
+@dataclass(frozen=True)
+class FeatureSelection:
+    """Which features a head reads: the spectrum, context families and/or cached (timestep,
+    site) arrays, assembled in that order as ``X = [spectrum | context | spatial]``.
+
+    Attributes:
+        mode: ``spectral``, ``spatial`` or ``both`` (of the spectrum and the cached arrays).
+        timesteps, sites: the cached arrays (empty for ``spectral``).
+        context: context families (empty: none).
+    """
+
+    mode: str
+    timesteps: tuple[int, ...] = ()
+    sites: tuple[str, ...] = ()
+    context: tuple[str, ...] = ()
+
+    @property
+    def spectral(self) -> bool:
+        return self.mode in ("spectral", "both")
+
+    @property
+    def spatial(self) -> bool:
+        return self.mode in ("spatial", "both")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "timesteps": list(self.timesteps),
+            "sites": list(self.sites),
+            "context": list(self.context),
+        }
+
+    @classmethod
+    def from_dict(cls, sel: dict[str, Any]) -> FeatureSelection:
+        return cls(
+            sel["mode"],
+            tuple(sel["timesteps"]),
+            tuple(sel["sites"]),
+            tuple(sel.get("context") or ()),
+        )
+
+    @classmethod
+    def resolve(
+        cls,
+        mode: str,
+        inputs: Inputs,
+        timesteps: list[int] | None = None,
+        sites: list[str] | None = None,
+        context: Sequence[str] = (),
+        head: str | None = None,
+        kind: str | None = None,
+    ) -> FeatureSelection:
+        """Check ``mode`` and the context families, and fill in the cache's timesteps/sites
+        when none are given."""
+        if mode not in FEATURE_MODES:
+            raise ConfigError(f"`--use` must be one of {', '.join(FEATURE_MODES)}, not {mode}")
+        families = tuple(context)
+        if families:
+            if inputs.context is None:
+                raise ConfigError(
+                    f"{head or 'the head'} reads context ({', '.join(families)}): give "
+                    "`--context-store CONTEXT.zarr` (`hsicache context` writes it)"
+                )
+            inputs.context.selection(families)  # unknown families are a clear error here
+        if mode == "spectral":
+            return cls(mode, context=families)
+        cache = inputs.cache
+        if cache is None:
+            classic = kind is None or HEADS.get(kind) is None  # svm, rf, an import path...
+            raise ConfigError(
+                f"{head + ' reads' if head else '`--use ' + mode + '` needs'} cached diffusion "
+                "features: give a feature cache (`--features FEATURES.zarr`)"
+                + (" or `use: spectral`" if classic and mode == "both" else "")
+            )
+        ts = tuple(int(t) for t in (timesteps or cache.timesteps))
+        ss = tuple(sites or cache.sites)
+        for t in ts:
+            for s in ss:
+                cache.array(t, s)  # unknown ones are a clear error here
+        return cls(mode, ts, ss, families)
+
+
+def assemble(
+    inputs: Inputs, rows: np.ndarray, cols: np.ndarray, selection: FeatureSelection
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """``X = [spectrum | context | spatial]`` rows for the pixels ``(rows, cols)``, and the
+    widths of the spectrum and the context parts."""
+    parts = []
+    widths = [0, 0]
+    if selection.spectral:
+        parts.append(inputs.scene.cube[rows, cols].astype(np.float32))
+        widths[0] = parts[-1].shape[1]
+    if selection.context:
+        assert inputs.context is not None
+        parts.append(inputs.context.gather(rows, cols, selection.context))
+        widths[1] = parts[-1].shape[1]
+    if selection.spatial:
+        assert inputs.cache is not None
+        parts.append(
+            inputs.cache.gather(rows, cols, timesteps=selection.timesteps, sites=selection.sites)
+        )
+    return np.concatenate(parts, axis=1), (widths[0], widths[1])
+
+
+@dataclass
+class TrainedHead:
+    """A fitted head with what it was trained on.
+
+    Attributes:
+        estimator: the fitted scikit-learn-contract classifier (predicts class indices).
+        meta: the ``head.json`` content.
+    """
+
+    estimator: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selection(self) -> FeatureSelection:
+        return FeatureSelection.from_dict(self.meta["selection"])
+
+    def check_inputs(self, inputs: Inputs, *, same_split: bool) -> None:
+        """Refuse a scene image, cache or context store other than the ones the head was
+        trained on."""
+        scene, cache = inputs.scene, inputs.cache
+        if scene.image_fingerprint != self.meta["image_fingerprint"]:
+            raise StoreError(
+                f"head `{self.meta['name']}` was trained on scene image "
+                f"{self.meta['image_fingerprint'][:12]}, not {scene.image_fingerprint[:12]}"
+            )
+        if same_split and scene.fingerprint != self.meta["scene_fingerprint"]:
+            raise StoreError(
+                f"head `{self.meta['name']}` was trained on another split of this scene "
+                f"({self.meta['scene_fingerprint'][:12]}, not {scene.fingerprint[:12]}): its "
+                "train pixels may be in this test set"
+            )
+        self._check_store("cache_identity_sha256", cache, "--features FEATURES.zarr")
+        self._check_store("context_identity_sha256", inputs.context, "--context-store CONTEXT.zarr")
+
+    def _check_store(self, key: str, store: Any, option: str) -> None:
+        """The feature cache or context store given is the one this head was trained on."""
+        want = self.meta.get(key)
+        if want is None:
+            return
+        if store is None:
+            raise ConfigError(f"head `{self.meta['name']}` reads a {_KIND[key]}: give `{option}`")
+        if store.digest != want:
+            raise StoreError(
+                f"head `{self.meta['name']}` was trained on {_KIND[key]} {want[:12]}, but "
+                f"`{store.path}` is {store.digest[:12]} (another scene, or other settings)"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the head folder atomically (replacing only a head folder hsicache wrote)."""
+        with atomic_output(path, HEAD, option="--out") as tmp:
+            tmp.mkdir(parents=True)
+            est = self.estimator
+            if type(est).__name__ in _TORCH_HEADS:
+                from safetensors.torch import save_file
+
+                config = {
+                    "class": type(est).__name__,
+                    "params": est.get_params(),
+                    "fitted": est.fitted_config(),
+                }
+                (tmp / "config.json").write_text(json.dumps(jsonable(config), indent=2))
+                save_file(
+                    {k: v.contiguous() for k, v in est.state_tensors().items()},
+                    str(tmp / "model.safetensors"),
+                )
+                kind = "torch"
+            else:
+                import skops.io as sio
+
+                sio.dump(est, tmp / "model.skops")
+                kind = "skops"
+            meta = {**self.meta, "format": HEAD_FORMAT, "storage": kind}
+            (tmp / "head.json").write_text(json.dumps(jsonable(meta), indent=2))
+        self.meta = meta
+        return Path(path)
+
+
+_TRUSTED_PREFIXES = (
+    "sklearn.",
+    "xgboost.",
+    "numpy.",
+    "scipy.",
+    "pipeline.heads.",
+)
+
+
+def load_head(path: str | Path) -> TrainedHead:
+    """Read a head folder written by :meth:`TrainedHead.save`.
+
+    Raises:
+        SceneNotFoundError: no head there.
+        StoreError: another format, or a skops file holding types outside the allowed
+            libraries (and the import path the head was trained with).
+    """
+    p = Path(path)
+    if not (p / "head.json").is_file():
+        raise SceneNotFoundError(f"head `{p}` does not exist: run `hsicache train`")
+    try:
+        meta = json.loads((p / "head.json").read_text())
+        if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
+            raise StoreError(f"`{p}` is not a hsicache head of format {HEAD_FORMAT}")
+        est = _load_estimator(p, meta)
+    except (HsicacheError, OSError):
+        raise
+    except Exception as exc:  # a truncated or edited file: json, safetensors, skops, keys
+        raise StoreError(
+            f"head `{p}` is damaged ({type(exc).__name__}: {str(exc)[:80]}): train it again"
+        ) from None
+    return TrainedHead(estimator=est, meta=meta)
+
+
+def _load_estimator(p: Path, meta: dict[str, Any]) -> Any:
+    """The fitted estimator of the head folder ``p``."""
+    if meta["storage"] == "torch":
+        from safetensors.torch import load_file
+
+        config = json.loads((p / "config.json").read_text())
+        cls = _TORCH_HEADS[config["class"]]
+        return cls.from_state(
+            config["params"], config["fitted"], load_file(str(p / "model.safetensors"))
+        )
+    import skops.io as sio
+
+    file = p / "model.skops"
+    untrusted = sio.get_untrusted_types(file=file)
+    kind = meta.get("kind", meta["name"])
+    allowed = {kind} if "." in kind else set()
+    bad = [t for t in untrusted if not (t.startswith(_TRUSTED_PREFIXES) or t in allowed)]
+    if bad and all(t.startswith("pipeline.") for t in bad):
+        raise StoreError(
+            f"head `{p}` was saved by an earlier hsicache, whose modules have since moved "
+            f"({', '.join(bad)}): train it again"
+        )
+    if bad:
+        raise StoreError(f"head `{p}` holds types it may not load: {', '.join(bad)}")
+    return sio.load(file, trusted=untrusted)
+
+
+def _feature_mode(name: str, params: dict[str, Any]) -> str:
+    fixed = HEADS.get(name)
+    mode = params.pop("use", None)
+    if fixed is not None:
+        if mode not in (None, fixed):
+            raise ConfigError(f"head `{name}` always reads `{fixed}` features, not `{mode}`")
+        return fixed
+    return mode or "both"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A head entry (``heads.<name>`` of ``params.yaml``) taken apart.
+
+    Attributes:
+        kind: the head type (a :data:`~pipeline.heads.registry.HEADS` key or an import path).
+        mode: the feature mode (``use`` for classic heads; fixed for the torch heads).
+        context: context families the head reads.
+        kwargs: the head's constructor arguments.
+        self_training: the checked ``self_training`` section (threshold, max_iter, pool), if any.
+    """
+
+    kind: str
+    mode: str
+    context: tuple[str, ...]
+    kwargs: dict[str, Any]
+    self_training: dict[str, Any] | None = None
+
+    def unlabeled(self) -> int | str | None:
+        """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
+        ``unlabeled="all"``, such as ``propagate``: every pixel of the scene), a count
+        (``self_training.pool``) or ``None`` (none)."""
+        spec = REGISTRY.get(self.kind)
+        if spec is not None and spec.unlabeled == "all":
+            return "all"
+        return self.self_training["pool"] if self.self_training else None
+
+
+def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
+    """A head entry's recipe: ``kind`` defaults to ``name``, ``use`` (classic heads) is the
+    feature mode, ``context`` the context families and ``self_training`` wraps the head in a
+    self-training loop."""
+    kwargs = dict(params)
+    kind = check_kind(str(kwargs.pop("kind", name)))
+    loop = kwargs.pop("self_training", None)
+    loop = check_self_training(name, loop) if loop is not None else None
+    if loop is not None and kind == "propagate":
+        raise ConfigError(
+            f"head `{name}`: `propagate` already uses every pixel; drop `self_training`"
+        )
+    context = kwargs.pop("context", None) or ()
+    if isinstance(context, str):
+        context = [c.strip() for c in context.split(",") if c.strip()]
+    if not isinstance(context, (list, tuple)) or not all(isinstance(c, str) for c in context):
+        raise ConfigError(f"`context` of head `{name}` must list family names, got {context!r}")
+    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs, loop)
+
+
+def fit_head(
+    name: str,
+    params: dict[str, Any],
+    inputs: Inputs,
+    *,
+    train_mask: np.ndarray,
+    seed: int,
+    timesteps: list[int] | None = None,
+    sites: list[str] | None = None,
+    context: Sequence[str] | None = None,
+) -> TrainedHead:
+    """Fit head ``name`` with ``params`` on the pixels of ``train_mask``.
+
+    ``params`` may name the head's ``kind`` (a :data:`~pipeline.heads.registry.HEADS` key or an
+    import path; default: ``name`` itself), so several configurations of one kind can coexist
+    (``film_skip: {kind: film, spectral_skip: true}``), ``context`` (families it reads; the
+    ``context`` argument wins) and for classic heads ``use``.
+    """
+    check_seed("--seed", seed)
+    recipe = split_recipe(name, params)
+    families = tuple(context) if context is not None else recipe.context
+    selection = FeatureSelection.resolve(
+        recipe.mode, inputs, timesteps, sites, families, head=f"head `{name}`", kind=recipe.kind
+    )
+    est = build_head(recipe, inputs, selection, seed)
+    check_params(est, name)  # before any pixel is read
+    if not np.any(train_mask):
+        raise ConfigError("the scene has no train pixels")
+    rows, cols, y = fit_rows(inputs.scene, train_mask, recipe.unlabeled(), seed)
+    started = time.perf_counter()
+    X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
+    est, loop = unwrap(fit_estimator(est, X, y, name))
+    scene, cache, ctx = inputs.scene, inputs.cache, inputs.context
+    meta = {
+        "name": name,
+        "kind": recipe.kind,
+        "params": dict(params),
+        "seed": seed,
+        "selection": selection.to_dict(),
+        "n_spectral": n_spec,
+        "n_context": n_ctx,
+        "n_features": int(X.shape[1]),
+        "scene_fingerprint": scene.fingerprint,
+        "image_fingerprint": scene.image_fingerprint,
+        "cache_identity_sha256": cache.digest if cache is not None and selection.spatial else None,
+        "cache_path": str(cache.path) if cache is not None and selection.spatial else None,
+        "context_identity_sha256": ctx.digest if ctx is not None and selection.context else None,
+        "context_path": str(ctx.path) if ctx is not None and selection.context else None,
+        "class_ids": scene.class_ids.tolist(),
+        "class_names": list(scene.class_names),
+        "n_train": int((y >= 0).sum()),
+        "n_unlabeled": int((y < 0).sum()),
+        "self_training": loop,
+        "train_seconds": time.perf_counter() - started,
+        "package_versions": package_versions(),
+    }
+    return TrainedHead(estimator=est, meta=meta)
+
+
+def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed: int) -> Any:
+    """The unfitted estimator of ``recipe`` for the columns ``selection`` assembles."""
+    n_spec = int(inputs.scene.cube.shape[-1]) if selection.spectral else 0
+    n_ctx = 0
+    if selection.context and inputs.context is not None:
+        n_ctx = sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
+    est = make_head(
+        recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
+    )
+    if recipe.self_training is None:
+        return est
+    require_probabilities(est, recipe.kind, "`self_training`")
+    loop = recipe.self_training
+    return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
+
+
+def fit_rows(
+    scene: Scene, train_mask: np.ndarray, unlabeled: int | str | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels a head is fitted on, ``(rows, cols, y)``, ``y = -1`` for unlabelled ones:
+    every pixel of the scene in row-major order for ``"all"``; else the train pixels
+    (row-major), then a seeded sample of ``unlabeled`` other pixels (row-major) for a count,
+    none for ``None``.
+
+    The unlabelled pixels are drawn from every pixel that is not a train pixel, labelled test
+    pixels included (their labels are never read)."""
+    train_mask = np.asarray(train_mask, dtype=bool)
+    if unlabeled == "all":
+        rows, cols = np.indices(train_mask.shape).reshape(2, -1)
+        return rows, cols, np.where(train_mask.ravel(), scene.labels.ravel(), -1)
+    rows, cols = np.nonzero(train_mask)
+    y = scene.labels[rows, cols]
+    if unlabeled is None:
+        return rows, cols, y
+    flat = np.flatnonzero(~train_mask.ravel())
+    if int(unlabeled) < flat.size:
+        rng = np.random.default_rng(seed)
+        flat = np.sort(rng.choice(flat, int(unlabeled), replace=False))
+    ur, uc = np.unravel_index(flat, train_mask.shape)
+    hidden = np.full(flat.size, -1, dtype=y.dtype)
+    return np.concatenate([rows, ur]), np.concatenate([cols, uc]), np.concatenate([y, hidden])
+
+
+def unwrap(est: Any) -> tuple[Any, dict[str, Any] | None]:
+    """A fitted self-training wrapper's final head (what is saved and predicts) and what the
+    loop did; any other estimator as it is."""
+    from sklearn.semi_supervised import SelfTrainingClassifier
+
+    if not isinstance(est, SelfTrainingClassifier):
+        return est, None
+    final = est.estimator_
+    labelled_at = np.asarray(est.labeled_iter_)
+    return final, {
+        "iterations": int(est.n_iter_),
+        "pseudo_labelled": int((labelled_at > 0).sum()),
+        "termination": str(est.termination_condition_),
+    }
+
+
+def open_inputs(
+    scene: str | Path,
+    cache: str | Path | None,
+    context: str | Path | None = None,
+    *,
+    lazy: bool = False,
+) -> Inputs:
+    """The scene and (when given) its feature cache and context store, checked to belong to
+    the same image."""
+    sc = open_scene(scene, lazy=lazy)
+    fc = FeatureCache.open(cache, expect_fingerprint=sc.image_fingerprint) if cache else None
+    cs = ContextStore.open(context, expect_fingerprint=sc.image_fingerprint) if context else None
+    return Inputs(sc, fc, cs)
+
+
+def train_head(
+    *,
+    scene: str | Path,
+    cache: str | Path | None,
+    head: str,
+    out: str | Path,
+    params: dict[str, Any] | None = None,
+    timesteps: list[int] | None = None,
+    sites: list[str] | None = None,
+    seed: int = 0,
+    context_store: str | Path | None = None,
+    context: Sequence[str] | None = None,
+) -> TrainedHead:
+    """Fit one head on the scene's train pixels and save it to ``out``.
+
+    ``context_store`` is the context store to read families from; ``context`` names them
+    (default: the ``context`` entry of ``params``).
+    """
+    read = {"--scene": scene, "--features": cache, "--context-store": context_store}
+    check_outputs({"--out": (out, HEAD)}, read)
+    inputs = open_inputs(scene, cache, context_store)
+    trained = fit_head(
+        head,
+        params or {},
+        inputs,
+        train_mask=inputs.scene.train,
+        seed=seed,
+        timesteps=timesteps,
+        sites=sites,
+        context=context,
+    )
+    trained.save(out)
+    return trained

@@ -1,0 +1,49 @@
+"""Where outputs go and how they get there: output kinds and the overwrite guard, atomic
+publication and provenance, local/remote locations, the store lock, the in-memory
+chunk cache, dask, and reading ``params.yaml`` sections.
+
+Submodules and their public names load on first use (SPEC 1 lazy loading, as in scikit-image),
+so importing one part does not import torch or the rest.
+"""
+
+import lazy_loader as _lazy
+
+__getattr__, __dir__, __all__ = _lazy.attach(
+    __name__,
+    submodules=["cluster", "outputs", "params", "storage", "store"],
+    submod_attrs={
+        "outputs": [
+            "BACKBONE",
+            "CONFUSION_CSV",
+            "CONTEXT",
+            "CURVE_CSV",
+            "FEATURES",
+            "GEOJSON",
+            "GEOTIFF",
+            "HEAD",
+            "MARKDOWN",
+            "METRICS",
+            "NPY",
+            "PNG",
+            "SCENE",
+            "SUGGEST_CSV",
+            "OutputKind",
+            "check_outputs",
+            "local_path",
+            "mark_npy",
+            "png_metadata",
+        ],
+        "store": ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"],
+        "storage": ["Location", "MemoryCache", "StoreLock", "memory_cache", "publish_folder"],
+        "cluster": [
+            "as_they_finish",
+            "cluster_opener",
+            "connected",
+            "dask_client",
+            "parse_resources",
+            "worker_loads",
+            "worker_state",
+        ],
+        "params": ["head_settings", "load_section"],
+    },
+)

@@ -1,0 +1,150 @@
+"""Small helpers shared by every store hsicache writes: atomic publication and provenance."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import OutputConflictError
+from pipeline.io.outputs import OutputKind, check_output, local_path
+
+__all__ = ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"]
+
+_VERSIONED = (
+    "hsicache",
+    "numpy",
+    "zarr",
+    "xarray",
+    "torch",
+    "diffusers",
+    "scikit-learn",
+    "xgboost",
+    "skops",
+)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; on success it replaces ``path``, on error it goes.
+
+    Readers therefore never see a half-written store or file, and a failed run leaves nothing
+    behind (a previous complete output at ``path`` survives a failed rewrite; folders this call
+    created to hold ``path`` are removed again). Only an output of the same ``kind`` that
+    hsicache wrote is ever replaced (:func:`pipeline.io.outputs.check_output`, asked again right
+    before the replacement); anything else is an :class:`~pipeline.errors.OutputConflictError`.
+
+    Args:
+        path: the final file or folder.
+        kind: what it is (:mod:`pipeline.io.outputs`).
+        option: how messages name the path (``--out``).
+    """
+    check_output(path, kind, option=option)
+    final = local_path(path)  # the very path the check looked at
+    made = _make_parents(final.parent)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        check_output(final, kind, option=option)  # nothing else appeared there meanwhile
+        publish(tmp, final, kind)
+    except OSError as exc:
+        _discard(tmp, made)
+        if exc.filename and Path(exc.filename).name.startswith(f".{final.name}."):
+            raise type(exc)(exc.errno, exc.strerror, str(final)) from exc  # name the user's path
+        raise
+    except BaseException:
+        _discard(tmp, made)
+        raise
+
+
+def _discard(tmp: Path, made: list[Path]) -> None:
+    """Remove a failed write's temporary output and the folders made for it (if empty)."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
+    for folder in made:  # innermost first; only while still empty
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def publish(tmp: Path, final: Path, kind: OutputKind | None = None) -> None:
+    """Put the finished ``tmp`` in the place of ``final`` (atomic for a file; for a folder the
+    old one is moved aside first, checked once more to be ``kind``'s, and deleted after)."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+        if kind is not None and any(old.iterdir()) and not kind.recognise(old):
+            old.rename(final)  # something else took its place since the check: leave it be
+            raise OutputConflictError(
+                f"`{final}` changed while hsicache was writing it and is no longer a "
+                f"{kind.name} it wrote; nothing was replaced"
+            )
+        try:
+            tmp.rename(final)
+        except BaseException:
+            old.rename(final)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the ones created, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir()
+    return missing
+
+
+def sha256_arrays(*parts: np.ndarray | dict | str) -> str:
+    """SHA-256 over arrays (shape, dtype and bytes) and JSON-able objects, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            arr = np.ascontiguousarray(part)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(arr.tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (Zarr attributes must be JSON): numpy scalars and arrays
+    become numbers and lists, tuples lists, paths strings, anything else its ``str``."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    return str(obj)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape a store's content."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:  # read once: installed versions do not change under us
+    out = {}
+    for name in _VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out

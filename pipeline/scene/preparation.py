@@ -1,0 +1,338 @@
+"""The ``prepare`` step: read a scene, validate it, split it, render it, and write the store."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import (
+    ConfigError,
+    HsicacheWarning,
+    LabelError,
+    NonFiniteError,
+    SceneFormatError,
+    ShapeMismatchError,
+)
+from pipeline.scene.builtin import load_builtin
+from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, write_scene
+from pipeline.scene.readers import read_cube, read_map
+from pipeline.scene.render import check_rendering_options, render_rgb
+from pipeline.scene.splits import check_split_options, encode_labels, make_split
+from pipeline.utils.checks import check_choice
+
+__all__ = ["NAN_POLICIES", "build_scene", "prepare"]
+
+NAN_POLICIES = ("error", "zero", "band-mean")
+
+
+def build_scene(
+    *,
+    cube: str | Path | None = None,
+    key: str | None = None,
+    builtin: str | None = None,
+    labels: str | Path | None = None,
+    label_key: str | None = None,
+    train_mask: str | Path | None = None,
+    test_mask: str | Path | None = None,
+    mask_key: str | None = None,
+    split: str | None = None,
+    per_class: int | None = 5,
+    fraction: float | None = None,
+    small_classes: str = "error",
+    block_size: int = 16,
+    buffer: int = 0,
+    seed: int = 0,
+    rgb_mode: str | None = None,
+    rgb_bands: Sequence[int] | None = None,
+    gamma: float = 1.0,
+    clip: tuple[float, float] = (2.0, 98.0),
+    nan_policy: str = "error",
+    class_names: Sequence[str] | None = None,
+    allow_degenerate: bool = False,
+) -> Scene:
+    """Read, validate, split and render a scene in memory (see :func:`prepare`)."""
+    if (cube is None) == (builtin is None):
+        raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
+    if (train_mask is None) != (test_mask is None):
+        raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
+    _check_values(
+        split,
+        per_class,
+        fraction,
+        small_classes,
+        block_size,
+        buffer,
+        seed,
+        rgb_mode,
+        rgb_bands,
+        gamma,
+        clip,
+        nan_policy,
+    )
+
+    # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
+    masks: tuple[np.ndarray, np.ndarray] | None = None
+    if train_mask is not None and test_mask is not None:
+        masks = (
+            read_map(train_mask, mask_key, role="train mask", key_option="--mask-key").data,
+            read_map(test_mask, mask_key, role="test mask", key_option="--mask-key").data,
+        )
+        if masks[0].shape != masks[1].shape:
+            raise ShapeMismatchError(
+                f"train mask `{train_mask}` has shape {masks[0].shape} but test mask "
+                f"`{test_mask}` has {masks[1].shape}"
+            )
+
+    # 2. the cube (and, for built-ins, its labels)
+    attrs: dict[str, Any] = {}
+    label_ids: np.ndarray | None = None
+    label_source = "label map"
+    wavelengths = crs = transform = None
+    if builtin is not None:
+        geometry = _union_of_masks(masks, train_mask, test_mask) if masks is not None else None
+        scene_in = load_builtin(builtin, seed=seed, label_map=geometry)
+        data = scene_in.cube
+        wavelengths = scene_in.wavelengths
+        if labels is None:
+            label_ids, label_source = scene_in.labels, f"built-in `{builtin}` labels"
+        class_names = class_names or scene_in.class_names
+        attrs.update(source=scene_in.source, attribution=scene_in.attribution)
+    else:
+        raster = read_cube(cube, key)  # type: ignore[arg-type]
+        data, wavelengths, crs, transform = (
+            raster.data,
+            raster.wavelengths,
+            raster.crs,
+            raster.transform,
+        )
+        attrs.update(source=str(cube), source_key=raster.key, attribution=None)
+        if wavelengths is not None and len(wavelengths) != data.shape[-1]:
+            wavelengths = None
+
+    # 3. labels: a label file, the built-in's, or the union of the official masks
+    if labels is not None:
+        lab = read_map(labels, label_key, role="label map", key_option="--label-key")
+        label_ids, label_source = lab.data, f"label map `{labels}`"
+    elif label_ids is None:
+        if masks is None:
+            raise ConfigError("no labels: give `--labels PATH` or `--train-mask`/`--test-mask`")
+        label_ids = _union_of_masks(masks, train_mask, test_mask)
+        label_source = f"masks `{train_mask}` + `{test_mask}`"
+    if label_ids.shape != data.shape[:2]:
+        raise ShapeMismatchError(
+            f"{label_source} has shape {label_ids.shape} but the cube is "
+            f"{data.shape[0]}x{data.shape[1]} (height x width): they must match"
+        )
+    if masks is not None and masks[0].shape != data.shape[:2]:
+        raise ShapeMismatchError(
+            f"train mask `{train_mask}` has shape {masks[0].shape} but the cube is "
+            f"{data.shape[0]}x{data.shape[1]}"
+        )
+    index_map, class_ids = encode_labels(label_ids, source=label_source)
+    if class_names is not None and len(class_names) != len(class_ids):
+        raise ConfigError(
+            f"`--class-names` gives {len(class_names)} names but the labels have "
+            f"{len(class_ids)} classes (ids {', '.join(map(str, class_ids))})"
+        )
+    names = list(class_names) if class_names is not None else [f"class {c}" for c in class_ids]
+
+    # 4. the cube's values
+    cube_f = _fill_nonfinite(np.asarray(data, dtype=np.float32), nan_policy, attrs["source"])
+
+    # 5. the split
+    protocol = split or ("official" if masks is not None else "per-class")
+    if protocol == "official" and masks is None:
+        raise ConfigError("`--split official` needs `--train-mask` and `--test-mask`")
+    train, test = make_split(
+        protocol,
+        index_map,
+        class_ids,
+        seed=seed,
+        per_class=per_class if protocol in ("per-class", "blocks") else None,
+        fraction=fraction,
+        small_classes=small_classes,  # type: ignore[arg-type]
+        block_size=block_size,
+        buffer=buffer,
+        train_mask=masks[0] if masks else None,
+        test_mask=masks[1] if masks else None,
+    )
+
+    # 6. the rendering the backbone will see
+    bands = tuple(int(b) for b in rgb_bands) if rgb_bands is not None else None
+    rgb, rendering = render_rgb(
+        cube_f, mode=rgb_mode, bands=bands, wavelengths=wavelengths, gamma=gamma, clip=clip
+    )
+    _check_degenerate(cube_f, rgb, class_ids, test, attrs["source"], allow_degenerate)
+    split_params = {
+        "protocol": protocol,
+        "seed": seed,
+        "per_class": per_class if protocol in ("per-class", "blocks") else None,
+        "fraction": fraction if protocol in ("fraction", "blocks") else None,
+        "small_classes": small_classes,
+        "block_size": block_size if protocol == "blocks" else None,
+        "buffer": buffer if protocol == "blocks" else None,
+        "train_mask": str(train_mask) if train_mask else None,
+        "test_mask": str(test_mask) if test_mask else None,
+    }
+    attrs.update(
+        rendering=rendering.to_dict(),
+        split=split_params,
+        nan_policy=nan_policy,
+        n_train=int(train.sum()),
+        n_test=int(test.sum()),
+        fingerprint=scene_fingerprint(cube_f, index_map, train, test, rendering.to_dict()),
+        image_fingerprint=image_fingerprint(cube_f, rendering.to_dict()),
+    )
+    return Scene(
+        cube=cube_f,
+        rgb=rgb,
+        labels=index_map,
+        train=train,
+        test=test,
+        class_ids=class_ids,
+        class_names=names,
+        wavelengths=wavelengths,
+        crs=crs,
+        transform=transform,
+        attrs=attrs,
+    )
+
+
+def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any) -> Scene:
+    """Read, validate, split and render a scene, then write the store (and a preview PNG).
+
+    Args:
+        out: the scene store to write (``*.zarr``); written atomically.
+        preview: optional PNG of the rendering with the train/test pixels drawn on it.
+        **kwargs: as :func:`build_scene`: the input (``cube``/``key`` or ``builtin``;
+            ``labels``/``label_key``; ``train_mask``/``test_mask``/``mask_key``), the split
+            (``split``, ``per_class``, ``fraction``, ``small_classes``, ``block_size``,
+            ``buffer``, ``seed``), the rendering (``rgb_mode``, ``rgb_bands``, ``gamma``,
+            ``clip``), ``nan_policy`` and ``class_names``.
+
+    Returns:
+        The prepared :class:`~pipeline.scene.core.Scene`.
+    """
+    from pipeline.io.outputs import PNG, SCENE, check_outputs
+
+    check_outputs(
+        {"--out": (out, SCENE), "--preview": (preview, PNG)},
+        {f"--{k.replace('_', '-')}": kwargs.get(k) for k in _INPUT_FILES},
+    )
+    scene = build_scene(**kwargs)
+    if preview is None:
+        write_scene(scene, out)
+        return scene
+    from pipeline.io.outputs import png_metadata
+    from pipeline.io.store import atomic_output
+    from pipeline.scene.plots import plot_scene_preview
+
+    # the preview is published only once the scene is written: a failure leaves neither
+    with atomic_output(preview, PNG, option="--preview") as tmp_png:
+        fig = plot_scene_preview(scene)
+        fig.savefig(tmp_png, format="png", dpi=110, metadata=png_metadata())
+        write_scene(scene, out)
+    return scene
+
+
+_INPUT_FILES = ("cube", "labels", "train_mask", "test_mask")
+
+
+def _check_values(
+    split: str | None,
+    per_class: int | None,
+    fraction: float | None,
+    small_classes: str,
+    block_size: int,
+    buffer: int,
+    seed: int,
+    rgb_mode: str | None,
+    rgb_bands: Sequence[int] | None,
+    gamma: float,
+    clip: tuple[float, float],
+    nan_policy: str,
+) -> None:
+    """Every option that needs no file, checked before any file is read."""
+    check_split_options(split, per_class, fraction, small_classes, block_size, buffer, seed)
+    check_rendering_options(rgb_mode, rgb_bands, gamma, clip)
+    check_choice("--nan-policy", nan_policy, NAN_POLICIES)
+
+
+def _check_degenerate(
+    cube: np.ndarray,
+    rgb: np.ndarray,
+    class_ids: np.ndarray,
+    test: np.ndarray,
+    source: str,
+    allow: bool,
+) -> None:
+    """Refuse data no classifier can be trained or judged on, unless ``allow``; warn about
+    constant bands (they carry nothing)."""
+    flat = cube.reshape(-1, cube.shape[-1])
+    low, high = flat.min(axis=0), flat.max(axis=0)
+    problems = []
+    if len(class_ids) < 2:
+        problems.append(
+            f"the labels hold one class only (id {class_ids[0]}): a classifier needs two or more"
+        )
+    if not test.any():
+        problems.append("the split leaves no test pixel, so no accuracy can be measured")
+    if (low == high).all() and low.min() == high.max():
+        problems.append(f"the cube is constant (every value is {float(low[0]):g})")
+    elif float(rgb.min()) == float(rgb.max()):
+        problems.append("the 3-band rendering is constant: the backbone would see a flat image")
+    if problems and not allow:
+        raise SceneFormatError(
+            f"scene `{source}`: {problems[0]}; pass `--allow-degenerate` to prepare it anyway"
+        )
+    constant = np.flatnonzero(low == high)
+    if constant.size and constant.size < flat.shape[1]:
+        shown = ", ".join(str(b) for b in constant[:5]) + (", ..." if constant.size > 5 else "")
+        warnings.warn(
+            f"{constant.size} of {flat.shape[1]} bands of `{source}` are constant (0-based "
+            f"{shown}): they carry no information",
+            HsicacheWarning,
+            stacklevel=3,
+        )
+
+
+def _union_of_masks(
+    masks: tuple[np.ndarray, np.ndarray], train_path: object, test_path: object
+) -> np.ndarray:
+    """The label map given by two class-valued split masks (they must not overlap)."""
+    a, b = (np.nan_to_num(np.asarray(m, dtype=np.float64)) for m in masks)
+    overlap = (a != 0) & (b != 0)
+    if overlap.any():
+        ys, xs = np.nonzero(overlap)
+        raise LabelError(
+            f"train mask `{train_path}` and test mask `{test_path}` overlap in "
+            f"{int(overlap.sum())} pixels (first at row {ys[0]}, column {xs[0]}); "
+            "they must be disjoint"
+        )
+    return a + b
+
+
+def _fill_nonfinite(cube: np.ndarray, policy: str, source: str) -> np.ndarray:
+    bad = ~np.isfinite(cube)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return cube
+    if policy == "error":
+        raise NonFiniteError(
+            f"cube `{source}` holds {n_bad} NaN/inf values in "
+            f"{int(bad.any(axis=-1).sum())} pixels: pass `--nan-policy zero` or "
+            "`--nan-policy band-mean` to fill them"
+        )
+    cube = cube.copy()
+    if policy == "zero":
+        cube[bad] = 0.0
+    else:
+        masked = np.where(bad, np.nan, cube)
+        means = np.nanmean(masked.reshape(-1, cube.shape[-1]), axis=0)
+        means = np.nan_to_num(means)
+        cube[bad] = np.broadcast_to(means, cube.shape)[bad]
+    return cube
