@@ -428,10 +428,7 @@ def bench_heads(
     ``read_amplification`` = bytes fetched from the cache (compressed chunks, all three steps,
     cold) ÷ bytes of the features the head actually needs (float16, every pixel it touches).
     """
-    from pipeline.evaluation.scoring import evaluate, predict_map
-    from pipeline.features.cache import FeatureCache, count_reads
-    from pipeline.heads.training import train_head
-    from pipeline.io.storage import memory_cache
+    from pipeline.features.cache import FeatureCache
     from pipeline.scene.core import open_scene
 
     if repeats < 1:
@@ -441,23 +438,8 @@ def bench_heads(
     cache = FeatureCache.open(features, expect_fingerprint=sc.image_fingerprint)
     results: dict[str, dict[str, Any]] = {}
     extraction: dict[tuple[tuple[int, ...], tuple[str, ...]], float | None] = {}
-    h, w = sc.shape
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-heads-") as tmp:
-        work = Path(tmp)
-
-        def steps(name: str, params: dict[str, Any]) -> tuple[Any, list[float]]:
-            slug = name.replace(".", "_")  # an import path names a head folder too
-            times = [time.perf_counter()]
-            trained = train_head(
-                scene=scene, cache=features, head=name, out=work / slug, params=dict(params)
-            )
-            times.append(time.perf_counter())
-            evaluate(scene=scene, cache=features, head=work / slug)
-            times.append(time.perf_counter())
-            predict_map(scene=scene, cache=features, head=work / slug, out=work / f"{slug}.npy")
-            times.append(time.perf_counter())
-            return trained, [b - a for a, b in itertools.pairwise(times)]
-
+        steps = functools.partial(_head_steps, scene, features, Path(tmp))
         selections = {}  # untimed first runs: each head's one-off costs, and what it reads
         for name, params in heads.items():
             selections[name] = steps(name, params)[0].selection
@@ -466,35 +448,72 @@ def bench_heads(
             if sel.spatial and key not in extraction:
                 extraction[key] = extraction_seconds(cache, scene, *key, run=run_extraction)
         for k, (name, params) in enumerate(heads.items()):
-            runs, reads = [], []
-            for _ in range(repeats):
-                memory_cache.clear()  # every run starts cold: its own reads are counted
-                with count_reads() as read:
-                    seconds = steps(name, params)[1]
-                runs.append(seconds)
-                reads.append(read[0])
-            train_s, evaluate_s, predict_s = np.median(np.asarray(runs), axis=0).tolist()
             sel = selections[name]
-            key = (sel.timesteps, sel.sites)
-            total = train_s + evaluate_s + predict_s
-            reuse = amplification = None
-            if sel.spatial:
-                if extraction[key] is not None:
-                    reuse = extraction[key] / total
-                needed = h * w * cache.channels(sel.timesteps, sel.sites) * 2
-                amplification = max(reads) / needed
-            results[name] = {
-                "train_s": train_s,
-                "evaluate_s": evaluate_s,
-                "predict_s": predict_s,
-                "reuse_ratio": reuse,
-                "read_amplification": amplification,
-                "extract_s": extraction.get(key) if sel.spatial else None,
-                "bytes_read": max(reads),
-            }
+            extract_s = extraction.get((sel.timesteps, sel.sites)) if sel.spatial else None
+            results[name] = _head_row(steps, name, params, repeats, sel, extract_s, cache, sc)
             if progress:
                 progress(k + 1, len(heads))
     return results
+
+
+def _head_steps(
+    scene: str | Path, features: str | Path, work: Path, name: str, params: dict[str, Any]
+) -> tuple[Any, list[float]]:
+    """Train, evaluate and predict head ``name`` once: the trained head and the three times."""
+    from pipeline.evaluation.scoring import evaluate, predict_map
+    from pipeline.heads.training import train_head
+
+    slug = name.replace(".", "_")  # an import path names a head folder too
+    times = [time.perf_counter()]
+    trained = train_head(
+        scene=scene, cache=features, head=name, out=work / slug, params=dict(params)
+    )
+    times.append(time.perf_counter())
+    evaluate(scene=scene, cache=features, head=work / slug)
+    times.append(time.perf_counter())
+    predict_map(scene=scene, cache=features, head=work / slug, out=work / f"{slug}.npy")
+    times.append(time.perf_counter())
+    return trained, [b - a for a, b in itertools.pairwise(times)]
+
+
+def _head_row(
+    steps: Callable[..., tuple[Any, list[float]]],
+    name: str,
+    params: dict[str, Any],
+    repeats: int,
+    sel: Any,
+    extract_s: float | None,
+    cache: Any,
+    sc: Any,
+) -> dict[str, Any]:
+    """One head's figures: the medians of ``repeats`` cold runs, reuse and read amplification."""
+    from pipeline.features.cache import count_reads
+    from pipeline.io.storage import memory_cache
+
+    runs, reads = [], []
+    for _ in range(repeats):
+        memory_cache.clear()  # every run starts cold: its own reads are counted
+        with count_reads() as read:
+            seconds = steps(name, params)[1]
+        runs.append(seconds)
+        reads.append(read[0])
+    train_s, evaluate_s, predict_s = np.median(np.asarray(runs), axis=0).tolist()
+    total = train_s + evaluate_s + predict_s
+    reuse = amplification = None
+    if sel.spatial:
+        if extract_s is not None:
+            reuse = extract_s / total
+        h, w = sc.shape
+        amplification = max(reads) / (h * w * cache.channels(sel.timesteps, sel.sites) * 2)
+    return {
+        "train_s": train_s,
+        "evaluate_s": evaluate_s,
+        "predict_s": predict_s,
+        "reuse_ratio": reuse,
+        "read_amplification": amplification,
+        "extract_s": extract_s,
+        "bytes_read": max(reads),
+    }
 
 
 CONTEXT_KEYS = ("seconds", "peak_rss_gb", "megapixels_per_s")

@@ -36,8 +36,6 @@ def main() -> None:
         if seen[0] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    from zarr.storage import LocalStore
-
     import pipeline.features.extract as extract
     import pipeline.io.storage as storage
     from pipeline.backbone.loading import Backbone
@@ -63,26 +61,33 @@ def main() -> None:
 
         Backbone.features = features
     else:
-        put = LocalStore.set
-
-        async def set_(self, key, value, *a, **k):
-            feature_chunk = key.startswith("t") and "/c/" in key
-            if point == "between-arrays" and feature_chunk:
-                reached()  # the 2nd feature chunk object of a run: one array of chunk 1 written
-            if point == "before-done-flag" and key.startswith("progress/done/c/"):
-                reached()
-            if point == "before-complete" and key == "zarr.json":
-                reached()  # the 1st write is the creation, the 2nd marks the store complete
-            result = await put(self, key, value, *a, **k)
-            if point == "after-done-flag" and key.startswith("progress/done/c/"):
-                reached()
-            return result
-
-        LocalStore.set = set_
+        _hook_store_writes(point, reached)
     from stages.cli import main as cli
 
     sys.argv = ["hsicache", *args]
     cli()
+
+
+def _hook_store_writes(point: str, reached) -> None:
+    """Call ``reached`` around the zarr store writes that mark ``point``."""
+    from zarr.storage import LocalStore
+
+    put = LocalStore.set
+
+    async def set_(self, key, value, *a, **k):
+        feature_chunk = key.startswith("t") and "/c/" in key
+        if point == "between-arrays" and feature_chunk:
+            reached()  # the 2nd feature chunk object of a run: one array of chunk 1 written
+        if point == "before-done-flag" and key.startswith("progress/done/c/"):
+            reached()
+        if point == "before-complete" and key == "zarr.json":
+            reached()  # the 1st write is the creation, the 2nd marks the store complete
+        result = await put(self, key, value, *a, **k)
+        if point == "after-done-flag" and key.startswith("progress/done/c/"):
+            reached()
+        return result
+
+    LocalStore.set = set_
 
 
 if __name__ == "__main__":

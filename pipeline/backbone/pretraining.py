@@ -27,6 +27,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,37 +193,48 @@ def load_photos(
         scene: a scene store whose rendering is added as one more (unlabeled) image.
         builtin: include the photographs bundled with scikit-image and scikit-learn.
     """
-    photos: dict[str, np.ndarray] = {}
-    if builtin:
-        import skimage.data
-        from sklearn.datasets import load_sample_images
-
-        for name in BUILTIN_PHOTOS:
-            img = getattr(skimage.data, name)()
-            photos[name] = _to_rgb(img[0] if isinstance(img, tuple) else img)
-        sample = load_sample_images()
-        for name, img in zip(_SKLEARN_PHOTOS, sample.images, strict=True):
-            photos[name] = _to_rgb(img)
+    photos = _builtin_photos() if builtin else {}
     if images is not None:
-        from skimage.io import imread
-
-        folder = Path(images)
-        if not folder.is_dir():
-            raise SceneNotFoundError(f"image folder `{folder}` does not exist")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _PHOTO_SUFFIXES)
-        if not files:
-            raise SceneFormatError(f"image folder `{folder}` holds no JPEG/PNG/TIFF photographs")
-        for f in files:
-            try:
-                photos[f"{folder.name}/{f.relative_to(folder)}"] = _to_rgb(imread(f))
-            except Exception as exc:
-                raise SceneFormatError(f"{f}: cannot read as an image ({exc})") from None
+        photos.update(_folder_photos(Path(images)))
     if scene is not None:
         from pipeline.scene.core import open_scene
 
         photos["scene"] = np.asarray(open_scene(scene).rgb, dtype=np.float32)
     if not photos:
         raise ConfigError("no training images: keep the built-in photos or give --images")
+    return photos
+
+
+def _builtin_photos() -> dict[str, np.ndarray]:
+    """The photographs bundled with scikit-image and scikit-learn."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {}
+    for name in BUILTIN_PHOTOS:
+        img = getattr(skimage.data, name)()
+        photos[name] = _to_rgb(img[0] if isinstance(img, tuple) else img)
+    sample = load_sample_images()
+    for name, img in zip(_SKLEARN_PHOTOS, sample.images, strict=True):
+        photos[name] = _to_rgb(img)
+    return photos
+
+
+def _folder_photos(folder: Path) -> dict[str, np.ndarray]:
+    """Every JPEG/PNG/TIFF under ``folder``, named ``folder/relative/path``."""
+    from skimage.io import imread
+
+    if not folder.is_dir():
+        raise SceneNotFoundError(f"image folder `{folder}` does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _PHOTO_SUFFIXES)
+    if not files:
+        raise SceneFormatError(f"image folder `{folder}` holds no JPEG/PNG/TIFF photographs")
+    photos = {}
+    for f in files:
+        try:
+            photos[f"{folder.name}/{f.relative_to(folder)}"] = _to_rgb(imread(f))
+        except Exception as exc:
+            raise SceneFormatError(f"{f}: cannot read as an image ({exc})") from None
     return photos
 
 
@@ -274,6 +286,121 @@ def _heldout_loss(unet: Any, scheduler: Any, x0: torch.Tensor, t_max: int, seed:
     return sum(losses) / x0.shape[0]
 
 
+@dataclass
+class _Data:
+    """Training crops' pyramids, fixed held-out crops, and which photos went where."""
+
+    levels: list[np.ndarray]
+    eval_x0: torch.Tensor
+    train_names: list[str]
+    holdout: list[str]
+
+
+def _training_data(
+    cfg: PretrainConfig, images: str | Path | None, scene: str | Path | None, builtin: bool
+) -> _Data:
+    photos = load_photos(images, scene, builtin)
+    holdout = [n for n in cfg["holdout"] if n in photos]
+    train_photos = {n: p for n, p in photos.items() if n not in holdout}
+    if not train_photos:
+        raise ConfigError("every training image is held out: shorten `holdout`")
+    crop = int(cfg["crop"])
+    levels = _pyramids(train_photos, cfg["scales"], crop)
+    if not levels:
+        raise ConfigError(f"no training image is at least {crop} pixels on each side")
+    eval_levels = _pyramids({n: photos[n] for n in holdout}, cfg["scales"], crop) or levels
+    eval_x0 = torch.from_numpy(
+        _crops(eval_levels, int(cfg["eval_crops"]), crop, np.random.default_rng(10_000))
+    )
+    return _Data(levels, eval_x0, sorted(train_photos), holdout)
+
+
+class _Run:
+    """One pretraining: the UNet, its optimiser, schedules, EMA and RNGs, checkpointed in
+    ``partial`` so a killed run resumes exactly where it stopped."""
+
+    def __init__(self, cfg: PretrainConfig, data: _Data, dev: torch.device, partial: Path):
+        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers.training_utils import EMAModel
+
+        self.cfg, self.data, self.dev, self.partial = cfg, data, dev, partial
+        torch.manual_seed(int(cfg["seed"]))
+        self.unet = UNet2DModel(**cfg.unet_kwargs()).to(dev)
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        self.before = self.heldout()
+        lr, decay = float(cfg["learning_rate"]), float(cfg["ema"])
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, weight_decay=1e-4)
+        self.ema = EMAModel(self.unet.parameters(), decay=decay)
+        self.steps, self.warmup = int(cfg["steps"]), int(cfg["warmup"])
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_at)
+        self.start, self.log = 0, []
+        self.rng = np.random.default_rng(int(cfg["seed"]))
+        self.fingerprint = jsonable({"config": dict(cfg), "images": data.train_names})
+
+    def _lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        span = max(1, self.steps - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / span))
+
+    def heldout(self) -> dict[str, float]:
+        x0 = self.data.eval_x0
+        return {
+            "t<100": _heldout_loss(self.unet, self.scheduler, x0, 100, 1),
+            "all_t": _heldout_loss(self.unet, self.scheduler, x0, 1000, 2),
+        }
+
+    def _state(self) -> dict[str, Any]:
+        return {"unet": self.unet, "opt": self.opt, "sched": self.sched, "ema": self.ema}
+
+    def resume(self) -> None:
+        """Continue from the checkpoint when it is of this recipe; else start afresh."""
+        ckpt = self.partial / "checkpoint.pt"
+        if ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            if state.get("fingerprint") == self.fingerprint:
+                for name, part in self._state().items():
+                    part.load_state_dict(state[name])
+                self.start, self.log, self.before = state["step"], state["log"], state["before"]
+                torch.set_rng_state(state["torch_rng"])
+                self.rng.bit_generator.state = state["np_rng"]
+            else:
+                shutil.rmtree(self.partial)
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+    def save(self, step: int) -> None:
+        state = {name: part.state_dict() for name, part in self._state().items()}
+        state.update(
+            fingerprint=self.fingerprint,
+            step=step,
+            log=self.log,
+            before=self.before,
+            torch_rng=torch.get_rng_state(),
+            np_rng=self.rng.bit_generator.state,
+        )
+        tmp = self.partial / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.partial / "checkpoint.pt")
+
+    def step(self, step: int) -> float:
+        """One optimiser step on a fresh batch of crops; its loss."""
+        crop, batch = int(self.cfg["crop"]), int(self.cfg["batch_size"])
+        x0 = torch.from_numpy(_crops(self.data.levels, batch, crop, self.rng)).to(self.dev)
+        t = torch.randint(0, 1000, (x0.shape[0],)).to(self.dev)
+        eps = torch.randn_like(x0)
+        noisy = self.scheduler.add_noise(x0, eps, t)
+        loss = torch.nn.functional.mse_loss(self.unet(noisy, t).sample, eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.ema.step(self.unet.parameters())
+        value = float(loss.detach())
+        self.log.append([step + 1, value, self.sched.get_last_lr()[0]])
+        return value
+
+
 def pretrain(
     out: str | Path,
     *,
@@ -307,9 +434,6 @@ def pretrain(
     Returns:
         The summary also written to ``pretrain.json`` (held-out losses before and after).
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-    from diffusers.training_utils import EMAModel
-
     from pipeline.utils.devices import resolve_device
 
     cfg = config or PretrainConfig()
@@ -321,133 +445,62 @@ def pretrain(
     partial = out.with_name(out.name + ".partial")
     _check_partial(partial)
     dev = resolve_device(device)
-    photos = load_photos(images, scene, builtin_photos)
-    holdout = [n for n in cfg["holdout"] if n in photos]
-    train_photos = {n: p for n, p in photos.items() if n not in holdout}
-    if not train_photos:
-        raise ConfigError("every training image is held out: shorten `holdout`")
-    crop = int(cfg["crop"])
-    levels = _pyramids(train_photos, cfg["scales"], crop)
-    if not levels:
-        raise ConfigError(f"no training image is at least {crop} pixels on each side")
-    eval_levels = _pyramids({n: photos[n] for n in holdout}, cfg["scales"], crop) or levels
-    eval_x0 = torch.from_numpy(
-        _crops(eval_levels, int(cfg["eval_crops"]), crop, np.random.default_rng(10_000))
-    )
-
-    torch.manual_seed(int(cfg["seed"]))
-    unet = UNet2DModel(**cfg.unet_kwargs()).to(dev)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    before = {
-        "t<100": _heldout_loss(unet, scheduler, eval_x0, 100, 1),
-        "all_t": _heldout_loss(unet, scheduler, eval_x0, 1000, 2),
-    }
-    opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["learning_rate"]), weight_decay=1e-4)
-    ema = EMAModel(unet.parameters(), decay=float(cfg["ema"]))
-    steps, warmup = int(cfg["steps"]), int(cfg["warmup"])
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    start, log_rows = 0, []
-    rng = np.random.default_rng(int(cfg["seed"]))
-    fingerprint = jsonable({"config": dict(cfg), "images": sorted(train_photos)})
-    ckpt = partial / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
-            unet.load_state_dict(state["unet"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            ema.load_state_dict(state["ema"])
-            start, log_rows, before = state["step"], state["log"], state["before"]
-            torch.set_rng_state(state["torch_rng"])
-            rng.bit_generator.state = state["np_rng"]
-        else:  # another recipe: start afresh
-            shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    running = None
-
-    def save_checkpoint(step: int) -> None:
-        state = {
-            "fingerprint": fingerprint,
-            "unet": unet.state_dict(),
-            "opt": opt.state_dict(),
-            "sched": sched.state_dict(),
-            "ema": ema.state_dict(),
-            "step": step,
-            "log": log_rows,
-            "before": before,
-            "torch_rng": torch.get_rng_state(),
-            "np_rng": rng.bit_generator.state,
-        }
-        tmp = partial / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(ckpt)
-
-    unet.train()
-    for step in range(start, steps):
-        x0 = torch.from_numpy(_crops(levels, int(cfg["batch_size"]), crop, rng)).to(dev)
-        t = torch.randint(0, 1000, (x0.shape[0],)).to(dev)
-        eps = torch.randn_like(x0)
-        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, eps, t), t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
-        value = float(loss.detach())
+    run = _Run(cfg, _training_data(cfg, images, scene, builtin_photos), dev, partial)
+    run.resume()
+    started, running = time.perf_counter(), None
+    run.unet.train()
+    for step in range(run.start, run.steps):
+        value = run.step(step)
         running = value if running is None else 0.98 * running + 0.02 * value
-        log_rows.append([step + 1, value, sched.get_last_lr()[0]])
         if progress:
-            progress(step + 1, steps, f"loss {running:.4f}")
+            progress(step + 1, run.steps, f"loss {running:.4f}")
         done = step + 1
-        if done % int(cfg["checkpoint_every"]) == 0 or done == steps:
-            save_checkpoint(done)
-        if stop_after is not None and done - start >= stop_after and done < steps:
-            save_checkpoint(done)
+        if done % int(cfg["checkpoint_every"]) == 0 or done == run.steps:
+            run.save(done)
+        if stop_after is not None and done - run.start >= stop_after and done < run.steps:
+            run.save(done)
             return {"stopped_at": done}
+    run.ema.copy_to(run.unet.parameters())
+    run.unet.eval()
+    summary = _summary(run, time.perf_counter() - started, weights_dtype)
+    _write_backbone(out, run, summary, weights_dtype)
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary
 
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    after = {
-        "t<100": _heldout_loss(unet, scheduler, eval_x0, 100, 1),
-        "all_t": _heldout_loss(unet, scheduler, eval_x0, 1000, 2),
-    }
-    summary = {
+
+def _summary(run: _Run, seconds: float, weights_dtype: str) -> dict[str, Any]:
+    return {
         "format": BACKBONE_FORMAT,
-        "config": dict(cfg),
-        "train_images": sorted(train_photos),
-        "holdout_images": holdout,
-        "parameters": sum(p.numel() for p in unet.parameters()),
-        "heldout_loss_untrained": before,
-        "heldout_loss_trained": after,
-        "seconds_this_run": time.perf_counter() - started,
-        "device": str(dev),
+        "config": dict(run.cfg),
+        "train_images": run.data.train_names,
+        "holdout_images": run.data.holdout,
+        "parameters": sum(p.numel() for p in run.unet.parameters()),
+        "heldout_loss_untrained": run.before,
+        "heldout_loss_trained": run.heldout(),
+        "seconds_this_run": seconds,
+        "device": str(run.dev),
         "package_versions": package_versions(),
+        "weights_dtype": weights_dtype,
     }
-    summary["weights_dtype"] = weights_dtype
-    with atomic_output(out, BACKBONE, option="--out") as tmp:
-        from pipeline.backbone.loading import _quietly
 
-        _quietly(unet.to, "cpu", dtype=torch.float16 if weights_dtype == "fp16" else torch.float32)
-        unet.save_pretrained(tmp / "unet")
-        scheduler.save_pretrained(tmp / "scheduler")
+
+def _write_backbone(out: Path, run: _Run, summary: dict[str, Any], weights_dtype: str) -> None:
+    """The diffusers folders, the training log, ``pretrain.json`` and the photos' credits."""
+    from pipeline.backbone.loading import _quietly
+
+    with atomic_output(out, BACKBONE, option="--out") as tmp:
+        dtype = torch.float16 if weights_dtype == "fp16" else torch.float32
+        _quietly(run.unet.to, "cpu", dtype=dtype)
+        run.unet.save_pretrained(tmp / "unet")
+        run.scheduler.save_pretrained(tmp / "scheduler")
         with open(tmp / "train_log.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["step", "loss", "lr"])
-            writer.writerows(log_rows)
+            writer.writerows(run.log)
         (tmp / "pretrain.json").write_text(json.dumps(jsonable(summary), indent=2))
-        credits = attribution(summary["train_images"] + holdout)
+        credits = attribution(summary["train_images"] + summary["holdout_images"])
         if credits:
             (tmp / "ATTRIBUTION.md").write_text(credits)
-    shutil.rmtree(partial, ignore_errors=True)
-    return summary
 
 
 def attribution(names: Sequence[str]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -221,6 +222,12 @@ def simulate(
     )
     _check_probabilities(inputs, recipe, selection, name)
     total, done = len(seeds) * 2 * (rounds + 1), [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
     curves: dict[str, list[list[float]]] = {"suggested": [], "random": []}
     start_sizes = []
     for seed in seeds:
@@ -232,25 +239,56 @@ def simulate(
                 "pixels the loop can label (half the test pixels; the other half scores it)"
             )
         start_sizes.append(int(start.sum()))
-        X_eval = _features(inputs, np.flatnonzero(held_out), selection)
-        truth = sc.labels[held_out]
+        scoring = (_features(inputs, np.flatnonzero(held_out), selection), sc.labels[held_out])
         for strategy, runs in curves.items():
-            oa, train, rng = [], start.copy(), np.random.default_rng(seed)
-            for r in range(rounds + 1):
-                est, Xl = _fit(inputs, name, params, selection, train, seed)
-                oa.append(float((np.asarray(est.predict(X_eval)) == truth).mean()))
-                if r < rounds:
-                    pool = _candidates(train, oracle, 20_000, seed + r)
-                    if strategy == "suggested":
-                        Xc = _features(inputs, pool, selection)
-                        picks = choose(np.asarray(est.predict_proba(Xc)), Xc, Xl, n, seed=seed)[0]
-                    else:
-                        picks = rng.choice(pool.size, n, replace=False)
-                    train.ravel()[pool[picks]] = True
-                done[0] += 1
-                if progress:
-                    progress(done[0], total)
-            runs.append(oa)
+            loop = _Loop(inputs, name, params, selection, oracle, scoring, seed)
+            runs.append(loop.run(strategy, start.copy(), n, rounds, tick))
+    return _loop_summary(curves, start_sizes, n, rounds) | {
+        "protocol": protocol_card(sc, seeds)
+        | {
+            "per_class_start": per_class,
+            "scoring": "OA on a fixed, seeded half of each split's test pixels that is never "
+            "labelled; the other half is what the loop may label",
+        }
+    }
+
+
+@dataclass
+class _Loop:
+    """One seed's labelling loop: refit, score on the held-out half, label ``n`` more."""
+
+    inputs: Any
+    name: str
+    params: dict[str, Any]
+    selection: Any
+    oracle: np.ndarray
+    scoring: tuple[np.ndarray, np.ndarray]
+    seed: int
+
+    def run(
+        self, strategy: str, train: np.ndarray, n: int, rounds: int, tick: Callable[[], None]
+    ) -> list[float]:
+        """OA after each round (round 0: the start), picking by ``strategy``."""
+        oa, rng, (X_eval, truth) = [], np.random.default_rng(self.seed), self.scoring
+        for r in range(rounds + 1):
+            est, Xl = _fit(self.inputs, self.name, self.params, self.selection, train, self.seed)
+            oa.append(float((np.asarray(est.predict(X_eval)) == truth).mean()))
+            if r < rounds:
+                pool = _candidates(train, self.oracle, 20_000, self.seed + r)
+                if strategy == "suggested":
+                    Xc = _features(self.inputs, pool, self.selection)
+                    proba = np.asarray(est.predict_proba(Xc))
+                    picks = choose(proba, Xc, Xl, n, seed=self.seed)[0]
+                else:
+                    picks = rng.choice(pool.size, n, replace=False)
+                train.ravel()[pool[picks]] = True
+            tick()
+        return oa
+
+
+def _loop_summary(
+    curves: dict[str, list[list[float]]], start_sizes: list[int], n: int, rounds: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "labels": [int(np.mean(start_sizes)) + r * n for r in range(rounds + 1)],
         "per_round": n,
@@ -264,11 +302,6 @@ def simulate(
             "per_seed": arr.tolist(),
         }
     out["gain_at_end"] = out["suggested"]["oa_mean"][-1] - out["random"]["oa_mean"][-1]
-    out["protocol"] = protocol_card(sc, seeds) | {
-        "per_class_start": per_class,
-        "scoring": "OA on a fixed, seeded half of each split's test pixels that is never "
-        "labelled; the other half is what the loop may label",
-    }
     return out
 
 

@@ -725,14 +725,7 @@ def compute_chunk(
     if not exact:
         buffers = {key: (buf / len(noises)).astype(np.float16) for key, buf in buffers.items()}
     written = time.perf_counter()
-    for (t, name), buf in buffers.items():
-        if not all_finite(buf):  # never in a cache: it would pass as features
-            raise StoreError(
-                f"backbone `{job.backbone}` gave non-finite features at t={t}, site `{name}`, "
-                f"rows {y0}-{y1}, columns {x0}-{x1} (beyond float16's range, or NaN from the "
-                f"{job.dtype} forward); nothing of this chunk was written; try `--dtype fp32` "
-                "or another site"
-            )
+    _check_finite(job, buffers, (y0, y1, x0, x1))
     for (t, name), buf in buffers.items():
         write_block(root[array_path(t, name)], (slice(y0, y1), slice(x0, x1)), buf)
     return {
@@ -741,6 +734,21 @@ def compute_chunk(
         "written_bytes": float(sum(buf.nbytes for buf in buffers.values())),
         "patches": float(len(tiles)),
     }
+
+
+def _check_finite(
+    job: ChunkJob, buffers: dict[tuple[int, str], np.ndarray], bounds: tuple[int, ...]
+) -> None:
+    """Non-finite features never enter a cache: they would pass as features."""
+    y0, y1, x0, x1 = bounds
+    for (t, name), buf in buffers.items():
+        if not all_finite(buf):
+            raise StoreError(
+                f"backbone `{job.backbone}` gave non-finite features at t={t}, site `{name}`, "
+                f"rows {y0}-{y1}, columns {x0}-{x1} (beyond float16's range, or NaN from the "
+                f"{job.dtype} forward); nothing of this chunk was written; try `--dtype fp32` "
+                "or another site"
+            )
 
 
 def noise_seeds(job: ChunkJob) -> list[int]:

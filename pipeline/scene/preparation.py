@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pipeline.errors import (
 from pipeline.scene.builtin import load_builtin
 from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, write_scene
 from pipeline.scene.readers import read_cube, read_map
-from pipeline.scene.render import check_rendering_options, render_rgb
+from pipeline.scene.render import Rendering, check_rendering_options, render_rgb
 from pipeline.scene.splits import check_split_options, encode_labels, make_split
 from pipeline.utils.checks import check_choice
 
@@ -59,147 +60,235 @@ def build_scene(
         raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
     if (train_mask is None) != (test_mask is None):
         raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
-    _check_values(
-        split,
+    check_split_options(split, per_class, fraction, small_classes, block_size, buffer, seed)
+    check_rendering_options(rgb_mode, rgb_bands, gamma, clip)
+    check_choice("--nan-policy", nan_policy, NAN_POLICIES)
+
+    # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
+    masks = _read_masks(train_mask, test_mask, mask_key)
+    # 2. the cube and its labels: a label file, the built-in's, or the union of the masks
+    src = _read_source(cube, key, builtin, seed, masks)
+    if labels is not None:
+        lab = read_map(labels, label_key, role="label map", key_option="--label-key")
+        src.label_ids, src.label_source = lab.data, f"label map `{labels}`"
+    elif src.label_ids is None:
+        if masks is None:
+            raise ConfigError("no labels: give `--labels PATH` or `--train-mask`/`--test-mask`")
+        src.label_ids, src.label_source = masks.union(), f"masks {masks.names}"
+    _check_shapes(src, masks)
+    index_map, class_ids = encode_labels(src.label_ids, source=src.label_source)
+    names = _class_names(class_names or src.class_names, class_ids)
+    # 3. the cube's values
+    cube_f = _fill_nonfinite(np.asarray(src.data, dtype=np.float32), nan_policy, src.source)
+    # 4. the split
+    protocol = split or ("official" if masks is not None else "per-class")
+    if protocol == "official" and masks is None:
+        raise ConfigError("`--split official` needs `--train-mask` and `--test-mask`")
+    train, test, record = _split(
+        index_map,
+        class_ids,
+        protocol,
+        seed,
         per_class,
         fraction,
         small_classes,
         block_size,
         buffer,
-        seed,
-        rgb_mode,
-        rgb_bands,
-        gamma,
-        clip,
-        nan_policy,
+        masks,
     )
-
-    # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
-    masks: tuple[np.ndarray, np.ndarray] | None = None
-    if train_mask is not None and test_mask is not None:
-        masks = (
-            read_map(train_mask, mask_key, role="train mask", key_option="--mask-key").data,
-            read_map(test_mask, mask_key, role="test mask", key_option="--mask-key").data,
-        )
-        if masks[0].shape != masks[1].shape:
-            raise ShapeMismatchError(
-                f"train mask `{train_mask}` has shape {masks[0].shape} but test mask "
-                f"`{test_mask}` has {masks[1].shape}"
-            )
-
-    # 2. the cube (and, for built-ins, its labels)
-    attrs: dict[str, Any] = {}
-    label_ids: np.ndarray | None = None
-    label_source = "label map"
-    wavelengths = crs = transform = None
-    if builtin is not None:
-        geometry = _union_of_masks(masks, train_mask, test_mask) if masks is not None else None
-        scene_in = load_builtin(builtin, seed=seed, label_map=geometry)
-        data = scene_in.cube
-        wavelengths = scene_in.wavelengths
-        if labels is None:
-            label_ids, label_source = scene_in.labels, f"built-in `{builtin}` labels"
-        class_names = class_names or scene_in.class_names
-        attrs.update(source=scene_in.source, attribution=scene_in.attribution)
-    else:
-        raster = read_cube(cube, key)  # type: ignore[arg-type]
-        data, wavelengths, crs, transform = (
-            raster.data,
-            raster.wavelengths,
-            raster.crs,
-            raster.transform,
-        )
-        attrs.update(source=str(cube), source_key=raster.key, attribution=None)
-        if wavelengths is not None and len(wavelengths) != data.shape[-1]:
-            wavelengths = None
-
-    # 3. labels: a label file, the built-in's, or the union of the official masks
-    if labels is not None:
-        lab = read_map(labels, label_key, role="label map", key_option="--label-key")
-        label_ids, label_source = lab.data, f"label map `{labels}`"
-    elif label_ids is None:
-        if masks is None:
-            raise ConfigError("no labels: give `--labels PATH` or `--train-mask`/`--test-mask`")
-        label_ids = _union_of_masks(masks, train_mask, test_mask)
-        label_source = f"masks `{train_mask}` + `{test_mask}`"
-    if label_ids.shape != data.shape[:2]:
-        raise ShapeMismatchError(
-            f"{label_source} has shape {label_ids.shape} but the cube is "
-            f"{data.shape[0]}x{data.shape[1]} (height x width): they must match"
-        )
-    if masks is not None and masks[0].shape != data.shape[:2]:
-        raise ShapeMismatchError(
-            f"train mask `{train_mask}` has shape {masks[0].shape} but the cube is "
-            f"{data.shape[0]}x{data.shape[1]}"
-        )
-    index_map, class_ids = encode_labels(label_ids, source=label_source)
-    if class_names is not None and len(class_names) != len(class_ids):
-        raise ConfigError(
-            f"`--class-names` gives {len(class_names)} names but the labels have "
-            f"{len(class_ids)} classes (ids {', '.join(map(str, class_ids))})"
-        )
-    names = list(class_names) if class_names is not None else [f"class {c}" for c in class_ids]
-
-    # 4. the cube's values
-    cube_f = _fill_nonfinite(np.asarray(data, dtype=np.float32), nan_policy, attrs["source"])
-
-    # 5. the split
-    protocol = split or ("official" if masks is not None else "per-class")
-    if protocol == "official" and masks is None:
-        raise ConfigError("`--split official` needs `--train-mask` and `--test-mask`")
-    train, test = make_split(
-        protocol,
-        index_map,
-        class_ids,
-        seed=seed,
-        per_class=per_class if protocol in ("per-class", "blocks") else None,
-        fraction=fraction,
-        small_classes=small_classes,  # type: ignore[arg-type]
-        block_size=block_size,
-        buffer=buffer,
-        train_mask=masks[0] if masks else None,
-        test_mask=masks[1] if masks else None,
-    )
-
-    # 6. the rendering the backbone will see
+    # 5. the rendering the backbone will see
     bands = tuple(int(b) for b in rgb_bands) if rgb_bands is not None else None
     rgb, rendering = render_rgb(
-        cube_f, mode=rgb_mode, bands=bands, wavelengths=wavelengths, gamma=gamma, clip=clip
+        cube_f, mode=rgb_mode, bands=bands, wavelengths=src.wavelengths, gamma=gamma, clip=clip
     )
-    _check_degenerate(cube_f, rgb, class_ids, test, attrs["source"], allow_degenerate)
-    split_params = {
-        "protocol": protocol,
-        "seed": seed,
-        "per_class": per_class if protocol in ("per-class", "blocks") else None,
-        "fraction": fraction if protocol in ("fraction", "blocks") else None,
-        "small_classes": small_classes,
-        "block_size": block_size if protocol == "blocks" else None,
-        "buffer": buffer if protocol == "blocks" else None,
-        "train_mask": str(train_mask) if train_mask else None,
-        "test_mask": str(test_mask) if test_mask else None,
+    _check_degenerate(cube_f, rgb, class_ids, test, src.source, allow_degenerate)
+    return _scene(
+        src,
+        cube_f,
+        rgb,
+        rendering,
+        index_map,
+        class_ids,
+        names,
+        train,
+        test,
+        {"split": record, "nan_policy": nan_policy},
+    )
+
+
+@dataclass
+class _Masks:
+    """The official split masks and the files they came from."""
+
+    train: np.ndarray
+    test: np.ndarray
+    train_path: str | Path
+    test_path: str | Path
+
+    @property
+    def names(self) -> str:
+        return f"`{self.train_path}` + `{self.test_path}`"
+
+    def union(self) -> np.ndarray:
+        return _union_of_masks((self.train, self.test), self.train_path, self.test_path)
+
+
+@dataclass
+class _Source:
+    """What the cube's file (or the built-in scene) gives."""
+
+    data: np.ndarray
+    attrs: dict[str, Any]
+    wavelengths: np.ndarray | None = None
+    crs: Any = None
+    transform: Any = None
+    label_ids: np.ndarray | None = None
+    label_source: str = "label map"
+    class_names: Sequence[str] | None = None
+
+    @property
+    def source(self) -> str:
+        return self.attrs["source"]
+
+
+def _read_masks(
+    train_mask: str | Path | None, test_mask: str | Path | None, mask_key: str | None
+) -> _Masks | None:
+    if train_mask is None or test_mask is None:
+        return None
+    train = read_map(train_mask, mask_key, role="train mask", key_option="--mask-key").data
+    test = read_map(test_mask, mask_key, role="test mask", key_option="--mask-key").data
+    if train.shape != test.shape:
+        raise ShapeMismatchError(
+            f"train mask `{train_mask}` has shape {train.shape} but test mask "
+            f"`{test_mask}` has {test.shape}"
+        )
+    return _Masks(train, test, train_mask, test_mask)
+
+
+def _read_source(
+    cube: str | Path | None, key: str | None, builtin: str | None, seed: int, masks: _Masks | None
+) -> _Source:
+    """The cube of a file, or a built-in scene with its labels (drawn on the masks' geometry)."""
+    if builtin is not None:
+        geometry = masks.union() if masks is not None else None
+        found = load_builtin(builtin, seed=seed, label_map=geometry)
+        attrs = {"source": found.source, "attribution": found.attribution}
+        return _Source(
+            found.cube,
+            attrs,
+            wavelengths=found.wavelengths,
+            label_ids=found.labels,
+            label_source=f"built-in `{builtin}` labels",
+            class_names=found.class_names,
+        )
+    raster = read_cube(cube, key)  # type: ignore[arg-type]
+    wavelengths = raster.wavelengths
+    if wavelengths is not None and len(wavelengths) != raster.data.shape[-1]:
+        wavelengths = None
+    attrs = {"source": str(cube), "source_key": raster.key, "attribution": None}
+    return _Source(raster.data, attrs, wavelengths, raster.crs, raster.transform)
+
+
+def _check_shapes(src: _Source, masks: _Masks | None) -> None:
+    height, width = src.data.shape[:2]
+    if src.label_ids.shape != (height, width):
+        raise ShapeMismatchError(
+            f"{src.label_source} has shape {src.label_ids.shape} but the cube is "
+            f"{height}x{width} (height x width): they must match"
+        )
+    if masks is not None and masks.train.shape != (height, width):
+        raise ShapeMismatchError(
+            f"train mask `{masks.train_path}` has shape {masks.train.shape} but the cube is "
+            f"{height}x{width}"
+        )
+
+
+def _class_names(given: Sequence[str] | None, class_ids: np.ndarray) -> list[str]:
+    if given is not None and len(given) != len(class_ids):
+        raise ConfigError(
+            f"`--class-names` gives {len(given)} names but the labels have "
+            f"{len(class_ids)} classes (ids {', '.join(map(str, class_ids))})"
+        )
+    return list(given) if given is not None else [f"class {c}" for c in class_ids]
+
+
+def _scene(
+    src: _Source,
+    cube: np.ndarray,
+    rgb: np.ndarray,
+    rendering: Rendering,
+    index_map: np.ndarray,
+    class_ids: np.ndarray,
+    names: list[str],
+    train: np.ndarray,
+    test: np.ndarray,
+    record: dict[str, Any],
+) -> Scene:
+    """The scene, with its provenance and fingerprints in its attributes."""
+    attrs = {
+        **src.attrs,
+        "rendering": rendering.to_dict(),
+        **record,
+        "n_train": int(train.sum()),
+        "n_test": int(test.sum()),
+        "fingerprint": scene_fingerprint(cube, index_map, train, test, rendering.to_dict()),
+        "image_fingerprint": image_fingerprint(cube, rendering.to_dict()),
     }
-    attrs.update(
-        rendering=rendering.to_dict(),
-        split=split_params,
-        nan_policy=nan_policy,
-        n_train=int(train.sum()),
-        n_test=int(test.sum()),
-        fingerprint=scene_fingerprint(cube_f, index_map, train, test, rendering.to_dict()),
-        image_fingerprint=image_fingerprint(cube_f, rendering.to_dict()),
-    )
     return Scene(
-        cube=cube_f,
+        cube=cube,
         rgb=rgb,
         labels=index_map,
         train=train,
         test=test,
         class_ids=class_ids,
         class_names=names,
-        wavelengths=wavelengths,
-        crs=crs,
-        transform=transform,
+        wavelengths=src.wavelengths,
+        crs=src.crs,
+        transform=src.transform,
         attrs=attrs,
     )
+
+
+def _split(
+    index_map: np.ndarray,
+    class_ids: np.ndarray,
+    protocol: str,
+    seed: int,
+    per_class: int | None,
+    fraction: float | None,
+    small_classes: str,
+    block_size: int,
+    buffer: int,
+    masks: _Masks | None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The train and test masks, and the split's record (only the values it used)."""
+    counted = protocol in ("per-class", "blocks")
+    train, test = make_split(
+        protocol,
+        index_map,
+        class_ids,
+        seed=seed,
+        per_class=per_class if counted else None,
+        fraction=fraction,
+        small_classes=small_classes,  # type: ignore[arg-type]
+        block_size=block_size,
+        buffer=buffer,
+        train_mask=masks.train if masks else None,
+        test_mask=masks.test if masks else None,
+    )
+    record = {
+        "protocol": protocol,
+        "seed": seed,
+        "per_class": per_class if counted else None,
+        "fraction": fraction if protocol in ("fraction", "blocks") else None,
+        "small_classes": small_classes,
+        "block_size": block_size if protocol == "blocks" else None,
+        "buffer": buffer if protocol == "blocks" else None,
+        "train_mask": str(masks.train_path) if masks else None,
+        "test_mask": str(masks.test_path) if masks else None,
+    }
+    return train, test, record
 
 
 def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any) -> Scene:
@@ -240,26 +329,6 @@ def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any
 
 
 _INPUT_FILES = ("cube", "labels", "train_mask", "test_mask")
-
-
-def _check_values(
-    split: str | None,
-    per_class: int | None,
-    fraction: float | None,
-    small_classes: str,
-    block_size: int,
-    buffer: int,
-    seed: int,
-    rgb_mode: str | None,
-    rgb_bands: Sequence[int] | None,
-    gamma: float,
-    clip: tuple[float, float],
-    nan_policy: str,
-) -> None:
-    """Every option that needs no file, checked before any file is read."""
-    check_split_options(split, per_class, fraction, small_classes, block_size, buffer, seed)
-    check_rendering_options(rgb_mode, rgb_bands, gamma, clip)
-    check_choice("--nan-policy", nan_policy, NAN_POLICIES)
 
 
 def _check_degenerate(

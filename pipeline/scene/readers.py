@@ -106,26 +106,8 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
         raise SceneNotFoundError(f"{role} file `{path}` does not exist: check the path")
     if path.is_dir():
         raise SceneFormatError(f"{role} `{path}` is a folder: give the path of a file")
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".mat":
-            raster = _read_mat(path, key, ndim, role, key_option)
-        elif suffix == ".npy":
-            raster = Raster(np.load(path, allow_pickle=False))
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-            name = _choose_key(_layouts(arrays), key, ndim, path, role, key_option)
-            raster = Raster(arrays[name], key=name)
-        elif suffix in (".tif", ".tiff"):
-            raster = _read_geotiff(path, ndim, role)
-        elif suffix == ".hdr" or suffix in ENVI_DATA_SUFFIXES:
-            raster = _read_envi(path)
-        else:
-            raise SceneFormatError(
-                f"{role} `{path}` has an unknown suffix `{path.suffix}`: use .mat, .npy, .npz, "
-                ".hdr (ENVI), or .tif"
-            )
+        raster = _read_by_suffix(path, key, ndim, role, key_option)
     except HsicacheError:
         raise
     except Exception as exc:  # any library's failure to parse is a corrupt / unreadable file
@@ -144,6 +126,27 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
     raster.data = data
     raster.source = str(path)
     return raster
+
+
+def _read_by_suffix(path: Path, key: str | None, ndim: int, role: str, key_option: str) -> Raster:
+    suffix = path.suffix.lower()
+    if suffix == ".mat":
+        return _read_mat(path, key, ndim, role, key_option)
+    if suffix == ".npy":
+        return Raster(np.load(path, allow_pickle=False))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+        name = _choose_key(_layouts(arrays), key, ndim, path, role, key_option)
+        return Raster(arrays[name], key=name)
+    if suffix in (".tif", ".tiff"):
+        return _read_geotiff(path, ndim, role)
+    if suffix == ".hdr" or suffix in ENVI_DATA_SUFFIXES:
+        return _read_envi(path)
+    raise SceneFormatError(
+        f"{role} `{path}` has an unknown suffix `{path.suffix}`: use .mat, .npy, .npz, "
+        ".hdr (ENVI), or .tif"
+    )
 
 
 Layout = tuple[tuple[int, ...], np.dtype]
