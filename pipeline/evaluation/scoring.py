@@ -8,8 +8,8 @@ not the scene size.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,6 +365,7 @@ def predict_map(
         trained.selection,
         np.asarray(inputs.scene.class_ids),
         confidence is not None,
+        _thread_counts(),
     )
     with connected(client) as dask:
         if dask is None:
@@ -451,6 +452,7 @@ class _MapJob:
     selection: FeatureSelection
     class_ids: np.ndarray
     want_conf: bool
+    threads: tuple[int, int | None] = (1, None)
 
     def block(
         self, cube: Any, sources: list[tuple[Any, Any]], bounds: tuple[int, int, int, int]
@@ -464,16 +466,47 @@ class _MapJob:
             parts.append(read_region(cube, store, "cube", region).astype(np.float32))
         parts += [read_features(a, y0, y1, x0, x1, where) for a, where in sources]
         X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
+        with _same_threads(*self.threads):
+            return self._predict(X, y1 - y0, x1 - x0)
+
+    def _predict(self, X: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
         best = None
         if self.want_conf:
             proba = self.estimator.predict_proba(X)
             winner = np.argmax(proba, axis=1)
-            best = proba[np.arange(len(winner)), winner].reshape(y1 - y0, x1 - x0)
-            best = best.astype(np.float32)
+            best = proba[np.arange(len(winner)), winner].reshape(h, w).astype(np.float32)
             pred = np.asarray(self.estimator.classes_, dtype=np.int64)[winner]
         else:
             pred = np.asarray(self.estimator.predict(X), dtype=np.int64)
-        return self.class_ids[pred].reshape(y1 - y0, x1 - x0).astype(np.int32), best
+        return self.class_ids[pred].reshape(h, w).astype(np.int32), best
+
+
+def _thread_counts() -> tuple[int, int | None]:
+    """This process's BLAS threads (and torch's, when torch is loaded): a dask worker predicts
+    with the same counts, since BLAS and torch kernels sum in an order that depends on them
+    and the maps must not depend on where a block was computed."""
+    import sys
+
+    from threadpoolctl import threadpool_info
+
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    torch = sys.modules.get("torch")
+    return max(blas, default=1), (torch.get_num_threads() if torch is not None else None)
+
+
+@contextmanager
+def _same_threads(blas: int, torch_threads: int | None) -> Iterator[None]:
+    """Run with ``blas`` BLAS threads and ``torch_threads`` torch threads (a worker's own counts
+    are often 1), restoring the BLAS count afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    if torch_threads is not None:
+        import torch
+
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    with threadpool_limits(limits=blas, user_api="blas"):
+        yield
 
 
 def _predict_on_cluster(
