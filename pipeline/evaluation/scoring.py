@@ -114,9 +114,10 @@ def resplit(scene: Scene, seed: int, per_class: int | None = None) -> tuple[np.n
 
 
 MODEL_SELECTION = (
-    "hyper-parameters fixed beforehand (params.yaml); torch heads stop early on a validation "
-    "part of the train pixels when every class has enough of them, else once the training "
-    "loss converges; the test pixels never choose or stop anything"
+    "hyper-parameters fixed beforehand (params.yaml), or, for a head with `select:`, chosen "
+    "among its candidates by cross-validation on the train pixels of each split; torch heads "
+    "stop early on a validation part of the train pixels when every class has enough of them, "
+    "else once the training loss converges; the test pixels never choose or stop anything"
 )
 
 

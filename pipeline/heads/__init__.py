@@ -1,6 +1,6 @@
 """Stage two: the head registry, the torch heads (FiLM, MLP), building and fitting any
-head, the semi-supervised heads, and training/saving/loading a head against the
-caches.
+head, the semi-supervised heads, choosing a head's settings on the train pixels, and
+training/saving/loading a head against the caches.
 
 Submodules and their public names load on first use (SPEC 1 lazy loading, as in scikit-image),
 so importing one part does not import torch or the rest.
@@ -10,7 +10,7 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["build", "neural", "registry", "semisupervised", "training"],
+    submodules=["build", "neural", "registry", "select", "semisupervised", "training"],
     submod_attrs={
         "registry": [
             "FEATURE_MODES",
@@ -31,6 +31,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "check_self_training",
             "self_training",
         ],
+        "select": ["TrainCVSelect", "candidate_grid", "check_select"],
         "training": [
             "HEAD_FORMAT",
             "FeatureSelection",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.features.context import ContextStore
 from pipeline.heads.build import check_params, fit_estimator, make_head, require_probabilities
 from pipeline.heads.neural import FiLMClassifier, MLPHead
 from pipeline.heads.registry import FEATURE_MODES, HEADS, REGISTRY, check_kind
+from pipeline.heads.select import TrainCVSelect, candidate_grid, check_select
 from pipeline.heads.semisupervised import check_self_training, self_training
 from pipeline.io.outputs import HEAD, check_outputs
 from pipeline.io.store import atomic_output, jsonable, package_versions
@@ -338,6 +339,9 @@ class Recipe:
         context: context families the head reads.
         kwargs: the head's constructor arguments.
         self_training: the checked ``self_training`` section (threshold, max_iter, pool), if any.
+        select: the checked ``select`` section (candidates chosen by cross-validation on the
+            train pixels, :mod:`pipeline.heads.select`), if any; ``context`` then holds every
+            family a candidate reads.
     """
 
     kind: str
@@ -345,6 +349,7 @@ class Recipe:
     context: tuple[str, ...]
     kwargs: dict[str, Any]
     self_training: dict[str, Any] | None = None
+    select: dict[str, Any] | None = None
 
     def unlabeled(self) -> int | str | None:
         """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
@@ -373,7 +378,14 @@ def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
         context = [c.strip() for c in context.split(",") if c.strip()]
     if not isinstance(context, (list, tuple)) or not all(isinstance(c, str) for c in context):
         raise ConfigError(f"`context` of head `{name}` must list family names, got {context!r}")
-    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs, loop)
+    select = kwargs.pop("select", None)
+    if select is not None:
+        if loop is not None:
+            raise ConfigError(f"head `{name}`: `select` and `self_training` do not combine")
+        select = check_select(name, select)
+        for fams in select.get("context", []):
+            context = [*context, *(f for f in fams if f not in context)]
+    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs, loop, select)
 
 
 def fit_head(
@@ -408,6 +420,8 @@ def fit_head(
     started = time.perf_counter()
     X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
     est, loop = unwrap(fit_estimator(est, X, y, name))
+    est, selection, chosen = _chosen_head(est, selection)
+    n_ctx = _context_width(inputs, selection)
     scene, cache, ctx = inputs.scene, inputs.cache, inputs.context
     meta = {
         "name": name,
@@ -417,7 +431,7 @@ def fit_head(
         "selection": selection.to_dict(),
         "n_spectral": n_spec,
         "n_context": n_ctx,
-        "n_features": int(X.shape[1]),
+        "n_features": int(est.n_features_in_),
         "scene_fingerprint": scene.fingerprint,
         "image_fingerprint": scene.image_fingerprint,
         "cache_identity_sha256": cache.digest if cache is not None and selection.spatial else None,
@@ -429,6 +443,7 @@ def fit_head(
         "n_train": int((y >= 0).sum()),
         "n_unlabeled": int((y < 0).sum()),
         "self_training": loop,
+        "select": chosen,
         "train_seconds": time.perf_counter() - started,
         "package_versions": package_versions(),
     }
@@ -438,17 +453,74 @@ def fit_head(
 def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed: int) -> Any:
     """The unfitted estimator of ``recipe`` for the columns ``selection`` assembles."""
     n_spec = int(inputs.scene.cube.shape[-1]) if selection.spectral else 0
-    n_ctx = 0
-    if selection.context and inputs.context is not None:
-        n_ctx = sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
+    n_ctx = _context_width(inputs, selection)
     est = make_head(
         recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
     )
+    if recipe.select is not None:
+        return _selecting(est, recipe, inputs, selection, n_spec, seed)
     if recipe.self_training is None:
         return est
     require_probabilities(est, recipe.kind, "`self_training`")
     loop = recipe.self_training
     return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
+
+
+def _context_width(inputs: Inputs, selection: FeatureSelection) -> int:
+    """Columns of the context families ``selection`` reads."""
+    if not selection.context or inputs.context is None:
+        return 0
+    return sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
+
+
+def _selecting(
+    est: Any,
+    recipe: Recipe,
+    inputs: Inputs,
+    selection: FeatureSelection,
+    n_spec: int,
+    seed: int,
+) -> TrainCVSelect:
+    """``est`` wrapped to choose among ``recipe.select``'s candidates on the train pixels."""
+    require_probabilities(est, recipe.kind, "`select`")
+    groups, start = {}, n_spec
+    if selection.context and inputs.context is not None:
+        arrays = inputs.context.selection(selection.context)
+        for fam, arr in zip(selection.context, arrays, strict=True):
+            groups[fam] = (start, start + int(arr.shape[-1]))
+            start += int(arr.shape[-1])
+    grid = candidate_grid(recipe.select)
+    wrapper = TrainCVSelect(
+        est,
+        grid,
+        groups,
+        transductive=recipe.unlabeled() == "all",
+        folds=recipe.select["folds"],
+        random_state=seed,
+    )
+    for params in grid:  # every candidate's values checked before any pixel is read
+        try:
+            candidate = wrapper._candidate(params, start)[0]
+        except ValueError as exc:  # scikit-learn's "Invalid parameter ..." for an unknown name
+            reason = str(exc).split(" for estimator")[0]
+            raise ConfigError(f"`select` of head `{recipe.kind}`: {reason}") from None
+        check_params(candidate, recipe.kind)
+    return wrapper
+
+
+def _chosen_head(
+    est: Any, selection: FeatureSelection
+) -> tuple[Any, FeatureSelection, dict | None]:
+    """A fitted :class:`~pipeline.heads.select.TrainCVSelect`'s chosen head, the selection it
+    reads (the chosen context families) and the choice with its cross-validation table; any
+    other estimator as it is."""
+    if not isinstance(est, TrainCVSelect):
+        return est, selection, None
+    chosen = est.best_params_
+    if "context" in chosen:
+        selection = replace(selection, context=tuple(chosen["context"]))
+    report = {"chosen": chosen, "folds": est.folds, "cv": est.cv_results_}
+    return est.estimator_, selection, report
 
 
 def fit_rows(
