@@ -118,30 +118,32 @@ class TrainCVSelect(ClassifierMixin, BaseEstimator):
             fold[rows] = rng.permutation(len(rows)) % self.folds
         return fold
 
+    def _fit_without(self, est: Any, X: np.ndarray, y: np.ndarray, hidden: np.ndarray) -> Any:
+        """``est`` fitted with the labels of the ``hidden`` rows withheld."""
+        if self.transductive:  # same rows, the hidden labels removed
+            y_fit = y.copy()
+            y_fit[hidden] = -1
+            return clone(est).fit(X, y_fit)
+        keep = np.ones(len(y), dtype=bool)
+        keep[hidden] = False
+        return clone(est).fit(X[keep], y[keep])
+
     def _score(
         self, est: Any, X: np.ndarray, y: np.ndarray, fold: np.ndarray
     ) -> tuple[float, float]:
+        """Accuracy on the hidden folds, and the mean probability given to the true class (0
+        for a class the fit never saw)."""
         hits, probs = [], []
         for f in range(self.folds):
             hidden = np.flatnonzero(fold == f)
-            if hidden.size == 0:
-                continue
-            if np.unique(y[(y >= 0) & (fold != f)]).size < 2:
-                continue  # too few labels left to fit: this fold says nothing
-            if self.transductive:
-                y_fit = y.copy()
-                y_fit[hidden] = -1
-                fitted = clone(est).fit(X, y_fit)
-            else:
-                keep = fold != f
-                fitted = clone(est).fit(X[keep], y[keep])
+            if hidden.size == 0 or np.unique(y[(y >= 0) & (fold != f)]).size < 2:
+                continue  # nothing hidden, or too few labels left to fit: says nothing
+            fitted = self._fit_without(est, X, y, hidden)
             proba = np.asarray(fitted.predict_proba(X[hidden]))
-            truth = np.searchsorted(fitted.classes_, y[hidden])
-            known = truth < len(fitted.classes_)
-            truth = np.minimum(truth, len(fitted.classes_) - 1)
-            right = known & (fitted.classes_[truth] == y[hidden])
-            hits += list(right & (proba.argmax(1) == truth))
-            probs += list(np.where(right, proba[np.arange(hidden.size), truth], 0.0))
+            column = {c: i for i, c in enumerate(fitted.classes_)}
+            truth = np.array([column.get(c, -1) for c in y[hidden]])
+            hits += list(proba.argmax(1) == truth)
+            probs += list(np.where(truth >= 0, proba[np.arange(hidden.size), truth], 0.0))
         if not hits:
             return 0.0, 0.0
         return float(np.mean(hits)), float(np.mean(probs))

@@ -466,11 +466,23 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
 
 
+def _context_spans(
+    inputs: Inputs, selection: FeatureSelection, start: int = 0
+) -> dict[str, tuple[int, int]]:
+    """``family -> (first, end)`` columns of the context families ``selection`` reads, the
+    first starting at ``start``."""
+    spans: dict[str, tuple[int, int]] = {}
+    if selection.context and inputs.context is not None:
+        arrays = inputs.context.selection(selection.context)
+        for fam, arr in zip(selection.context, arrays, strict=True):
+            spans[fam] = (start, start + int(arr.shape[-1]))
+            start += int(arr.shape[-1])
+    return spans
+
+
 def _context_width(inputs: Inputs, selection: FeatureSelection) -> int:
     """Columns of the context families ``selection`` reads."""
-    if not selection.context or inputs.context is None:
-        return 0
-    return sum(int(a.shape[-1]) for a in inputs.context.selection(selection.context))
+    return sum(end - first for first, end in _context_spans(inputs, selection).values())
 
 
 def _selecting(
@@ -483,12 +495,8 @@ def _selecting(
 ) -> TrainCVSelect:
     """``est`` wrapped to choose among ``recipe.select``'s candidates on the train pixels."""
     require_probabilities(est, recipe.kind, "`select`")
-    groups, start = {}, n_spec
-    if selection.context and inputs.context is not None:
-        arrays = inputs.context.selection(selection.context)
-        for fam, arr in zip(selection.context, arrays, strict=True):
-            groups[fam] = (start, start + int(arr.shape[-1]))
-            start += int(arr.shape[-1])
+    groups = _context_spans(inputs, selection, n_spec)
+    start = max((end for _, end in groups.values()), default=n_spec)
     grid = candidate_grid(recipe.select)
     wrapper = TrainCVSelect(
         est,
