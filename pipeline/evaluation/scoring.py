@@ -467,8 +467,7 @@ class _MapJob:
             parts.append(read_region(cube, store, "cube", region).astype(np.float32))
         parts += [read_features(a, y0, y1, x0, x1, where) for a, where in sources]
         X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
-        with _same_threads(*self.threads):
-            return self._predict(X, y1 - y0, x1 - x0)
+        return self._predict(X, y1 - y0, x1 - x0)
 
     def _predict(self, X: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray | None]:
         best = None
@@ -535,7 +534,8 @@ def _predict_task(
     cube = worker_state("cube", scene, lambda: scene_array(scene, "cube"))
     fc = worker_state("features", cache, lambda: FeatureCache.open(cache)) if cache else None
     cs = worker_state("context", context, lambda: ContextStore.open(context)) if context else None
-    return job.block(cube, _block_sources(cs, fc, job.selection), bounds)
+    with _same_threads(*job.threads):  # the submitting process's counts: the same sums
+        return job.block(cube, _block_sources(cs, fc, job.selection), bounds)
 
 
 def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -> None:
