@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,11 +17,14 @@ from typer.core import TyperGroup
 
 try:  # typer vendors click from 0.2x on; its usage errors are typer._click's
     from typer._click import exceptions as _usage
+    from typer._click.globals import get_current_context
 except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as _usage  # type: ignore[no-redef]
+    from click import get_current_context  # type: ignore[no-redef]
 
 from pipeline.errors import ConfigError, HsicacheError, HsicacheWarning
 from pipeline.io.params import load_section
+from pipeline.utils.config import StageConfig
 
 BACKBONE_HELP = (
     "builtin:tiny | builtin:adm64 | diffusers folder | hub id | guided-diffusion .pt checkpoint."
@@ -110,6 +115,64 @@ def failure_line(exc: BaseException) -> tuple[int, str]:
     )
 
 
+#: Library parameters a command spells differently (library name -> the command's parameter
+#: name): with the commands' own option names, all :func:`in_flags` needs.
+SPELLED_AS = {
+    "cache": "features",
+    "recipes": "params",
+    "rounds": "simulate",
+    "context": "context_store",
+    "context_store": "context",
+    "filter": "filter_",
+}
+_NAMED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
+
+
+def in_flags(message: str, ctx: Any = None) -> str:
+    """A library message in the command line's words: a backticked parameter ``stride``
+    becomes ``--stride``, ``split=fraction`` becomes ``--split fraction`` (and
+    ``allow_degenerate=True`` ``--allow-degenerate``), for the parameters of the command that
+    is running; anything else is left as it is. The one place where hsicache's library and
+    command-line vocabularies meet."""
+    ctx = ctx if ctx is not None else get_current_context(silent=True)
+    if ctx is None:
+        return message
+    flags = {}
+    for p in ctx.command.params:
+        longs = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+        if p.name and longs:
+            flags[p.name] = longs[0]
+    for name, spelled in SPELLED_AS.items():
+        if name not in flags and spelled in flags:
+            flags[name] = flags[spelled]
+
+    def flag(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        if value is None or value == "True":
+            return f"`{flags[name]}`"
+        return f"`{flags[name]} {value.strip(chr(39) + chr(34))}`"
+
+    return _NAMED.sub(flag, message)
+
+
+def config_option(config: type[StageConfig], name: str, *decls: str, help: str) -> Any:
+    """A ``typer.Option`` for field ``name`` of a stage's configuration: ``None`` (not given)
+    by default, so the configuration stays the single source of defaults; ``--help`` shows
+    the configuration's default."""
+    default = config.default(name)
+    shown = "" if default in (None, (), dataclasses.MISSING) else _as_option_text(default)
+    flags = decls or ("--" + name.replace("_", "-"),)
+    return typer.Option(None, *flags, help=help + (f" (default {shown})" if shown else ""))
+
+
+def _as_option_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _one(text: str) -> str:
     """A message on one line (wrapped library text can span several)."""
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
@@ -130,7 +193,7 @@ def user_errors(debug: bool) -> Iterator[None]:
         if debug:
             raise
         code, line = failure_line(exc)
-        typer.echo(line, err=True)
+        typer.echo(in_flags(line), err=True)
         raise typer.Exit(code=code) from None
 
 

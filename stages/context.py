@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from pipeline.features.config import ContextConfig
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
     STORE_HELP,
+    config_option,
     parse_csv_ints,
     progress_bar,
     run_app,
@@ -20,54 +23,47 @@ from stages._common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+def option(name: str, *, help: str) -> Any:
+    """The option of :class:`ContextConfig`'s field ``name``."""
+    return config_option(ContextConfig, name, help=help)
+
+
 @app.command()
 def context(
     scene: str = SCENE_OPTION,
     out: str = typer.Option(
         ..., "--out", help="Context store to write (CONTEXT.zarr)." + STORE_HELP
     ),
-    components: int | None = typer.Option(
-        None, "--components", help="Principal components of the standardised cube (default 32)."
+    components: int | None = option(
+        "components", help="Principal components of the standardised cube."
     ),
-    windows: str | None = typer.Option(
-        None, "--windows", help="Window sides of the meanW families (default 7,15,21)."
+    windows: str | None = option("windows", help="Window sides of the meanW families."),
+    filter_: str | None = option("filter", help="box | gaussian (sigma = window / 6) for meanW."),
+    emp_components: int | None = option(
+        "emp_components", help="Components of the morphological profile `emp` (0: no emp)."
     ),
-    filter_: str | None = typer.Option(
-        None, "--filter", help="box | gaussian (sigma = window / 6) for meanW (default box)."
+    emp_radii: str | None = option("emp_radii", help="Disc radii of its openings/closings."),
+    slic_sizes: str | None = option(
+        "slic_sizes", help="Pixels per SLIC superpixel of the slicN families (empty: none)."
     ),
-    emp_components: int | None = typer.Option(
-        None,
-        "--emp-components",
-        help="Components of the morphological profile `emp` (default 4; 0: no emp).",
-    ),
-    emp_radii: str | None = typer.Option(
-        None, "--emp-radii", help="Disc radii of its openings/closings (default 2,4,8)."
-    ),
-    slic_sizes: str | None = typer.Option(
-        None,
-        "--slic-sizes",
-        help="Pixels per SLIC superpixel of the slicN families (default 64,256; empty: none).",
-    ),
-    seed: int | None = typer.Option(
-        None, "--seed", help="Seed of the pixel sample the components are fitted on."
+    seed: int | None = option(
+        "seed", help="Seed of the pixel sample the components are fitted on."
     ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Compute context families (meanW, emp, slicN) from the scene's cube, not the backbone."""
-    from pipeline.features.context import ContextConfig, write_context
+    from pipeline.features.context import write_context
 
+    given = dict(locals())
     with user_errors(debug):
-        given = {
-            "components": components,
-            "windows": parse_csv_ints(windows, "--windows"),
-            "filter": filter_,
-            "emp_components": emp_components,
-            "emp_radii": parse_csv_ints(emp_radii, "--emp-radii"),
-            "slic_sizes": parse_csv_ints(slic_sizes, "--slic-sizes"),
-            "seed": seed,
-        }
-        config = ContextConfig.from_mapping({k: v for k, v in given.items() if v is not None})
+        given.update(
+            filter=filter_,
+            windows=parse_csv_ints(windows, "windows"),
+            emp_radii=parse_csv_ints(emp_radii, "emp_radii"),
+            slic_sizes=parse_csv_ints(slic_sizes, "slic_sizes"),
+        )
+        config = ContextConfig.from_given(given)
         with progress_bar("context") as progress:
             store = write_context(scene=scene, out=out, config=config, progress=progress)
     shown = ", ".join(f"{n} ({store.attrs['families'][n]['channels']})" for n in store.families)

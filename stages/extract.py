@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from pipeline.features.config import ExtractConfig
 from stages._common import (
     BACKBONE_HELP,
     DEBUG_OPTION,
@@ -16,6 +18,7 @@ from stages._common import (
     STORE_HELP,
     WORKERS_OPTION,
     cluster,
+    config_option,
     parse_csv,
     parse_csv_ints,
     progress_bar,
@@ -26,46 +29,46 @@ from stages._common import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
+def option(name: str, *, help: str) -> Any:
+    """The option of :class:`ExtractConfig`'s field ``name``."""
+    return config_option(ExtractConfig, name, help=help)
+
+
 @app.command()
 def extract(
     scene: str = SCENE_OPTION,
     backbone: str = typer.Option(..., "--backbone", help=BACKBONE_HELP),
-    timesteps: str = typer.Option("0", "--timesteps", help="Comma-separated timesteps, e.g. 0,25."),
+    timesteps: str = option("timesteps", help="Comma-separated timesteps, e.g. 0,25."),
     sites: str = typer.Option(
         ..., "--sites", help="Comma-separated site names (`hsicache layers` lists them)."
     ),
     out: str = typer.Option(
         ..., "--out", help="Feature cache to write (FEATURES.zarr)." + STORE_HELP
     ),
-    patch: int | None = typer.Option(
-        None, "--patch", help="Patch side (default: the backbone's sample size)."
+    patch: int | None = option("patch", help="Patch side (default: the backbone's sample size)."),
+    stride: int | None = option("stride", help="Patch step = side of the square it owns."),
+    batch_size: int | None = option("batch_size", help="Patches per forward pass."),
+    device: str | None = option("device", help="auto (cuda > mps > cpu) or a device."),
+    dtype: str | None = option("dtype", help=DTYPE_HELP),
+    noise_seed: int | None = option("noise_seed", help="Seed of the shared noise."),
+    class_seed: int | None = option(
+        "class_seed", help="Seed of per-patch class ids (class-conditional backbones)."
     ),
-    stride: int = typer.Option(32, "--stride", help="Patch step = side of the square it owns."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Patches per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu) or a device."),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-    noise_seed: int = typer.Option(0, "--noise-seed", help="Seed of the shared noise."),
-    class_seed: int = typer.Option(
-        0, "--class-seed", help="Seed of per-patch class ids (class-conditional backbones)."
-    ),
-    class_label: int | None = typer.Option(
-        None,
-        "--class-label",
+    class_label: int | None = option(
+        "class_label",
         help="Give every patch this class id instead of a seeded random one per patch.",
     ),
-    zoom: int = typer.Option(
-        1,
-        "--zoom",
+    zoom: int | None = option(
+        "zoom",
         help="Upsample the rendering this many times (1, 2, 4, 8; bilinear) before the backbone "
         "and average-pool the features back onto the pixels. --stride is in upsampled pixels; "
         "the work grows as zoom squared.",
     ),
-    noise_samples: int = typer.Option(
-        1, "--noise-samples", help="Average the features over this many seeded noise draws."
+    noise_samples: int | None = option(
+        "noise_samples", help="Average the features over this many seeded noise draws."
     ),
-    chunk_tiles: int | None = typer.Option(
-        None,
-        "--chunk-tiles",
+    chunk_tiles: int | None = option(
+        "chunk_tiles",
         help="Owned squares per cache chunk side (default: the fewest giving chunks of >= 1 MB)."
         " A chunk is the unit of work, of resume and of a dask task.",
     ),
@@ -74,9 +77,8 @@ def extract(
     resources: str | None = typer.Option(
         None, "--resources", help="dask resources per chunk task, e.g. GPU=1 (one per GPU)."
     ),
-    threads: int | None = typer.Option(
-        None,
-        "--threads",
+    threads: int | None = option(
+        "threads",
         help="torch threads per forward pass (default: torch's; workers use the same number, "
         "so their cache is bit-identical to a single process's).",
     ),
@@ -90,29 +92,18 @@ def extract(
     from pipeline.features.extract import extract_features
     from pipeline.io.cluster import parse_resources
 
+    given = dict(locals())
     with user_errors(debug), progress_bar("extract") as progress:
-        wanted = parse_resources(resources)
+        given.update(timesteps=parse_csv_ints(timesteps, "timesteps"), sites=parse_csv(sites))
+        config = ExtractConfig.from_given(given)
         extract_features(
-            scene=scene,
-            backbone=backbone,
-            timesteps=parse_csv_ints(timesteps, "--timesteps") or [],
-            sites=parse_csv(sites) or [],
-            out=out,
-            patch=patch,
-            stride=stride,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            noise_seed=noise_seed,
-            class_seed=class_seed,
-            class_label=class_label,
+            scene,
+            backbone,
+            out,
+            config,
             progress=progress,
-            chunk_tiles=chunk_tiles,
             client=cluster(workers, scheduler),
-            resources=wanted,
-            threads=threads,
-            zoom=zoom,
-            noise_samples=noise_samples,
+            resources=parse_resources(resources),
         )
     typer.echo(f"wrote {out}")
 

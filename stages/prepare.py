@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from pipeline.scene.config import PrepareConfig
 from stages._common import (
     DEBUG_OPTION,
     PARAMS_OPTION,
     STORE_HELP,
+    config_option,
     parse_csv_ints,
     run_app,
     user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def option(name: str, *decls: str, help: str) -> Any:
+    """The option of :class:`PrepareConfig`'s field ``name``."""
+    return config_option(PrepareConfig, name, *decls, help=help)
 
 
 @app.command()
@@ -41,44 +49,39 @@ def prepare(
         None, "--test-mask", help="Official test mask (non-zero = test), e.g. TestImage.mat."
     ),
     mask_key: str | None = typer.Option(None, "--mask-key", help="Variable of the masks."),
-    split: str | None = typer.Option(
-        None,
-        "--split",
+    split: str | None = option(
+        "split",
         help="official | per-class | fraction | blocks. Default: official when masks are "
         "given, else per-class.",
     ),
-    per_class: int = typer.Option(5, "--per-class", help="Train pixels per class."),
-    fraction: float | None = typer.Option(
-        None, "--fraction", help="Fraction of each class for train (fraction, blocks)."
+    per_class: int | None = option("per_class", help="Train pixels per class."),
+    fraction: float | None = option(
+        "fraction", help="Fraction of each class for train (fraction, blocks)."
     ),
-    small_classes: str = typer.Option(
-        "error",
-        "--small-classes",
+    small_classes: str | None = option(
+        "small_classes",
         help="A class with fewer pixels than --per-class: error, or take-all (all to train).",
     ),
-    block_size: int = typer.Option(16, "--block-size", help="Block side in pixels (blocks)."),
-    buffer: int = typer.Option(
-        0,
+    block_size: int | None = option("block_size", help="Block side in pixels (blocks)."),
+    buffer: int | None = option(
+        "buffer",
         "--buffer",
         "--margin",
         help="Pixels left out between train and test blocks (blocks): test pixels this close "
         "to a train block are dropped. Make it at least the widest context a head reads.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Random seed of the split (and synthetic scene)."),
-    rgb_mode: str | None = typer.Option(
-        None,
-        "--rgb-mode",
+    seed: int | None = option("seed", help="Random seed of the split (and synthetic scene)."),
+    rgb_mode: str | None = option(
+        "rgb_mode",
         help="bands | wavelengths (nearest 640/550/460 nm) | pca. Default: bands when "
         "--rgb-bands is given, else wavelengths when known, else pca.",
     ),
-    rgb_bands: str | None = typer.Option(
-        None, "--rgb-bands", help="0-based R,G,B band indices, e.g. 21,11,6."
-    ),
-    gamma: float = typer.Option(1.0, "--gamma", help="Gamma applied after the stretch."),
-    clip_low: float = typer.Option(2.0, "--clip-low", help="Lower stretch percentile."),
-    clip_high: float = typer.Option(98.0, "--clip-high", help="Upper stretch percentile."),
-    nan_policy: str = typer.Option(
-        "error", "--nan-policy", help="NaN/inf in the cube: error | zero | band-mean."
+    rgb_bands: str | None = option("rgb_bands", help="0-based R,G,B band indices, e.g. 21,11,6."),
+    gamma: float | None = option("gamma", help="Gamma applied after the stretch."),
+    clip_low: float | None = option("clip_low", help="Lower stretch percentile."),
+    clip_high: float | None = option("clip_high", help="Upper stretch percentile."),
+    nan_policy: str | None = option(
+        "nan_policy", help="NaN/inf in the cube: error | zero | band-mean."
     ),
     class_names: str | None = typer.Option(
         None, "--class-names", help="Comma-separated class names, in order of class id."
@@ -86,11 +89,10 @@ def prepare(
     preview: Path | None = typer.Option(
         None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."
     ),
-    allow_degenerate: bool = typer.Option(
-        False,
-        "--allow-degenerate",
+    allow_degenerate: bool | None = option(
+        "allow_degenerate",
         help="Prepare a scene no classifier can be judged on anyway: one class, no test pixel, "
-        "a constant cube or rendering (refused by default).",
+        "a constant cube or rendering.",
     ),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
@@ -98,8 +100,11 @@ def prepare(
     """Read a scene, check it, split its labels and write SCENE.zarr."""
     from pipeline.scene.preparation import prepare as run
 
+    given = dict(locals())
     with user_errors(debug):
+        given["rgb_bands"] = parse_csv_ints(rgb_bands, "rgb_bands")
         scene = run(
+            PrepareConfig.from_given(given),
             out=out,
             preview=preview,
             cube=cube,
@@ -110,20 +115,7 @@ def prepare(
             train_mask=train_mask,
             test_mask=test_mask,
             mask_key=mask_key,
-            split=split,
-            per_class=per_class,
-            fraction=fraction,
-            small_classes=small_classes,
-            block_size=block_size,
-            buffer=buffer,
-            seed=seed,
-            rgb_mode=rgb_mode,
-            rgb_bands=parse_csv_ints(rgb_bands, "--rgb-bands"),
-            gamma=gamma,
-            clip=(clip_low, clip_high),
-            nan_policy=nan_policy,
             class_names=class_names.split(",") if class_names else None,
-            allow_degenerate=allow_degenerate,
         )
     h, w = scene.shape
     typer.echo(

@@ -13,7 +13,8 @@ import pytest
 from scipy import ndimage
 
 from pipeline.errors import StoreError
-from pipeline.features.context import ContextConfig, ContextStore, reduce_spectra, write_context
+from pipeline.features.config import ContextConfig
+from pipeline.features.context import ContextStore, reduce_spectra, write_context
 from pipeline.features.extract import extract_features
 from pipeline.heads.training import load_head, train_head
 from pipeline.scene.core import open_scene

@@ -15,6 +15,7 @@ from pipeline.features.cache import FeatureCache
 from pipeline.features.extract import TileLayout, extract_features
 from pipeline.scene.preparation import prepare
 from stages.cli import app
+from tests.interrupt import extract_until
 
 SITES = ["up0.upsample", "up1.res1"]
 
@@ -224,7 +225,7 @@ class TestExtract:
             scene=scene, backbone=tiny, timesteps=[0], sites=["up1.res1"], stride=8, chunk_tiles=2
         )
         extract_features(out=tmp_path / "ref.zarr", **kw)
-        extract_features(out=tmp_path / "cut.zarr", stop_after_chunks=stop_after, **kw)
+        extract_until(stop_after, out=tmp_path / "cut.zarr", **kw)
         with pytest.raises(StoreError, match=r"is incomplete \(\d+/\d+ chunks\)"):
             FeatureCache.open(tmp_path / "cut.zarr")
         extract_features(out=tmp_path / "cut.zarr", **kw)
@@ -234,14 +235,14 @@ class TestExtract:
     def test_auto_dtype_resumes_with_the_dtype_it_started_with(self, scene, tmp_path):
         kw = dict(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"],
                   out=tmp_path / "c.zarr", stride=8, chunk_tiles=2)  # fmt: skip
-        extract_features(dtype="bf16", stop_after_chunks=1, **kw)
+        extract_until(1, dtype="bf16", **kw)
         extract_features(dtype="auto", **kw)  # not measured afresh: no identity mismatch
         cache = FeatureCache.open(tmp_path / "c.zarr")
         assert cache.attrs["identity"]["compute_dtype"] == "bfloat16"
 
     def test_other_parameters_refuse_to_mix(self, tiny, scene, tmp_path):
         kw = dict(scene=scene, backbone=tiny, sites=SITES, out=tmp_path / "c.zarr", stride=16)
-        extract_features(timesteps=[0], stop_after_chunks=1, **kw)
+        extract_until(1, timesteps=[0], **kw)
         with pytest.raises(StoreError, match=r"made with other inputs or parameters \(`timesteps`"):
             extract_features(timesteps=[25], **kw)
 
@@ -278,7 +279,7 @@ class TestExtract:
             extract_features(
                 scene=scene, backbone=tiny, timesteps=[1000], sites=SITES, out=tmp_path / "x.zarr"
             )
-        with pytest.raises(ConfigError, match=r"`--stride` 33 must be in 1..32"):
+        with pytest.raises(ConfigError, match=r"`stride=33` must be in 1..32"):
             extract_features(
                 scene=scene,
                 backbone=tiny,
@@ -367,13 +368,13 @@ class TestExtractCli:
         assert np.isfinite(cache.to_dask().compute()).all()
 
 
-def _small_chunked_cache(scene, tmp_path, **kw):
-    """A tiny-backbone cache of 3 x 3 chunks (16-px chunks of 8-px tiles) at ``tmp_path/c.zarr``."""
+def _small_chunked_cache(scene, tmp_path, until=None):
+    """A tiny-backbone cache of 3 x 3 chunks (16-px chunks of 8-px tiles) at ``tmp_path/c.zarr``,
+    stopped after ``until`` chunks if given."""
     out = tmp_path / "c.zarr"
-    extract_features(
-        scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"], out=out,
-        stride=8, chunk_tiles=2, **kw,
-    )  # fmt: skip
+    kw = dict(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"], out=out,
+              stride=8, chunk_tiles=2)  # fmt: skip
+    extract_features(**kw) if until is None else extract_until(until, **kw)
     return out
 
 
@@ -399,7 +400,7 @@ class TestCacheCommands:
         assert "missing or non-finite values" in result.stderr
 
     def test_unfinished_cache_fails_verify(self, runner, scene, tmp_path):
-        out = _small_chunked_cache(scene, tmp_path, stop_after_chunks=1)
+        out = _small_chunked_cache(scene, tmp_path, until=1)
         result = runner.invoke(app, ["cache", "verify", str(out)])
         assert result.exit_code == 1 and "8 of 9 chunks not written" in result.stderr
 

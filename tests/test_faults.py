@@ -20,6 +20,7 @@ from pipeline.features.cache import FeatureCache, verify_cache
 from pipeline.features.extract import extract_features
 from pipeline.io.storage import LOCK_KEY
 from stages.cli import app
+from tests.interrupt import extract_until
 from tests.killpoint import POINTS
 
 HERE = Path(__file__).resolve().parent
@@ -171,7 +172,7 @@ def _allow_writes(folder: Path, tool: str) -> None:
 
 def test_permission_denied_is_one_line_and_resumes(runner, scene, reference, tmp_path):
     out = tmp_path / "f.zarr"
-    extract_features(scene=scene, out=out, stop_after_chunks=3, **KW)
+    extract_until(3, scene=scene, out=out, **KW)
     chunks = out / "t0" / "up1.res1" / "c"
     tool = _deny_writes(chunks)
     if tool is None:

@@ -332,7 +332,7 @@ class TestCli:
             (["--head", "nope"], "unknown head `nope`"),
             (["--head", "film", "--head-params", "{bad"], "`--head-params` is not valid JSON"),
             (["--head", "film", "--sites", "up7.res0"], "site `up7.res0` is not in cache"),
-            (["--head", "svm", "--head-params", '{"use": "all"}'], "`--use` must be one of"),
+            (["--head", "svm", "--head-params", '{"use": "all"}'], "`use` must be one of"),
         ],
     )
     def test_bad_input_is_one_line(self, runner, stage_one, tmp_path, args, message):

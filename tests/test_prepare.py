@@ -177,7 +177,7 @@ def _bad_inputs(scenes, tmp_path):
     return [
         ("missing file", ["--cube", tmp_path / "nope.mat", *gt], r"cube file `.*nope.mat` does not exist"),
         ("corrupt file", ["--cube", corrupt, *gt], r"cannot read cube `.*corrupt.mat`"),
-        ("several cubes", ["--cube", scenes / "two_cubes.mat", *gt], r"2 3-D arrays \(radiance, reflectance\): choose one with --key"),
+        ("several cubes", ["--cube", scenes / "two_cubes.mat", *gt], r"2 3-D arrays \(radiance, reflectance\): choose one with `--key`"),
         ("no 3-D array", ["--cube", scenes / "tiny_gt.npy", *gt], r"shape \(12, 10\); expected 3 dimensions"),
         ("label shape", [*npy, "--labels", wrong_shape], r"label map `.*wrong_shape.npy` has shape \(5, 5\) but the cube is 12x10"),
         ("non-integer labels", [*npy, "--labels", fractional], r"non-integer values \(e.g. 1.5\)"),
@@ -186,7 +186,7 @@ def _bad_inputs(scenes, tmp_path):
         ("band index", [*npy, *gt, "--rgb-bands", "6,1,0"], r"`--rgb-bands` index 6 is out of range: the cube has 6 bands"),
         ("overlapping masks", [*npy, "--train-mask", scenes / "tiny_gt.npy", "--test-mask", scenes / "tiny_gt.npy"], r"overlap in 110 pixels"),
         ("empty train", [*npy, *gt, "--train-mask", empty_train, "--test-mask", scenes / "tiny_gt.npy"], r"train set is empty"),
-        ("too few per class", [*npy, *gt, "--per-class", 50], r"class 1 has only 44 labeled pixels, fewer than --per-class 50"),
+        ("too few per class", [*npy, *gt, "--per-class", 50], r"class 1 has only 44 labeled pixels, fewer than `--per-class 50`"),
         ("no input", [*gt], r"give exactly one of `--cube PATH` and `--builtin NAME`"),
         ("unknown builtin", ["--builtin", "pavia"], r"unknown built-in scene `pavia`"),
         ("bad rgb-bands", [*npy, *gt, "--rgb-bands", "a,b,c"], r"`--rgb-bands` takes comma-separated integers"),

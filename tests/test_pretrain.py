@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.backbone.config import PretrainConfig
 from pipeline.backbone.loading import _weights_hash, load_backbone
-from pipeline.backbone.pretraining import PretrainConfig, load_photos, pretrain
+from pipeline.backbone.pretraining import load_photos, pretrain
 from stages.cli import app
+from tests.interrupt import pretrain_until
 
 TINY = dict(block_out_channels=[8, 16], crop=16, sample_size=32, batch_size=4, steps=40,
             checkpoint_every=10, warmup=5, eval_crops=16, learning_rate=2e-3)  # fmt: skip
@@ -52,9 +54,9 @@ def test_learns_and_writes_a_backbone(tmp_path, photos):
 def test_resume_equals_an_uninterrupted_run(tmp_path, photos, stop_after):
     _run(tmp_path / "ref", photos)
     cfg = PretrainConfig(**{**TINY, "holdout": [f"{photos.name}/p3.png"]})
-    stopped = pretrain(tmp_path / "again", config=cfg, images=photos, builtin_photos=False,
-                       device="cpu", stop_after=stop_after)  # fmt: skip
-    assert stopped == {"stopped_at": stop_after} and not (tmp_path / "again").exists()
+    assert pretrain_until(stop_after, tmp_path / "again", config=cfg, images=photos,
+                          builtin_photos=False, device="cpu")  # fmt: skip
+    assert not (tmp_path / "again").exists()
     _run(tmp_path / "again", photos)
     ref = load_backbone(str(tmp_path / "ref")).unet
     again = load_backbone(str(tmp_path / "again")).unet
@@ -73,5 +75,5 @@ def test_bad_input_is_one_line(runner, tmp_path):
     assert result.exit_code == 2 and "image folder" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     result = runner.invoke(app, ["pretrain", "--out", str(tmp_path / "bb"), "--crop", "30"])
-    assert result.exit_code == 2 and "`crop` 30 must be a multiple of 4" in result.stderr
+    assert result.exit_code == 2 and "`--crop 30` must be a multiple of 4" in result.stderr
     assert not (tmp_path / "bb").exists()

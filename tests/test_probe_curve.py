@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.evaluation.probing import probe
 from pipeline.evaluation.scoring import evaluate_seeds, resplit
-from pipeline.features.context import ContextConfig, write_context
+from pipeline.features.config import ContextConfig
+from pipeline.features.context import write_context
 from pipeline.features.extract import extract_features
 from pipeline.heads.training import Inputs, open_inputs, train_head
 from pipeline.scene.core import open_scene

@@ -49,5 +49,5 @@ class TestRenderRgb:
             render_rgb(cube, mode="wavelengths")
 
     def test_bad_gamma(self, cube):
-        with pytest.raises(ConfigError, match=r"`--gamma` must be a finite number > 0, got 0"):
+        with pytest.raises(ConfigError, match=r"`gamma` must be a finite number > 0, got 0"):
             render_rgb(cube, mode="pca", gamma=0)

@@ -244,8 +244,8 @@ CASES = [
     ("bench-extract-timestep-out-of-range", lambda w: ["bench", "extract", "--backbone", "builtin:tiny",
                                                        "--timesteps", "5000"], "timestep 5000", None),
     ("pretrain-widths-not-multiples-of-8", lambda w: _pretrain(w, "--block-out-channels", "12,20"),
-     "block_out_channels", None),
-    ("pretrain-negative-learning-rate", lambda w: _pretrain(w, "--learning-rate", "-1"), "learning_rate", None),
+     "--block-out-channels", None),
+    ("pretrain-negative-learning-rate", lambda w: _pretrain(w, "--learning-rate", "-1"), "`--learning-rate` must be", None),
     # -- the right culprit --
     ("prepare-envi-unknown-interleave", lambda w: _prepare(w, "--cube", w["xyz.hdr"], "--labels", w["gt.npy"]),
      "interleave", None),

@@ -17,6 +17,7 @@ from pipeline.heads.training import train_head
 from pipeline.io.cluster import dask_client, worker_loads
 from pipeline.scene.core import open_scene
 from stages.cli import app
+from tests.interrupt import extract_until
 
 # 96 x 96 synthetic scene, 16-px chunks of 8-px tiles: 36 chunk tasks
 KW = dict(backbone="builtin:tiny", timesteps=[0, 25], sites=["up1.res1"], stride=8,
@@ -55,7 +56,7 @@ class TestDistributed:
 
     def test_cluster_resumes_a_single_process_start(self, client, scene, reference, tmp_path):
         out = tmp_path / "r.zarr"
-        extract_features(scene=scene, out=out, stop_after_chunks=5, **KW)
+        extract_until(5, scene=scene, out=out, **KW)
         extract_features(scene=scene, out=out, client=client, **KW)
         assert _features(out).tobytes() == _features(reference).tobytes()
 
@@ -152,7 +153,7 @@ class TestObjectStorage:
                                    "--seed", "0", "--out", url_scene])  # fmt: skip
         assert done.exit_code == 0, done.output
         assert open_scene(url_scene).fingerprint == open_scene(scene).fingerprint
-        extract_features(scene=url_scene, out=url_cache, stop_after_chunks=4, **KW)
+        extract_until(4, scene=url_scene, out=url_cache, **KW)
         with pytest.raises(Exception, match=r"is incomplete \(4/36 chunks\)"):
             FeatureCache.open(url_cache)
         extract_features(scene=url_scene, out=url_cache, **KW)  # resumes

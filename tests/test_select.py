@@ -11,7 +11,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.evaluation.scoring import evaluate
-from pipeline.features.context import ContextConfig, write_context
+from pipeline.features.config import ContextConfig
+from pipeline.features.context import write_context
 from pipeline.heads.select import TrainCVSelect
 from pipeline.heads.semisupervised import PropagationHead
 from pipeline.heads.training import Inputs, fit_head, load_head, open_inputs, train_head

@@ -11,7 +11,8 @@ from sklearn.datasets import make_circles
 from sklearn.linear_model import LogisticRegression
 
 from pipeline.evaluation.scoring import evaluate, evaluate_seeds
-from pipeline.features.context import ContextConfig, write_context
+from pipeline.features.config import ContextConfig
+from pipeline.features.context import write_context
 from pipeline.heads import semisupervised
 from pipeline.heads.semisupervised import NeighbourIndex, PropagationHead
 from pipeline.heads.training import fit_rows, load_head, train_head

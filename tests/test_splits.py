@@ -88,7 +88,7 @@ class TestFractionSplit:
 
     def test_fraction_out_of_range(self):
         labels, ids = _blobs()
-        with pytest.raises(SplitError, match=r"`--fraction` must be in \(0, 1\), got 1.5"):
+        with pytest.raises(SplitError, match=r"`fraction` must be in \(0, 1\), got 1.5"):
             make_split("fraction", labels, ids, fraction=1.5)
 
 
@@ -136,5 +136,5 @@ class TestOfficialSplit:
 
     def test_unknown_protocol(self):
         labels, ids = _blobs()
-        with pytest.raises(SplitError, match=r"unknown split `random`"):
+        with pytest.raises(SplitError, match=r"unknown `split=random`"):
             make_split("random", labels, ids)

@@ -13,6 +13,7 @@ from pipeline.features.extract import extract_features, upsample_region
 from pipeline.scene.core import open_scene
 from pipeline.scene.preparation import prepare
 from stages.cli import app
+from tests.interrupt import extract_until
 from tests.test_extract import _ProbeBackbone
 
 
@@ -115,7 +116,7 @@ def test_a_zoomed_cache_resumes_bit_identically(scene, tmp_path):
     kw = dict(scene=scene, backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"],
               stride=16, dtype="fp32", zoom=2, noise_samples=2, chunk_tiles=2)  # fmt: skip
     extract_features(out=tmp_path / "whole.zarr", **kw)
-    extract_features(out=tmp_path / "cut.zarr", stop_after_chunks=1, **kw)
+    extract_until(1, out=tmp_path / "cut.zarr", **kw)
     cut = FeatureCache.open(tmp_path / "cut.zarr", allow_incomplete=True)
     assert not cut.attrs.get("complete")
     extract_features(out=tmp_path / "cut.zarr", **kw)
@@ -128,7 +129,7 @@ def test_a_zoomed_cache_resumes_bit_identically(scene, tmp_path):
 @pytest.mark.parametrize("extra,culprit", [
     (["--zoom", "3"], "`--zoom` must be one of 1, 2, 4, 8"),
     (["--noise-samples", "0"], "`--noise-samples` must be"),
-    (["--zoom", "8", "--stride", "4", "--patch", "32"], "`--stride` 4 must be a multiple of"),
+    (["--zoom", "8", "--stride", "4", "--patch", "32"], "`--stride 4` must be a multiple of `--zoom 8`"),
 ])  # fmt: skip
 def test_bad_values_are_one_line(runner, scene, tmp_path, extra, culprit):
     result = runner.invoke(app, ["extract", "--scene", scene, "--backbone", "builtin:tiny",

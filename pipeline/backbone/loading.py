@@ -332,7 +332,7 @@ def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
         raise SceneNotFoundError(
             f"cannot load hub backbone `{spec}` (offline or unknown id). Download it where the "
             "hub is reachable (`huggingface-cli download "
-            f"{spec} --local-dir DIR`) and pass the folder DIR as --backbone"
+            f"{spec} --local-dir DIR`) and pass the folder DIR as `backbone`"
         ) from exc
     return unet, scheduler
 
@@ -482,7 +482,7 @@ def check_timesteps(bb: Backbone, timesteps: Any) -> None:
     for t in timesteps:
         if not 0 <= int(t) < n_train_t:
             raise ConfigError(
-                f"timestep {t} is out of range (`--timesteps`): the scheduler of `{bb.spec}` "
+                f"timestep {t} is out of range (`timesteps`): the scheduler of `{bb.spec}` "
                 f"has 0..{n_train_t - 1}"
             )
 

@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.backbone.config import PretrainConfig
 from pipeline.errors import ConfigError, SceneFormatError, SceneNotFoundError
 from pipeline.io.outputs import BACKBONE, check_outputs
 from pipeline.io.store import atomic_output, jsonable, package_versions
-from pipeline.utils.checks import check_choice, check_int, check_number, check_seed
 
-__all__ = ["BUILTIN_PHOTOS", "PretrainConfig", "load_photos", "pretrain"]
+__all__ = ["BUILTIN_PHOTOS", "load_photos", "pretrain"]
 
 #: The photographs bundled with scikit-image and scikit-learn (no download) used by default:
 #: only those whose licence, as the package states it, allows shipping what is learned from
@@ -74,84 +74,7 @@ _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 
 BACKBONE_FORMAT = "hsicache-backbone/1"
-_NORM_GROUPS = 8
 _CHECKPOINT_FILES = ("checkpoint.pt", "checkpoint.pt.tmp")
-
-
-class PretrainConfig(dict):
-    """The training recipe (a plain mapping, stored with the result)."""
-
-    DEFAULTS: dict[str, Any] = {  # noqa: RUF012
-        "block_out_channels": [32, 64, 128],
-        "layers_per_block": 1,
-        "attention": True,
-        "sample_size": 64,
-        "crop": 32,
-        "scales": [1.0, 0.5, 0.25],
-        "batch_size": 16,
-        "steps": 2000,
-        "learning_rate": 5e-4,
-        "warmup": 100,
-        "ema": 0.995,
-        "seed": 0,
-        "holdout": ["chelsea"],
-        "checkpoint_every": 250,
-        "eval_crops": 64,
-    }
-
-    def __init__(self, **overrides: Any) -> None:
-        unknown = sorted(set(overrides) - set(self.DEFAULTS))
-        if unknown:
-            raise ConfigError(
-                f"unknown pretrain setting `{unknown[0]}`; known: " + ", ".join(self.DEFAULTS)
-            )
-        super().__init__({**self.DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}})
-        self._check()
-
-    def _check(self) -> None:
-        """Every setting in range, and the widths a UNet with 8 norm groups can have."""
-        chans = self["block_out_channels"]
-        if not isinstance(chans, (list, tuple)) or not 1 <= len(chans) <= 6:
-            raise ConfigError(f"`block_out_channels` must list 1 to 6 widths, got {chans!r}")
-        for c in chans:
-            check_int("block_out_channels", c, low=8)
-            if c % _NORM_GROUPS:
-                raise ConfigError(
-                    f"`block_out_channels` {list(chans)}: every width must be a multiple of "
-                    f"{_NORM_GROUPS} (the UNet's group-norm groups), {c} is not"
-                )
-        step = 2 ** (len(chans) - 1)
-        for name in ("crop", "sample_size"):
-            if check_int(name, self[name], low=step) % step:
-                raise ConfigError(
-                    f"`{name}` {self[name]} must be a multiple of {step} for {len(chans)} levels"
-                )
-        for name in ("layers_per_block", "batch_size", "steps", "checkpoint_every", "eval_crops"):
-            check_int(name, self[name], low=1)
-        check_int("warmup", self["warmup"], low=0)
-        check_seed("seed", self["seed"])
-        check_number("learning_rate", self["learning_rate"], low=0, low_open=True)
-        check_number("ema", self["ema"], low=0, high=1, high_open=True)
-        scales = self["scales"]
-        if not isinstance(scales, (list, tuple)) or not scales:
-            raise ConfigError(f"`scales` must list one or more scales in (0, 1], got {scales!r}")
-        for v in scales:
-            check_number("scales", v, low=0, high=1, low_open=True)
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        chans = [int(c) for c in self["block_out_channels"]]
-        deepest = "AttnDownBlock2D" if self["attention"] else "DownBlock2D"
-        return {
-            "sample_size": int(self["sample_size"]),
-            "in_channels": 3,
-            "out_channels": 3,
-            "layers_per_block": int(self["layers_per_block"]),
-            "block_out_channels": tuple(chans),
-            "down_block_types": ("DownBlock2D",) * (len(chans) - 1) + (deepest,),
-            "up_block_types": (deepest.replace("Down", "Up"),) + ("UpBlock2D",) * (len(chans) - 1),
-            "norm_num_groups": _NORM_GROUPS,
-            "attention_head_dim": min(32, chans[-1]),
-        }
 
 
 def _check_partial(partial: Path) -> None:
@@ -164,7 +87,7 @@ def _check_partial(partial: Path) -> None:
     if partial.is_dir() and all(p.name in _CHECKPOINT_FILES for p in partial.iterdir()):
         return
     raise OutputConflictError(
-        f"`{partial}` (where pretrain keeps its checkpoint, beside `--out`) holds "
+        f"`{partial}` (where pretrain keeps its checkpoint, beside `out`) holds "
         f"{describe(partial)}: hsicache replaces only its own files; move that away first"
     )
 
@@ -201,7 +124,7 @@ def load_photos(
 
         photos["scene"] = np.asarray(open_scene(scene).rgb, dtype=np.float32)
     if not photos:
-        raise ConfigError("no training images: keep the built-in photos or give --images")
+        raise ConfigError("no training images: keep `builtin_photos` or give `images`")
     return photos
 
 
@@ -300,17 +223,17 @@ def _training_data(
     cfg: PretrainConfig, images: str | Path | None, scene: str | Path | None, builtin: bool
 ) -> _Data:
     photos = load_photos(images, scene, builtin)
-    holdout = [n for n in cfg["holdout"] if n in photos]
+    holdout = [n for n in cfg.holdout if n in photos]
     train_photos = {n: p for n, p in photos.items() if n not in holdout}
     if not train_photos:
         raise ConfigError("every training image is held out: shorten `holdout`")
-    crop = int(cfg["crop"])
-    levels = _pyramids(train_photos, cfg["scales"], crop)
+    crop = int(cfg.crop)
+    levels = _pyramids(train_photos, cfg.scales, crop)
     if not levels:
         raise ConfigError(f"no training image is at least {crop} pixels on each side")
-    eval_levels = _pyramids({n: photos[n] for n in holdout}, cfg["scales"], crop) or levels
+    eval_levels = _pyramids({n: photos[n] for n in holdout}, cfg.scales, crop) or levels
     eval_x0 = torch.from_numpy(
-        _crops(eval_levels, int(cfg["eval_crops"]), crop, np.random.default_rng(10_000))
+        _crops(eval_levels, int(cfg.eval_crops), crop, np.random.default_rng(10_000))
     )
     return _Data(levels, eval_x0, sorted(train_photos), holdout)
 
@@ -324,18 +247,18 @@ class _Run:
         from diffusers.training_utils import EMAModel
 
         self.cfg, self.data, self.dev, self.partial = cfg, data, dev, partial
-        torch.manual_seed(int(cfg["seed"]))
+        torch.manual_seed(int(cfg.seed))
         self.unet = UNet2DModel(**cfg.unet_kwargs()).to(dev)
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         self.before = self.heldout()
-        lr, decay = float(cfg["learning_rate"]), float(cfg["ema"])
+        lr, decay = float(cfg.learning_rate), float(cfg.ema)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=lr, weight_decay=1e-4)
         self.ema = EMAModel(self.unet.parameters(), decay=decay)
-        self.steps, self.warmup = int(cfg["steps"]), int(cfg["warmup"])
+        self.steps, self.warmup = int(cfg.steps), int(cfg.warmup)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_at)
         self.start, self.log = 0, []
-        self.rng = np.random.default_rng(int(cfg["seed"]))
-        self.fingerprint = jsonable({"config": dict(cfg), "images": data.train_names})
+        self.rng = np.random.default_rng(int(cfg.seed))
+        self.fingerprint = jsonable({"config": cfg.recipe(), "images": data.train_names})
 
     def _lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -382,9 +305,27 @@ class _Run:
         torch.save(state, tmp)
         tmp.replace(self.partial / "checkpoint.pt")
 
+    def train(self, progress: Callable[..., None] | None) -> None:
+        """Every step left, checkpointed as it goes; then the EMA weights, ready to save."""
+        running = None
+        self.unet.train()
+        for step in range(self.start, self.steps):
+            value = self.step(step)
+            running = value if running is None else 0.98 * running + 0.02 * value
+            if progress:
+                progress(step + 1, self.steps, f"loss {running:.4f}")
+            self.step_done(step + 1)
+        self.ema.copy_to(self.unet.parameters())
+        self.unet.eval()
+
+    def step_done(self, done: int) -> None:
+        """``done`` steps are done: checkpoint every ``checkpoint_every`` and at the end."""
+        if done % self.cfg.checkpoint_every == 0 or done == self.steps:
+            self.save(done)
+
     def step(self, step: int) -> float:
         """One optimiser step on a fresh batch of crops; its loss."""
-        crop, batch = int(self.cfg["crop"]), int(self.cfg["batch_size"])
+        crop, batch = int(self.cfg.crop), int(self.cfg.batch_size)
         x0 = torch.from_numpy(_crops(self.data.levels, batch, crop, self.rng)).to(self.dev)
         t = torch.randint(0, 1000, (x0.shape[0],)).to(self.dev)
         eps = torch.randn_like(x0)
@@ -403,67 +344,47 @@ class _Run:
 
 def pretrain(
     out: str | Path,
-    *,
     config: PretrainConfig | None = None,
+    *,
     images: str | Path | None = None,
     scene: str | Path | None = None,
     builtin_photos: bool = True,
-    device: str = "auto",
-    progress: Callable[..., None] | None = None,
-    stop_after: int | None = None,
     shipped: str | None = None,
-    weights_dtype: str = "fp32",
+    progress: Callable[..., None] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Train the backbone and write it to ``out`` (see the module docstring).
 
     Args:
         out: the backbone folder to write.
-        config: the recipe (:class:`PretrainConfig`; defaults finish in about 10 minutes on two
-            CPU cores).
+        config: the recipe and how it runs (:class:`~pipeline.backbone.config.PretrainConfig`;
+            its defaults finish in about 7 minutes on two CPU cores with AVX-512).
         images, scene, builtin_photos: the training images (see :func:`load_photos`).
-        device: ``auto`` (cuda > mps > cpu) or a torch device.
-        progress: called as ``progress(step, steps, note)`` with the running loss.
-        stop_after: testing aid: stop (as if killed) after this many steps of this call,
-            leaving the checkpoint to resume from.
         shipped: instead of training, write hsicache's shipped backbone of this name
             (``natural-s``: trained by this function with the recipe in its ``pretrain.json``),
             what ``dvc repro`` does by default.
-        weights_dtype: ``fp32`` or ``fp16``: the dtype the weights are saved in (the shipped
-            backbone is fp16; training always runs in fp32).
+        progress: called as ``progress(step, steps, note)`` with the running loss.
+        **settings: :class:`PretrainConfig` fields, given directly or overriding ``config``'s.
 
     Returns:
         The summary also written to ``pretrain.json`` (held-out losses before and after).
     """
     from pipeline.utils.devices import resolve_device
 
-    cfg = config or PretrainConfig()
+    cfg = config.replace(**settings) if config is not None else PretrainConfig(**settings)
     out = Path(out)
-    check_choice("--weights-dtype", weights_dtype, ("fp32", "fp16"))
-    check_outputs({"--out": (out, BACKBONE)}, {"--images": images, "--scene": scene})
+    check_outputs({"out": (out, BACKBONE)}, {"images": images, "scene": scene})
     if shipped is not None:
         return _write_shipped(shipped, out)
     partial = out.with_name(out.name + ".partial")
     _check_partial(partial)
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     run = _Run(cfg, _training_data(cfg, images, scene, builtin_photos), dev, partial)
     run.resume()
-    started, running = time.perf_counter(), None
-    run.unet.train()
-    for step in range(run.start, run.steps):
-        value = run.step(step)
-        running = value if running is None else 0.98 * running + 0.02 * value
-        if progress:
-            progress(step + 1, run.steps, f"loss {running:.4f}")
-        done = step + 1
-        if done % int(cfg["checkpoint_every"]) == 0 or done == run.steps:
-            run.save(done)
-        if stop_after is not None and done - run.start >= stop_after and done < run.steps:
-            run.save(done)
-            return {"stopped_at": done}
-    run.ema.copy_to(run.unet.parameters())
-    run.unet.eval()
-    summary = _summary(run, time.perf_counter() - started, weights_dtype)
-    _write_backbone(out, run, summary, weights_dtype)
+    started = time.perf_counter()
+    run.train(progress)
+    summary = _summary(run, time.perf_counter() - started, cfg.weights_dtype)
+    _write_backbone(out, run, summary, cfg.weights_dtype)
     shutil.rmtree(partial, ignore_errors=True)
     return summary
 
@@ -471,7 +392,7 @@ def pretrain(
 def _summary(run: _Run, seconds: float, weights_dtype: str) -> dict[str, Any]:
     return {
         "format": BACKBONE_FORMAT,
-        "config": dict(run.cfg),
+        "config": run.cfg.recipe(),
         "train_images": run.data.train_names,
         "holdout_images": run.data.holdout,
         "parameters": sum(p.numel() for p in run.unet.parameters()),
@@ -488,7 +409,7 @@ def _write_backbone(out: Path, run: _Run, summary: dict[str, Any], weights_dtype
     """The diffusers folders, the training log, ``pretrain.json`` and the photos' credits."""
     from pipeline.backbone.loading import _quietly
 
-    with atomic_output(out, BACKBONE, option="--out") as tmp:
+    with atomic_output(out, BACKBONE, option="out") as tmp:
         dtype = torch.float16 if weights_dtype == "fp16" else torch.float32
         _quietly(run.unet.to, "cpu", dtype=dtype)
         run.unet.save_pretrained(tmp / "unet")
@@ -532,10 +453,10 @@ def _write_shipped(name: str, out: Path) -> dict[str, Any]:
     found = shipped_backbones()
     if name not in found:
         raise ConfigError(
-            f"unknown shipped backbone `{name}` (`--shipped`): hsicache ships "
+            f"unknown shipped backbone `shipped={name}`: hsicache ships "
             + (", ".join(found) or "none in this installation")
         )
-    with atomic_output(out, BACKBONE, option="--out") as tmp:
+    with atomic_output(out, BACKBONE, option="out") as tmp:
         shutil.copytree(found[name], tmp)
     summary = json.loads((out / "pretrain.json").read_text())
     return {**summary, "shipped": name}

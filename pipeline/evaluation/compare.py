@@ -117,7 +117,7 @@ def compare_heads(
     from pipeline.heads.training import open_inputs
 
     if not heads:
-        raise ConfigError("`--heads` names no head")
+        raise ConfigError("`heads` names no head")
     inputs = open_inputs(scene, cache, context)
     twins = {name: twin_without(name, params) for name, params in heads.items()}
     total = len(seeds) * (len(heads) + sum(t is not None for t in twins.values()))
@@ -194,7 +194,7 @@ def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str
         warn(
             f"head `{name}` reads features spanning more than the blocks split's buffer of "
             f"{buffer} px: {shown}; test and train pixels' windows overlap (prepare the scene "
-            "with a `--buffer` at least that wide)"
+            "with a `buffer` at least that wide)"
         )
 
 
@@ -288,12 +288,12 @@ def run_comparison(
     from pipeline.io.outputs import MARKDOWN, METRICS, PNG, check_outputs
 
     if not heads:
-        raise ConfigError("`--heads` names no head: give e.g. `--heads svm,film`")
+        raise ConfigError("`heads` names no head: give e.g. `heads=svm,film`")
     if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
+        raise ConfigError("`seeds` needs at least one seed")
     check_outputs(
-        {"--out": (out, METRICS), "--markdown": (markdown, MARKDOWN), "--png": (png, PNG)},
-        {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
+        {"out": (out, METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
+        {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     table = {name: head_recipe(name, recipes) for name in heads}
     result = compare_heads(
@@ -321,7 +321,7 @@ def head_recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
     except ConfigError:
         where = f" under `heads:` in `{recipes}`" if recipes else ""
         raise ConfigError(
-            f"unknown head `{name}` in `--heads`: not a head{where} nor a head kind"
+            f"unknown head `{name}` in `heads`: not a head{where} nor a head kind"
         ) from None
     return {}
 
@@ -350,10 +350,10 @@ def _write(
             "protocol": result["protocol"],
             "heads": rows,
         }
-        with atomic_output(out, METRICS, option="--out") as tmp:
+        with atomic_output(out, METRICS, option="out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     if markdown is not None:
-        with atomic_output(markdown, MARKDOWN, option="--markdown") as tmp:
+        with atomic_output(markdown, MARKDOWN, option="markdown") as tmp:
             tmp.write_text(markdown_table(result))
     if png is not None:
-        save_png(plot_comparison(result), png, option="--png")
+        save_png(plot_comparison(result), png, option="png")

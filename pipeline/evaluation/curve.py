@@ -39,13 +39,13 @@ def label_curve(
     from pipeline.evaluation.scoring import refit_over_seeds
 
     if not heads:
-        raise ConfigError("`--heads` names no head: give e.g. `--heads svm,propagate`")
+        raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
     from pipeline.evaluation.scoring import resplit
 
     if not counts:
-        raise ConfigError("`--per-class` needs at least one count")
+        raise ConfigError("`per_class` needs at least one count")
     for n in counts:
-        check_int("--per-class", n, low=1)
+        check_int("per_class", n, low=1)
     counts = sorted(set(int(n) for n in counts))
     for n in counts:  # a count a class cannot give fails now, before any fit
         for seed in seeds:
@@ -117,12 +117,12 @@ def run_curve(
     from pipeline.io.outputs import CURVE_CSV, METRICS, PNG, check_outputs
 
     if not heads:
-        raise ConfigError("`--heads` names no head: give e.g. `--heads svm,propagate`")
+        raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
     if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
+        raise ConfigError("`seeds` needs at least one seed")
     check_outputs(
-        {"--out": (out, METRICS), "--csv": (csv_path, CURVE_CSV), "--png": (png, PNG)},
-        {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
+        {"out": (out, METRICS), "csv_path": (csv_path, CURVE_CSV), "png": (png, PNG)},
+        {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     table = {name: head_recipe(name, recipes) for name in heads}
     result = label_curve(open_inputs(scene, cache, context), table, counts, seeds, progress)
@@ -140,16 +140,16 @@ def _write(result: dict[str, Any], out: Any, csv_path: Any, png: Any) -> None:
 
     if out is not None:
         body = {"format": METRICS_FORMAT, "kind": "curve", **result}
-        with atomic_output(out, METRICS, option="--out") as tmp:
+        with atomic_output(out, METRICS, option="out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     if csv_path is not None:
         heads = list(dict.fromkeys(r["head"] for r in result["rows"]))
         counts = list(dict.fromkeys(r["per_class"] for r in result["rows"]))
         oa = {(r["head"], r["per_class"]): f"{r['oa_mean']:.6f}" for r in result["rows"]}
-        with atomic_output(csv_path, CURVE_CSV, option="--csv") as tmp, tmp.open("w") as f:
+        with atomic_output(csv_path, CURVE_CSV, option="csv") as tmp, tmp.open("w") as f:
             writer = csv.writer(f)
             writer.writerow(["per_class", *heads])
             for n in counts:
                 writer.writerow([n, *(oa[(h, n)] for h in heads)])
     if png is not None:
-        save_png(plot_curve(result), png, option="--png")
+        save_png(plot_curve(result), png, option="png")

@@ -167,9 +167,9 @@ def refit_over_seeds(
     fixes what the head reads (default: what its recipe names, all cached arrays).
     """
     if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
+        raise ConfigError("`seeds` needs at least one seed")
     for seed in seeds:
-        check_seed("--seeds", seed)
+        check_seed("seeds", seed)
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = selection or FeatureSelection.resolve(
@@ -231,7 +231,7 @@ def evaluate_seeds(
     seeds; the backbone never runs.
     """
     if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
+        raise ConfigError("`seeds` needs at least one seed")
     inputs = open_inputs(scene, cache, context)
     saved = load_head(head)
     saved.check_inputs(inputs, same_split=False)
@@ -261,13 +261,13 @@ def check_evaluation_outputs(
     from pipeline.io.outputs import PNG
 
     check_outputs(
-        {"--metrics": (metrics, METRICS), "--plot": (plot, CONFUSION_CSV), "--png": (png, PNG)},
+        {"metrics": (metrics, METRICS), "plot": (plot, CONFUSION_CSV), "png": (png, PNG)},
         inputs,
     )
     if seeds and (plot is not None or png is not None):
         raise ConfigError(
-            "`--plot` and `--png` show one split's confusion; `--seeds` refits over several: "
-            "drop them, or evaluate without `--seeds`"
+            "`plot` and `png` show one split's confusion; `seeds` refits over several: "
+            "drop them, or evaluate without `seeds`"
         )
 
 
@@ -289,10 +289,10 @@ def write_evaluation(
     from pipeline.scene.plots import save_png
 
     class_names = class_names or list(metrics.get("per_class", {}))
-    with atomic_output(out, METRICS, option="--metrics") as tmp:
+    with atomic_output(out, METRICS, option="metrics") as tmp:
         tmp.write_text(json.dumps(jsonable({"format": METRICS_FORMAT, **metrics}), indent=2))
     if plot is not None and actual is not None and predicted is not None and class_names:
-        with atomic_output(plot, CONFUSION_CSV, option="--plot") as tmp:
+        with atomic_output(plot, CONFUSION_CSV, option="plot") as tmp:
             write_confusion_csv(tmp, actual, predicted, class_names)
     if png is not None and "confusion_matrix" in metrics and class_names:
         title = (
@@ -300,7 +300,7 @@ def write_evaluation(
             f"kappa {metrics['kappa']:.3f}"
         )
         fig = plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, title)
-        save_png(fig, png, option="--png")
+        save_png(fig, png, option="png")
 
 
 def predict_map(
@@ -340,12 +340,12 @@ def predict_map(
 
     check_outputs(
         {
-            "--out": (out, NPY),
-            "--png": (png, PNG),
-            "--geotiff": (geotiff, GEOTIFF),
-            "--confidence": (confidence, NPY),
+            "out": (out, NPY),
+            "png": (png, PNG),
+            "geotiff": (geotiff, GEOTIFF),
+            "confidence": (confidence, NPY),
         },
-        {"--scene": scene, "--features": cache, "--head": head, "--context-store": context},
+        {"scene": scene, "cache": cache, "head": head, "context": context},
     )
     inputs = open_inputs(scene, cache, context, lazy=True)
     trained = load_head(head)
@@ -389,11 +389,11 @@ def _check_map_options(
 ) -> None:
     if geotiff is not None and not sc.crs:
         raise ConfigError(
-            f"scene `{scene}` has no CRS/transform, so no GeoTIFF can be written; drop --geotiff"
+            f"scene `{scene}` has no CRS/transform, so no GeoTIFF can be written; drop `geotiff`"
         )
     if confidence is not None and not hasattr(trained.estimator, "predict_proba"):
         raise ConfigError(
-            f"head `{trained.meta['name']}` gives no class probabilities, so no --confidence "
+            f"head `{trained.meta['name']}` gives no class probabilities, so no `confidence` "
             "map; drop it (an svm head predicts labels only)"
         )
 
@@ -420,10 +420,8 @@ def _write_maps(
 ) -> None:
     """Stream ``(bounds, (class ids, confidence))`` blocks into the ``.npy`` outputs, each
     published atomically once every block is in."""
-    conf_out = (
-        atomic_output(confidence, NPY, option="--confidence") if confidence else nullcontext()
-    )
-    with atomic_output(out, NPY, option="--out") as tmp_map, conf_out as tmp_conf:
+    conf_out = atomic_output(confidence, NPY, option="confidence") if confidence else nullcontext()
+    with atomic_output(out, NPY, option="out") as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=shape)
         conf = (
             np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=shape)
@@ -564,7 +562,7 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
         frameon=False,
     )
     fig.tight_layout()
-    save_png(fig, path, option="--png")
+    save_png(fig, path, option="png")
 
 
 def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
@@ -586,7 +584,7 @@ def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
         "compress": "deflate",
     }
     with (
-        atomic_output(path, GEOTIFF, option="--geotiff") as tmp,
+        atomic_output(path, GEOTIFF, option="geotiff") as tmp,
         rasterio.open(tmp, "w", **profile) as dst,
     ):
         dst.write(np.asarray(result), 1)

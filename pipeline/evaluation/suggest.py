@@ -144,8 +144,8 @@ def suggest_pixels(
     """
     from pipeline.heads.training import FeatureSelection, split_recipe
 
-    check_int("--n", n, low=1)
-    check_seed("--seed", seed)
+    check_int("n", n, low=1)
+    check_seed("seed", seed)
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = FeatureSelection.resolve(
@@ -154,7 +154,7 @@ def suggest_pixels(
     allowed = np.ones(sc.shape, dtype=bool)
     candidates = _candidates(sc.train, allowed, pool, seed)
     if n > candidates.size:
-        raise ConfigError(f"`--n` {n} is more than the {candidates.size} pixels to choose from")
+        raise ConfigError(f"`n` {n} is more than the {candidates.size} pixels to choose from")
     _check_probabilities(inputs, recipe, selection, name)
     est, Xl = _fit(inputs, name, params, selection, sc.train, seed)
     Xc = _features(inputs, candidates, selection)
@@ -209,12 +209,12 @@ def simulate(
     from pipeline.evaluation.scoring import protocol_card, resplit
     from pipeline.heads.training import FeatureSelection, split_recipe
 
-    check_int("--n", n, low=1)
-    check_int("--simulate", rounds, low=1)
+    check_int("n", n, low=1)
+    check_int("simulate", rounds, low=1)
     if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
+        raise ConfigError("`seeds` needs at least one seed")
     for s in seeds:
-        check_seed("--seeds", s)
+        check_seed("seeds", s)
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = FeatureSelection.resolve(
@@ -235,7 +235,7 @@ def simulate(
         oracle, held_out = _halves(test, seed)
         if n * rounds > int(oracle.sum()):
             raise ConfigError(
-                f"`--n` x `--simulate` ({n * rounds}) is more than the {int(oracle.sum())} "
+                f"`n` x `simulate` ({n * rounds}) is more than the {int(oracle.sum())} "
                 "pixels the loop can label (half the test pixels; the other half scores it)"
             )
         start_sizes.append(int(start.sum()))
@@ -336,12 +336,12 @@ def run_suggest(
     from pipeline.heads.training import open_inputs
     from pipeline.io.outputs import GEOJSON, PNG, SUGGEST_CSV, check_outputs
 
-    check_int("--n", n, low=1)
+    check_int("n", n, low=1)
     if pool is not None:
-        check_int("--pool", pool, low=1)
+        check_int("pool", pool, low=1)
     check_outputs(
-        {"--out": (out, SUGGEST_CSV), "--png": (png, PNG), "--geojson": (geojson, GEOJSON)},
-        {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
+        {"out": (out, SUGGEST_CSV), "png": (png, PNG), "geojson": (geojson, GEOJSON)},
+        {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     params = head_recipe(head, recipes)
     inputs = open_inputs(scene, cache, context)
@@ -377,7 +377,7 @@ def _write_suggestions(
     from pipeline.scene.plots import save_png
 
     fields = ["row", "col", "x", "y", "predicted_class", "score"]
-    with atomic_output(out, SUGGEST_CSV, option="--out") as tmp, tmp.open("w", newline="") as f:
+    with atomic_output(out, SUGGEST_CSV, option="out") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(table)
@@ -397,10 +397,10 @@ def _write_suggestions(
                 for t, xy in zip(table, lon_lat or [(t["x"], t["y"]) for t in table], strict=True)
             ],
         }
-        with atomic_output(geojson, GEOJSON, option="--geojson") as tmp:
+        with atomic_output(geojson, GEOJSON, option="geojson") as tmp:
             tmp.write_text(json.dumps(body))
     if png is not None:
-        save_png(_plot_suggestions(table, sc), png, option="--png")
+        save_png(_plot_suggestions(table, sc), png, option="png")
 
 
 def _wgs84(sc: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]] | None:
@@ -467,13 +467,13 @@ def run_simulation(
     from pipeline.io.store import atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
-    check_int("--n", n, low=1)
-    check_int("--simulate", rounds, low=1)
+    check_int("n", n, low=1)
+    check_int("simulate", rounds, low=1)
     if per_class is not None:
-        check_int("--per-class", per_class, low=1)
+        check_int("per_class", per_class, low=1)
     check_outputs(
-        {"--out": (out, METRICS), "--png": (png, PNG)},
-        {"--scene": scene, "--features": cache, "--context-store": context, "--params": recipes},
+        {"out": (out, METRICS), "png": (png, PNG)},
+        {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     params = head_recipe(head, recipes)
     result = simulate(
@@ -488,11 +488,11 @@ def run_simulation(
     )
     result["head"] = head
     if out is not None:
-        with atomic_output(out, METRICS, option="--out") as tmp:
+        with atomic_output(out, METRICS, option="out") as tmp:
             body = {"format": METRICS_FORMAT, "kind": "suggest-simulation", **result}
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     if png is not None:
-        save_png(_plot_simulation(result), png, option="--png")
+        save_png(_plot_simulation(result), png, option="png")
     return result
 
 

@@ -9,8 +9,9 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["cache", "context", "extract"],
+    submodules=["cache", "config", "context", "extract"],
     submod_attrs={
+        "config": ["DTYPE_NAMES", "FILTERS", "ZOOMS", "ContextConfig", "ExtractConfig"],
         "extract": [
             "ChunkJob",
             "TileLayout",
@@ -32,7 +33,6 @@ __getattr__, __dir__, __all__ = _lazy.attach(
         ],
         "context": [
             "CONTEXT_FORMAT",
-            "ContextConfig",
             "ContextStore",
             "context_features",
             "context_info",

@@ -138,7 +138,7 @@ def create_or_resume(
             raise StoreError(
                 f"feature cache `{where}` exists but was made with other inputs or parameters "
                 f"({_first_difference(root.attrs.get('identity') or {}, jsonable(identity))}): "
-                "remove it, or choose another --out"
+                "remove it, or choose another `out`"
             )
     else:  # not zarr.open_group(mode="w"): that would empty the folder, the writer lock with it
         root = zarr.create_group(

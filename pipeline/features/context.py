@@ -25,23 +25,21 @@ run that dies leaves nothing, and running it again gives the same bytes.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError, StoreError
+from pipeline.features.config import ContextConfig
 from pipeline.io.storage import Location
 from pipeline.io.store import jsonable, package_versions, sha256_arrays
-from pipeline.utils.checks import check_choice, check_int, check_seed
 
 __all__ = [
     "CONTEXT_FORMAT",
-    "ContextConfig",
     "ContextStore",
     "context_features",
     "context_info",
@@ -51,92 +49,10 @@ __all__ = [
 ]
 
 CONTEXT_FORMAT = "hsicache-context/1"
-FILTERS = ("box", "gaussian")
 _PCA_SAMPLE = 65536  # pixels the principal components are fitted on (all, in smaller scenes)
 _ROWS = 128  # rows of the cube standardised and projected at a time (bounded memory)
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class ContextConfig:
-    """Which context families to compute, and how (see the module docstring).
-
-    Attributes:
-        components: principal components ``k`` of the standardised cube.
-        windows: window sides of the ``meanW`` families (odd or even, at least 1).
-        filter: ``box`` or ``gaussian``.
-        emp_components: components the morphological profile is built on (0: no ``emp``).
-        emp_radii: disc radii of the openings and closings by reconstruction.
-        slic_sizes: pixels per superpixel of the ``slicN`` families.
-        seed: seed of the pixel sample the components are fitted on.
-    """
-
-    components: int = 32
-    windows: tuple[int, ...] = (7, 15, 21)
-    filter: str = "box"
-    emp_components: int = 4
-    emp_radii: tuple[int, ...] = (2, 4, 8)
-    slic_sizes: tuple[int, ...] = (64, 256)
-    seed: int = 0
-
-    @property
-    def families(self) -> list[str]:
-        """Names of the families this configuration computes, in store order."""
-        names = [f"mean{w}" for w in self.windows]
-        names += ["emp"] if self.emp_components else []
-        return names + [f"slic{n}" for n in self.slic_sizes]
-
-    def reach(self, family: str) -> int:
-        """How many pixels away from a pixel its ``family`` features can look (for the blocks
-        split's buffer): half a window (the Gaussian's truncation radius), a superpixel's
-        largest side (SLIC lets one grow to three times its size), or -1 for ``emp``, whose
-        reconstruction follows a region as far as it reaches: no buffer bounds it."""
-        if family.startswith("mean"):
-            w = int(family[4:])
-            return w // 2 if self.filter == "box" else int(3.0 * w / 6.0 + 0.5)
-        if family == "emp":
-            return -1
-        if family.startswith("slic"):
-            return math.ceil(math.sqrt(3 * int(family[4:])))
-        raise ConfigError(f"unknown context family `{family}`")
-
-    def check(self, shape: tuple[int, int], bands: int) -> None:
-        """Every setting in range for a scene of ``shape`` with ``bands`` bands."""
-        check_int("components", self.components, low=1, high=bands)
-        check_choice("filter", self.filter, FILTERS)
-        check_int("emp_components", self.emp_components, low=0, high=self.components)
-        check_seed("seed", self.seed)
-        side = min(shape)
-        for w in self.windows:
-            check_int("windows", w, low=1, high=side)
-        for r in self.emp_radii:
-            check_int("emp_radii", r, low=1, high=side)
-        for n in self.slic_sizes:
-            check_int("slic_sizes", n, low=2, high=shape[0] * shape[1])
-        if not self.families:
-            raise ConfigError(
-                "the context configuration names no family: give `windows`, "
-                "`emp_components` or `slic_sizes`"
-            )
-        if len(set(self.families)) != len(self.families):
-            raise ConfigError(f"a context family is named twice: {', '.join(self.families)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON types (what the store's identity records)."""
-        return jsonable(asdict(self))
-
-    @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> ContextConfig:
-        """A configuration from a ``context:`` mapping (``params.yaml``); unknown keys refused."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown context setting `{unknown[0]}`; known: {', '.join(sorted(known))}"
-            )
-        given = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**{k: v for k, v in given.items() if v is not None})
 
 
 def reduce_spectra(
@@ -284,7 +200,7 @@ def write_context(
     from pipeline.scene.core import open_scene, scene_array
 
     cfg = config or ContextConfig()
-    check_outputs({"--out": (out, CONTEXT)}, {"--scene": scene})
+    check_outputs({"out": (out, CONTEXT)}, {"scene": scene})
     sc = open_scene(scene, lazy=True)
     cube = scene_array(scene, "cube")
     cfg.check(sc.shape, int(cube.shape[-1]))
@@ -326,14 +242,14 @@ def _write_store(families: dict[str, np.ndarray], attrs: dict[str, Any], where: 
         n: {"chunks": (*chunk, a.shape[-1]), "compressors": codec} for n, a in families.items()
     }
     if where.is_local:
-        with atomic_output(where.path, CONTEXT, option="--out") as tmp:
+        with atomic_output(where.path, CONTEXT, option="out") as tmp:
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
         return
     from pipeline.io.outputs import check_output
 
     with tempfile.TemporaryDirectory(prefix="hsicache-context-") as tmp:
         ds.to_zarr(Path(tmp) / "c.zarr", zarr_format=3, consolidated=False, encoding=encoding)
-        check_output(str(where), CONTEXT, option="--out")  # nothing else arrived meanwhile
+        check_output(str(where), CONTEXT, option="out")  # nothing else arrived meanwhile
         publish_folder(Path(tmp) / "c.zarr", where)
 
 

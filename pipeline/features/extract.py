@@ -41,12 +41,12 @@ from pipeline.features.cache import (
     done_chunks,
     read_identity,
 )
+from pipeline.features.config import ExtractConfig
 from pipeline.io.cluster import as_they_finish, connected
 from pipeline.io.outputs import FEATURES, check_outputs
 from pipeline.io.storage import Location, StoreLock
 from pipeline.io.store import package_versions
 from pipeline.scene.core import open_scene, scene_array
-from pipeline.utils.checks import check_int, check_seed
 from pipeline.utils.devices import resolve_device, resolve_dtype
 
 __all__ = [
@@ -185,10 +185,6 @@ class TileLayout:
         return np.pad(image, ((self.pad, after_y), (self.pad, after_x), (0, 0)), mode="reflect")
 
 
-#: The upsampling factors ``--zoom`` takes.
-ZOOMS = (1, 2, 4, 8)
-
-
 def _bilinear_taps(index: np.ndarray, n: int, zoom: int) -> tuple[np.ndarray, ...]:
     """For pixels ``index`` of an ``n``-pixel axis upsampled ``zoom`` times: the two source
     pixels and the second one's weight (bilinear, pixel centres aligned: torch's
@@ -211,56 +207,27 @@ def upsample_region(rgb: Any, rows: np.ndarray, cols: np.ndarray, zoom: int) -> 
 
 
 def extract_features(
-    *,
     scene: str | Path,
     backbone: str | Backbone,
-    timesteps: Sequence[int],
-    sites: Sequence[str],
     out: str | Path,
-    patch: int | None = None,
-    stride: int = 32,
-    batch_size: int = 16,
-    device: str = "auto",
-    dtype: str = "auto",
-    noise_seed: int = 0,
-    class_seed: int = 0,
-    class_label: int | None = None,
-    truncate: bool = True,
-    chunk_tiles: int | None = None,
+    config: ExtractConfig | None = None,
+    *,
     progress: ProgressFn | None = None,
-    stop_after_chunks: int | None = None,
     stats: dict[str, Any] | None = None,
     client: Any = None,
     resources: dict[str, float] | None = None,
-    threads: int | None = None,
-    zoom: int = 1,
-    noise_samples: int = 1,
+    **settings: Any,
 ) -> Location:
     """Extract per-pixel features of a prepared scene into a (resumable) Zarr cache.
 
     Args:
         scene: the scene store written by ``prepare``.
         backbone: a backbone SPEC or an already loaded :class:`Backbone`.
-        timesteps: diffusion timesteps, each in ``[0, num_train_timesteps)``.
-        sites: feature site names (``hsicache layers`` lists them).
         out: the cache store (a folder or an fsspec URL such as ``s3://bucket/f.zarr``); an
             unfinished one with the same inputs is resumed, a finished one is left as it is.
-        patch: window side (default: the backbone's sample size).
-        stride: window step = side of the square each window owns.
-        batch_size: windows per forward pass.
-        device, dtype: ``auto`` or an explicit torch device / ``fp32|bf16|fp16``. On CPU,
-            ``auto`` is fp32 unless the CPU computes bf16 natively, then the faster of the two
-            on the scene's first patch (see :mod:`pipeline.backbone.autotune`); a resumed cache
-            keeps the dtype it was started with; an already loaded backbone keeps its own dtype.
-        noise_seed: seed of the one ε shared by all patches.
-        class_seed: seed of the per-patch class ids of a class-conditional backbone.
-        class_label: give every patch this class id instead (a class-conditional backbone);
-            one class for all patches avoids a per-patch offset in the features.
-        truncate: stop each forward pass after the deepest requested site.
-        chunk_tiles: owned squares per cache chunk side (default: the fewest that make chunks of
-            about 1 MB or more, capped at the scene size).
+        config: the settings (:class:`~pipeline.features.config.ExtractConfig`: sites,
+            timesteps, stride, dtype...).
         progress: called as ``progress(done_patches, total_patches)``.
-        stop_after_chunks: testing aid: return after writing this many chunks (as if killed).
         stats: if given, filled with ``patches``, ``forward_s`` (forward passes and stitching),
             ``write_s`` and ``written_bytes`` (uncompressed) of this call, ``run_s`` (the chunks,
             from the first to the last), ``first_chunk_s`` (from this call's start to the
@@ -271,76 +238,20 @@ def extract_features(
             backbone once and writes its own chunk-aligned region; ``out`` and ``scene`` must
             be reachable from the workers: a shared file system or an object store).
         resources: dask resources each chunk task needs (``{"GPU": 1}``: one task per GPU).
-        threads: torch intra-op threads per forward pass (default: this process's). CPU
-            kernels depend on it, so equal thread counts give bit-identical caches.
-        zoom: upsample the rendering this many times (1, 2, 4, 8; bilinear) before the
-            backbone, and average-pool the features back onto the scene's pixels: a field edge
-            then spans several of the backbone's pixels. ``stride`` (and ``patch``) are in
-            upsampled pixels; the work grows as ``zoom`` squared.
-        noise_samples: average the features over this many seeded noise draws at each
-            timestep (as DIFT does); 1 is one draw, ``noise_seed``'s.
+        **settings: :class:`ExtractConfig` fields, given directly (``sites=["up1.res1"],
+            stride=32``) or overriding ``config``'s.
 
     Returns:
         Where the cache is. While it is written the store holds a writer lock
         (:class:`~pipeline.io.storage.StoreLock`): a second extraction into it is refused.
     """
     started = time.perf_counter()
-    _check_values(
-        timesteps, sites, patch, stride, batch_size, noise_seed, class_seed, chunk_tiles, threads
-    )
-    _check_sampling(zoom, noise_samples, stride)
-    spec_path = backbone if isinstance(backbone, (str, Path)) and Path(backbone).exists() else None
-    check_outputs({"--out": (out, FEATURES)}, {"--scene": scene, "--backbone": spec_path})
-    sc = open_scene(scene, lazy=True)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if isinstance(backbone, Backbone):
-        bb = backbone
-        dev = next(bb.unet.parameters()).device
-        dt = bb.dtype if dtype == "auto" else dt
-    else:
-        bb = load_backbone(backbone, device=dev, dtype=dt)
-    chosen, patch = _check_backbone_fit(bb, sites, timesteps, class_label, patch, stride)
-    layout = _layout(sc.shape, patch, stride, chunk_tiles, chosen, zoom)
-    check_rendering(sc.rgb, scene)  # before anything is written: a hole would become NaNs
-    where = Location.of(out)
-    with _writing(where), StoreLock(where):
-        report: dict[str, Any] = {"choice": str(dt).replace("torch.", "")}
-        if threads is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)  # the dtype is chosen for the threads that will run
-        if dtype == "auto" and dev.type == "cpu" and not isinstance(backbone, Backbone):
-            dt, report = _auto_cpu_dtype(
-                bb, where, layout, sc.rgb, noise_seed, timesteps[0], chosen
-            )
-        job = ChunkJob(
-            scene=str(Location.of(scene)),
-            out=str(where),
-            backbone=bb.spec,
-            weights_sha256=bb.weights_sha256,
-            device=device,
-            dtype=str(dt).replace("torch.", ""),
-            layout=layout,
-            timesteps=tuple(int(t) for t in timesteps),
-            sites=tuple(sites),
-            noise_seed=noise_seed,
-            class_seed=class_seed,
-            class_label=class_label,
-            truncate=truncate,
-            batch_size=batch_size,
-            threads=threads or torch.get_num_threads(),
-            noise_samples=noise_samples,
-        )
-        root, done = create_or_resume(
-            where,
-            shape=layout.shape,
-            chunk=layout.chunk,
-            site_channels={s.name: s.channels for s in chosen},
-            timesteps=timesteps,
-            identity=job.identity(sc.image_fingerprint),
-            attrs=_provenance(job, bb, chosen, sc, report),
-        )
+    cfg = config.replace(**settings) if config is not None else ExtractConfig(**settings)
+    plan = _plan(scene, backbone, out, cfg)
+    with _writing(plan.where), StoreLock(plan.where):
+        job, root, done, report = _open_or_resume(plan, cfg)
         if root.attrs.get("complete"):
-            return where
+            return plan.where
         tally = stats if stats is not None else {}
         tally.update(
             patches=0,
@@ -351,113 +262,128 @@ def extract_features(
             first_chunk_s=None,
             run_s=0.0,
         )
-        finished = _run_chunks(
-            job,
-            bb,
-            sc.rgb,
-            root,
-            done,
-            tally,
-            started,
-            progress=progress,
-            client=client,
-            resources=resources,
-            preloaded=isinstance(backbone, Backbone),
-            stop_after_chunks=stop_after_chunks,
-        )
-        if finished:
-            _mark_complete(root, where)
-    return where
+        runner = _ChunkRunner(job, plan.backbone, root, tally, started, progress)
+        runner.run(done, plan.scene.rgb, client, resources, plan.preloaded)
+        _mark_complete(root, plan.where)
+    return plan.where
 
 
-def _check_values(
-    timesteps: Sequence[int],
-    sites: Sequence[str],
-    patch: int | None,
-    stride: int,
-    batch_size: int,
-    noise_seed: int,
-    class_seed: int,
-    chunk_tiles: int | None,
-    threads: int | None,
-) -> None:
-    """The parameters that need no backbone to check, checked before anything is read."""
-    if not timesteps:
-        raise ConfigError("give at least one timestep (`--timesteps 0`)")
-    if not sites:
-        raise ConfigError("give at least one site (`--sites NAME`; `hsicache layers` lists them)")
-    for t in timesteps:
-        check_int("--timesteps", t, low=0)
-    if patch is not None:
-        check_int("--patch", patch, low=1)
-    check_int("--stride", stride, low=1)
-    check_int("--batch-size", batch_size, low=1)
-    check_seed("--noise-seed", noise_seed)
-    check_seed("--class-seed", class_seed)
-    if chunk_tiles is not None:
-        check_int("--chunk-tiles", chunk_tiles, low=1)
-    if threads is not None:
-        check_int("--threads", threads, low=1)
+@dataclass
+class _Plan:
+    """What an extraction will do, decided and checked before anything is written."""
+
+    scene: Any
+    backbone: Backbone
+    device: torch.device
+    dtype: torch.dtype
+    sites: list[Site]
+    layout: TileLayout
+    where: Location
+    preloaded: bool
+    source: str  # the scene's location, as workers open it
 
 
-def _check_sampling(zoom: int, noise_samples: int, stride: int) -> None:
-    """``zoom`` one of :data:`ZOOMS` dividing ``stride``; ``noise_samples`` at least 1."""
-    if isinstance(zoom, bool) or zoom not in ZOOMS:
-        raise ConfigError(f"`--zoom` must be one of {', '.join(map(str, ZOOMS))}, got {zoom!r}")
-    check_int("--noise-samples", noise_samples, low=1)
-    if stride % zoom:
-        raise ConfigError(
-            f"`--stride` {stride} must be a multiple of `--zoom` {zoom} (a window's owned "
-            "square must cover whole scene pixels)"
-        )
+def _plan(
+    scene: str | Path, backbone: str | Backbone, out: str | Path, cfg: ExtractConfig
+) -> _Plan:
+    """The inputs opened and checked, the backbone loaded, the tiling chosen."""
+    spec_path = backbone if isinstance(backbone, (str, Path)) and Path(backbone).exists() else None
+    check_outputs({"out": (out, FEATURES)}, {"scene": scene, "backbone": spec_path})
+    sc = open_scene(scene, lazy=True)
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    preloaded = isinstance(backbone, Backbone)
+    if isinstance(backbone, Backbone):
+        bb = backbone
+        dev = next(bb.unet.parameters()).device
+        dt = bb.dtype if cfg.dtype == "auto" else dt
+    else:
+        bb = load_backbone(backbone, device=dev, dtype=dt)
+    chosen, patch = _check_backbone_fit(bb, cfg)
+    layout = _layout(sc.shape, patch, cfg, chosen)
+    check_rendering(sc.rgb, scene)  # before anything is written: a hole would become NaNs
+    where = Location.of(out)
+    return _Plan(sc, bb, dev, dt, chosen, layout, where, preloaded, str(Location.of(scene)))
 
 
-def _check_backbone_fit(
-    bb: Backbone,
-    sites: Sequence[str],
-    timesteps: Sequence[int],
-    class_label: int | None,
-    patch: int | None,
-    stride: int,
-) -> tuple[list[Site], int]:
+def _open_or_resume(
+    plan: _Plan, cfg: ExtractConfig
+) -> tuple[ChunkJob, Any, np.ndarray, dict[str, Any]]:
+    """The compute dtype settled, the cache created (or the unfinished one reopened): the
+    chunk job, the store's root, which chunks are done, and the dtype report."""
+    dt = plan.dtype
+    report: dict[str, Any] = {"choice": str(dt).replace("torch.", "")}
+    if cfg.threads is not None and torch.get_num_threads() != cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the dtype is chosen for the threads that will run
+    if cfg.dtype == "auto" and plan.device.type == "cpu" and not plan.preloaded:
+        dt, report = _auto_cpu_dtype(plan, cfg.noise_seed, cfg.timesteps[0])
+    job = ChunkJob(
+        scene=plan.source,
+        out=str(plan.where),
+        backbone=plan.backbone.spec,
+        weights_sha256=plan.backbone.weights_sha256,
+        device=cfg.device,
+        dtype=str(dt).replace("torch.", ""),
+        layout=plan.layout,
+        timesteps=tuple(int(t) for t in cfg.timesteps),
+        sites=tuple(cfg.sites),
+        noise_seed=cfg.noise_seed,
+        class_seed=cfg.class_seed,
+        class_label=cfg.class_label,
+        truncate=cfg.truncate,
+        batch_size=cfg.batch_size,
+        threads=cfg.threads or torch.get_num_threads(),
+        noise_samples=cfg.noise_samples,
+    )
+    root, done = create_or_resume(
+        plan.where,
+        shape=plan.layout.shape,
+        chunk=plan.layout.chunk,
+        site_channels={s.name: s.channels for s in plan.sites},
+        timesteps=cfg.timesteps,
+        identity=job.identity(plan.scene.image_fingerprint),
+        attrs=_provenance(job, plan.backbone, plan.sites, plan.scene, report),
+    )
+    return job, root, done, report
+
+
+def _check_backbone_fit(bb: Backbone, cfg: ExtractConfig) -> tuple[list[Site], int]:
     """The chosen sites and the patch side, checked against what the backbone can do."""
-    chosen = [bb.site(s) for s in sites]
-    if class_label is not None and not 0 <= class_label < (bb.num_class_embeds or 0):
+    chosen = [bb.site(s) for s in cfg.sites]
+    classes = bb.num_class_embeds or 0
+    if cfg.class_label is not None and not 0 <= cfg.class_label < classes:
         raise ConfigError(
-            f"`--class-label` {class_label} needs a class-conditional backbone with classes "
-            f"0..{(bb.num_class_embeds or 0) - 1}; `{bb.spec}` has "
-            + (f"{bb.num_class_embeds}" if bb.num_class_embeds else "none")
+            f"`class_label={cfg.class_label}` needs a class-conditional backbone with classes "
+            f"0..{classes - 1}; `{bb.spec}` has " + (f"{classes}" if classes else "none")
         )
-    check_timesteps(bb, timesteps)
-    patch = patch if patch is not None else bb.sample_size
+    check_timesteps(bb, cfg.timesteps)
+    patch = cfg.patch if cfg.patch is not None else bb.sample_size
+    stride = cfg.stride
     if not 0 < stride <= patch or (patch - stride) % 2:
         raise ConfigError(
-            f"`--stride` {stride} must be in 1..{patch} (`--patch`) with patch - stride even"
+            f"`stride={stride}` must be in 1..{patch} (`patch`) with patch - stride even"
         )
     levels = len(bb.unet.config.block_out_channels) - 1
     if patch % (2**levels):
-        raise ConfigError(f"`--patch` {patch} must be a multiple of {2**levels} for this backbone")
+        raise ConfigError(f"`patch={patch}` must be a multiple of {2**levels} for this backbone")
     return chosen, patch
 
 
 def _layout(
-    shape: tuple[int, int],
-    patch: int,
-    stride: int,
-    chunk_tiles: int | None,
-    chosen: list[Site],
-    zoom: int = 1,
+    shape: tuple[int, int], patch: int, cfg: ExtractConfig, chosen: list[Site]
 ) -> TileLayout:
     """The tiling, with chunks of about 1 MB or more unless ``chunk_tiles`` is given."""
     h, w = shape
     min_channels = min(s.channels for s in chosen)
-    side = stride // zoom  # scene pixels per owned square
-    k = chunk_tiles if chunk_tiles is not None else 1
-    while chunk_tiles is None and (k * side) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
+    side = cfg.stride // cfg.zoom  # scene pixels per owned square
+    k = cfg.chunk_tiles if cfg.chunk_tiles is not None else 1
+    while cfg.chunk_tiles is None and (k * side) ** 2 * min_channels * 2 < _MIN_CHUNK_BYTES:
         if k * side >= max(h, w):
             break
         k += 1
-    return TileLayout(height=h, width=w, patch=patch, stride=stride, chunk_tiles=k, zoom=zoom)
+    return TileLayout(
+        height=h, width=w, patch=patch, stride=cfg.stride, chunk_tiles=k, zoom=cfg.zoom
+    )
 
 
 def _provenance(
@@ -479,64 +405,91 @@ def _provenance(
     }
 
 
-def _run_chunks(
-    job: ChunkJob,
-    bb: Backbone,
-    rgb: Any,
-    root: Any,
-    done: np.ndarray,
-    tally: dict[str, Any],
-    started: float,
-    *,
-    progress: ProgressFn | None,
-    client: Any,
-    resources: dict[str, float] | None,
-    preloaded: bool,
-    stop_after_chunks: int | None,
-) -> bool:
-    """Compute every chunk not yet done, here or on a dask cluster; whether all are done."""
-    layout = job.layout
-    pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
-    total = layout.tiles[0] * layout.tiles[1]
-    finished = total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
+class _ChunkRunner:
+    """Computes the chunks not yet done, here or on a dask cluster, keeping the tally and
+    marking each chunk done in the store once its data is written."""
 
-    def advance(n: int) -> None:
-        nonlocal finished
-        finished += n
-        tally["patches"] += n
-        if progress:
-            progress(finished, total)
+    def __init__(
+        self,
+        job: ChunkJob,
+        bb: Backbone,
+        root: Any,
+        tally: dict[str, Any],
+        started: float,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.job, self.bb, self.root, self.tally = job, bb, root, tally
+        self.started, self.progress = started, progress
+        self.finished = self.total = 0
 
-    def chunk_done(ci: int, cj: int, figures: dict[str, float]) -> None:
-        root["progress/done"][ci, cj] = True
-        if tally["first_chunk_s"] is None:
-            tally["first_chunk_s"] = time.perf_counter() - started
+    def run(
+        self,
+        done: np.ndarray,
+        rgb: Any,
+        client: Any,
+        resources: dict[str, float] | None,
+        preloaded: bool,
+    ) -> None:
+        """Compute every pending chunk."""
+        layout = self.job.layout
+        pending = [(int(i), int(j)) for i, j in zip(*np.nonzero(~done), strict=True)]
+        self.total = layout.tiles[0] * layout.tiles[1]
+        self.finished = self.total - sum(len(layout.tiles_of_chunk(i, j)) for i, j in pending)
+        loop_started = time.perf_counter()
+        with connected(client if pending else None) as dask:
+            self.advance(0)
+            if dask is not None:
+                self._on_cluster(dask, pending, resources, preloaded)
+            else:
+                self._here(rgb, pending, loop_started)
+        self.tally["run_s"] = time.perf_counter() - loop_started
+
+    def advance(self, n: int) -> None:
+        """``n`` more patches computed."""
+        self.finished += n
+        self.tally["patches"] += n
+        if self.progress:
+            self.progress(self.finished, self.total)
+
+    def chunk_done(self, ci: int, cj: int, figures: dict[str, float]) -> None:
+        """Chunk ``(ci, cj)`` written: mark it done and add its figures."""
+        self.root["progress/done"][ci, cj] = True
+        if self.tally["first_chunk_s"] is None:
+            self.tally["first_chunk_s"] = time.perf_counter() - self.started
         for key in ("forward_s", "write_s", "written_bytes"):
-            tally[key] += figures[key]
+            self.tally[key] += figures[key]
 
-    loop_started = time.perf_counter()
-    with connected(client if pending else None) as dask:
-        advance(0)
-        if dask is not None:
-            _run_on_cluster(
-                dask,
-                job,
-                bb if preloaded else None,
-                pending,
-                advance,
-                chunk_done,
-                stop_after_chunks,
-                resources,
+    def _here(self, rgb: Any, pending: list[tuple[int, int]], loop_started: float) -> None:
+        image = _SceneImage(rgb, self.job.layout)
+        for ci, cj in pending:
+            figures = compute_chunk(
+                self.job, self.bb, image, self.root, ci, cj, on_batch=self.advance
             )
-        else:
-            image = _SceneImage(rgb, layout)
-            for n_chunks, (ci, cj) in enumerate(pending, start=1):
-                chunk_done(ci, cj, compute_chunk(job, bb, image, root, ci, cj, on_batch=advance))
-                tally["run_s"] = time.perf_counter() - loop_started
-                if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-                    return False
-    tally["run_s"] = time.perf_counter() - loop_started
-    return stop_after_chunks is None or len(pending) <= stop_after_chunks
+            self.chunk_done(ci, cj, figures)
+            self.tally["run_s"] = time.perf_counter() - loop_started
+
+    def _on_cluster(
+        self,
+        client: Any,
+        pending: list[tuple[int, int]],
+        resources: dict[str, float] | None,
+        preloaded: bool,
+    ) -> None:
+        """One dask task per pending chunk; this process marks each chunk done as it
+        arrives."""
+        model = client.scatter(self.bb, broadcast=True) if preloaded else None
+        finished = as_they_finish(
+            client,
+            _chunk_task,
+            pending,
+            self.job,
+            model,
+            name="hsicache-chunk",
+            resources=resources,
+        )
+        for (ci, cj), figures in finished:
+            self.chunk_done(ci, cj, figures)
+            self.advance(int(figures["patches"]))
 
 
 def _mark_complete(root: Any, where: Location) -> None:
@@ -746,7 +699,7 @@ def _check_finite(
             raise StoreError(
                 f"backbone `{job.backbone}` gave non-finite features at t={t}, site `{name}`, "
                 f"rows {y0}-{y1}, columns {x0}-{x1} (beyond float16's range, or NaN from the "
-                f"{job.dtype} forward); nothing of this chunk was written; try `--dtype fp32` "
+                f"{job.dtype} forward); nothing of this chunk was written; try `dtype=fp32` "
                 "or another site"
             )
 
@@ -785,29 +738,6 @@ def _stitch(
             buf[ry : ry + hh, rx : rx + ww] += core[n, :hh, :ww]
 
 
-def _run_on_cluster(
-    client: Any,
-    job: ChunkJob,
-    preloaded: Backbone | None,
-    pending: list[tuple[int, int]],
-    advance: Callable[[int], None],
-    chunk_done: Callable[[int, int, dict[str, float]], None],
-    stop_after_chunks: int | None,
-    resources: dict[str, float] | None,
-) -> None:
-    """One dask task per pending chunk; this process marks each chunk done as it arrives."""
-    model = client.scatter(preloaded, broadcast=True) if preloaded is not None else None
-    finished = as_they_finish(
-        client, _chunk_task, pending, job, model, name="hsicache-chunk", resources=resources
-    )
-    for n_chunks, ((ci, cj), figures) in enumerate(finished, start=1):
-        chunk_done(ci, cj, figures)
-        advance(int(figures["patches"]))
-        if stop_after_chunks is not None and n_chunks >= stop_after_chunks:
-            finished.close()  # cancels the rest
-            return
-
-
 def _chunk_task(chunk: tuple[int, int], job: ChunkJob, model: Backbone | None) -> dict[str, float]:
     """A dask task: compute and write one chunk with this worker's backbone (loaded once)."""
     from pipeline.io.cluster import worker_state
@@ -844,20 +774,15 @@ def _open_for_writing(job: ChunkJob) -> Any:
 
 
 def _auto_cpu_dtype(
-    bb: Backbone,
-    out: Location,
-    layout: TileLayout,
-    rgb: Any,
-    noise_seed: int,
-    timestep: int,
-    chosen: list[Site],
+    plan: _Plan, noise_seed: int, timestep: int
 ) -> tuple[torch.dtype, dict[str, Any]]:
     """``dtype=auto`` on CPU: the dtype an unfinished cache was started with, else fp32 where
     the CPU has no native bf16, else the faster of the two on the scene's first patch."""
     from pipeline.backbone.autotune import choose_cpu_dtype
     from pipeline.utils.devices import cpu_capability
 
-    started = read_identity(out).get("compute_dtype")
+    bb, layout = plan.backbone, plan.layout
+    started = read_identity(plan.where).get("compute_dtype")
     if started:
         cap = cpu_capability()
         dt = getattr(torch, started)
@@ -870,12 +795,17 @@ def _auto_cpu_dtype(
         }
     else:
         tiles = layout.tiles_of_chunk(0, 0)[:1]
-        padded, _, _ = _SceneImage(rgb, layout).chunk_input(0, 0)
+        padded, _, _ = _SceneImage(plan.scene.rgb, layout).chunk_input(0, 0)
         eps = seeded_noise((3, layout.patch, layout.patch), noise_seed)
         x = noised(layout.batch(padded, tiles), eps, timestep, bb.scheduler)
         labels = patch_class_labels(bb, tiles, 0, device=eps.device)
         dt, report = choose_cpu_dtype(
-            bb, x, timestep, [s.name for s in chosen], labels, reload=lambda: load_backbone(bb.spec)
+            bb,
+            x,
+            timestep,
+            [s.name for s in plan.sites],
+            labels,
+            reload=lambda: load_backbone(bb.spec),
         )
     if dt != bb.dtype:
         bb.cast(dt)

@@ -1,9 +1,9 @@
 """The registry of head kinds: one place that says, for every kind, how it is built, what it
-reads, how its input is preprocessed and how ``--help`` describes it.
+reads, how its input is preprocessed and how ``help`` describes it.
 
 Torch-free, so the command line starts fast; a head's factory (in :mod:`pipeline.heads.build`
 or :mod:`pipeline.heads.semisupervised`) is imported only when a head is built. Every list of head
-names (``HEADS``, ``--help``, the "unknown head" message) derives from :data:`REGISTRY`;
+names (``HEADS``, ``help``, the "unknown head" message) derives from :data:`REGISTRY`;
 :func:`register` adds a kind.
 """
 
@@ -34,7 +34,7 @@ class HeadSpec:
     """A registered head kind.
 
     Attributes:
-        name: the kind (``kind:`` of a ``heads:`` entry, ``--head``).
+        name: the kind (``kind:`` of a ``heads:`` entry, ``head``).
         factory: ``"module:function"``; the function takes ``n_spectral=``, ``n_context=``,
             ``random_state=`` and the head's parameters and returns the estimator.
         reads: the feature mode it always reads, or ``None`` for a classic head, which takes
@@ -146,9 +146,9 @@ def check_kind(kind: str) -> str:
 
 
 def head_help() -> str:
-    """The ``--head`` help: every registered kind, and the other ways to name a head."""
+    """The ``head`` help: every registered kind, and the other ways to name a head."""
     return (
         " | ".join(REGISTRY)
         + " | an import path such as sklearn.ensemble.ExtraTreesClassifier | a name under "
-        "`heads:` in --params whose `kind` is one of those."
+        "`heads:` in `--params` whose `kind` is one of those."
     )

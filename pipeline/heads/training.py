@@ -132,13 +132,13 @@ class FeatureSelection:
         """Check ``mode`` and the context families, and fill in the cache's timesteps/sites
         when none are given."""
         if mode not in FEATURE_MODES:
-            raise ConfigError(f"`--use` must be one of {', '.join(FEATURE_MODES)}, not {mode}")
+            raise ConfigError(f"`use` must be one of {', '.join(FEATURE_MODES)}, not {mode}")
         families = tuple(context)
         if families:
             if inputs.context is None:
                 raise ConfigError(
                     f"{head or 'the head'} reads context ({', '.join(families)}): give "
-                    "`--context-store CONTEXT.zarr` (`hsicache context` writes it)"
+                    "`context_store=CONTEXT.zarr` (`hsicache context` writes it)"
                 )
             inputs.context.selection(families)  # unknown families are a clear error here
         if mode == "spectral":
@@ -147,8 +147,8 @@ class FeatureSelection:
         if cache is None:
             classic = kind is None or HEADS.get(kind) is None  # svm, rf, an import path...
             raise ConfigError(
-                f"{head + ' reads' if head else '`--use ' + mode + '` needs'} cached diffusion "
-                "features: give a feature cache (`--features FEATURES.zarr`)"
+                f"{head + ' reads' if head else '`use=' + mode + '` needs'} cached diffusion "
+                "features: give a feature cache (`cache=FEATURES.zarr`)"
                 + (" or `use: spectral`" if classic and mode == "both" else "")
             )
         ts = tuple(int(t) for t in (timesteps or cache.timesteps))
@@ -212,8 +212,8 @@ class TrainedHead:
                 f"({self.meta['scene_fingerprint'][:12]}, not {scene.fingerprint[:12]}): its "
                 "train pixels may be in this test set"
             )
-        self._check_store("cache_identity_sha256", cache, "--features FEATURES.zarr")
-        self._check_store("context_identity_sha256", inputs.context, "--context-store CONTEXT.zarr")
+        self._check_store("cache_identity_sha256", cache, "cache=FEATURES.zarr")
+        self._check_store("context_identity_sha256", inputs.context, "context_store=CONTEXT.zarr")
 
     def _check_store(self, key: str, store: Any, option: str) -> None:
         """The feature cache or context store given is the one this head was trained on."""
@@ -230,7 +230,7 @@ class TrainedHead:
 
     def save(self, path: str | Path) -> Path:
         """Write the head folder atomically (replacing only a head folder hsicache wrote)."""
-        with atomic_output(path, HEAD, option="--out") as tmp:
+        with atomic_output(path, HEAD, option="out") as tmp:
             tmp.mkdir(parents=True)
             est = self.estimator
             if type(est).__name__ in _TORCH_HEADS:
@@ -406,7 +406,7 @@ def fit_head(
     (``film_skip: {kind: film, spectral_skip: true}``), ``context`` (families it reads; the
     ``context`` argument wins) and for classic heads ``use``.
     """
-    check_seed("--seed", seed)
+    check_seed("seed", seed)
     recipe = split_recipe(name, params)
     families = tuple(context) if context is not None else recipe.context
     selection = FeatureSelection.resolve(
@@ -607,8 +607,8 @@ def train_head(
     ``context_store`` is the context store to read families from; ``context`` names them
     (default: the ``context`` entry of ``params``).
     """
-    read = {"--scene": scene, "--features": cache, "--context-store": context_store}
-    check_outputs({"--out": (out, HEAD)}, read)
+    read = {"scene": scene, "cache": cache, "context_store": context_store}
+    check_outputs({"out": (out, HEAD)}, read)
     inputs = open_inputs(scene, cache, context_store)
     trained = fit_head(
         head,

@@ -1,4 +1,4 @@
-"""dask.distributed for hsicache: a client for ``--workers N`` or ``--scheduler ADDRESS``, and
+"""dask.distributed for hsicache: a client for ``workers=N`` or ``scheduler=ADDRESS``, and
 state kept once per worker process (a loaded backbone, an opened store).
 
 Tasks are whole cache chunks (extract) or map blocks (predict). A worker keeps what a task
@@ -48,9 +48,9 @@ def cluster_opener(
         ConfigError: both given, or fewer than one worker.
     """
     if workers is not None and scheduler:
-        raise ConfigError("give `--workers` (a local cluster) or `--scheduler` (yours), not both")
+        raise ConfigError("give `workers` (a local cluster) or `scheduler` (yours), not both")
     if workers is not None and workers < 1:
-        raise ConfigError(f"`--workers` must be at least 1, got {workers}")
+        raise ConfigError(f"`workers` must be at least 1, got {workers}")
     if workers is None and not scheduler:
         return None
 
@@ -154,7 +154,7 @@ def parse_resources(text: str | None) -> dict[str, float] | None:
         except ValueError:
             sep = ""
         if not sep or not name.strip():
-            raise ConfigError(f"`--resources` takes NAME=AMOUNT pairs such as GPU=1, got `{text}`")
+            raise ConfigError(f"`resources` takes NAME=AMOUNT pairs such as GPU=1, got `{text}`")
     return out
 
 

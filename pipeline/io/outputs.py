@@ -311,15 +311,15 @@ def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
     """
     if not _is_local(path) or _URL_LIKE.match(str(path)):
         if kind.marker is None or "://" not in str(path):  # s3://b/x made a Path: s3:/b/x
-            raise ConfigError(f"`{option} {path}`: this output is written to a local path only")
+            raise ConfigError(f"`{option}={path}`: this output is written to a local path only")
         _check_remote(str(path), kind, option)
         return
     p = local_path(path)
     if not p.name or p.name in (".", ".."):
-        raise ConfigError(f"`{option} {path}` names no file or folder of its own: give a name")
+        raise ConfigError(f"`{option}={path}` names no file or folder of its own: give a name")
     if (p.is_symlink() or p.exists()) and not _ours(p, kind):
         raise OutputConflictError(
-            f"`{option} {path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
+            f"`{option}={path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
             "hsicache replaces only its own outputs; choose another path, or move that away first"
         )
     _check_parent(p, option, path)
@@ -340,11 +340,11 @@ def _check_parent(p: Path, option: str, given: Any) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputConflictError(
-            f"`{option} {given}` cannot be written: `{parent}` is a file, not a folder"
+            f"`{option}={given}` cannot be written: `{parent}` is a file, not a folder"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputConflictError(
-            f"`{option} {given}` cannot be written: folder `{parent}` is not writable"
+            f"`{option}={given}` cannot be written: folder `{parent}` is not writable"
         )
 
 
@@ -356,7 +356,7 @@ def _check_remote(url: str, kind: OutputKind, option: str) -> None:
         ours = where.is_empty()
     if not ours:
         raise OutputConflictError(
-            f"`{option} {url}` already holds objects that are not a {kind.name} hsicache "
+            f"`{option}={url}` already holds objects that are not a {kind.name} hsicache "
             "wrote: hsicache replaces only its own outputs; choose another path, or remove "
             "them first"
         )
@@ -391,10 +391,10 @@ def check_outputs(
             for other, other_opt in seen.items():
                 if other == out or other in out.parents or out in other.parents:
                     raise OutputConflictError(
-                        f"`{opt} {path}` and `{other_opt}` are the same place or one holds "
+                        f"`{opt}={path}` and `{other_opt}` are the same place or one holds "
                         "the other: give each output its own path"
                     )
-            seen[out] = f"{opt} {path}"
+            seen[out] = f"{opt}={path}"
         check_output(path, kind, option=opt)
 
 
@@ -403,7 +403,7 @@ def _refuse_remote_overlap(opt: str, url: str, in_opt: str, in_url: str) -> None
     a, b = url.rstrip("/") + "/", in_url.rstrip("/") + "/"
     if a.startswith(b) or b.startswith(a):
         raise OutputConflictError(
-            f"`{opt} {url}` is, lies inside or holds the input `{in_opt} {in_url}`: writing "
+            f"`{opt}={url}` is, lies inside or holds the input `{in_opt}={in_url}`: writing "
             "there would replace what the command reads; choose another output path"
         )
 
@@ -419,6 +419,6 @@ def _refuse_overlap(opt: str, path: Any, out: Path, in_opt: str, in_path: Any) -
     else:
         return
     raise OutputConflictError(
-        f"`{opt} {path}` {how} the input `{in_opt} {in_path}`: writing there would replace "
+        f"`{opt}={path}` {how} the input `{in_opt}={in_path}`: writing there would replace "
         "what the command reads; choose another output path"
     )

@@ -47,7 +47,7 @@ def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -
     Args:
         path: the final file or folder.
         kind: what it is (:mod:`pipeline.io.outputs`).
-        option: how messages name the path (``--out``).
+        option: how messages name the path (``out``).
     """
     check_output(path, kind, option=option)
     final = local_path(path)  # the very path the check looked at

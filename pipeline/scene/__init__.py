@@ -12,6 +12,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=[
         "builtin",
+        "config",
         "core",
         "plots",
         "preparation",
@@ -48,7 +49,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "render_rgb",
         ],
         "splits": ["SPLIT_PROTOCOLS", "check_split_options", "encode_labels", "make_split"],
-        "preparation": ["NAN_POLICIES", "build_scene", "prepare"],
+        "config": ["NAN_POLICIES", "PrepareConfig"],
+        "preparation": ["build_scene", "prepare"],
         "plots": ["class_colors", "plot_scene_preview", "save_png"],
     },
 )

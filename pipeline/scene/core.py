@@ -185,10 +185,10 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
     }
     where = Location.of(path)
     if where.is_local:
-        with atomic_output(where.path, SCENE_OUTPUT, option="--out") as tmp:
+        with atomic_output(where.path, SCENE_OUTPUT, option="out") as tmp:
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
         return where
-    check_output(str(where), SCENE_OUTPUT, option="--out")
+    check_output(str(where), SCENE_OUTPUT, option="out")
     with tempfile.TemporaryDirectory(prefix="hsicache-scene-") as tmp:
         ds.to_zarr(Path(tmp) / "scene.zarr", zarr_format=3, consolidated=False, encoding=encoding)
         publish_folder(Path(tmp) / "scene.zarr", where)

@@ -19,18 +19,17 @@ from pipeline.errors import (
     ShapeMismatchError,
 )
 from pipeline.scene.builtin import load_builtin
+from pipeline.scene.config import PrepareConfig
 from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, write_scene
 from pipeline.scene.readers import read_cube, read_map
-from pipeline.scene.render import Rendering, check_rendering_options, render_rgb
-from pipeline.scene.splits import check_split_options, encode_labels, make_split
-from pipeline.utils.checks import check_choice
+from pipeline.scene.render import Rendering, render_rgb
+from pipeline.scene.splits import encode_labels, make_split
 
-__all__ = ["NAN_POLICIES", "build_scene", "prepare"]
-
-NAN_POLICIES = ("error", "zero", "band-mean")
+__all__ = ["build_scene", "prepare"]
 
 
 def build_scene(
+    config: PrepareConfig | None = None,
     *,
     cube: str | Path | None = None,
     key: str | None = None,
@@ -40,80 +39,45 @@ def build_scene(
     train_mask: str | Path | None = None,
     test_mask: str | Path | None = None,
     mask_key: str | None = None,
-    split: str | None = None,
-    per_class: int | None = 5,
-    fraction: float | None = None,
-    small_classes: str = "error",
-    block_size: int = 16,
-    buffer: int = 0,
-    seed: int = 0,
-    rgb_mode: str | None = None,
-    rgb_bands: Sequence[int] | None = None,
-    gamma: float = 1.0,
-    clip: tuple[float, float] = (2.0, 98.0),
-    nan_policy: str = "error",
     class_names: Sequence[str] | None = None,
-    allow_degenerate: bool = False,
+    **settings: Any,
 ) -> Scene:
     """Read, validate, split and render a scene in memory (see :func:`prepare`)."""
+    cfg = config.replace(**settings) if config is not None else PrepareConfig(**settings)
     if (cube is None) == (builtin is None):
-        raise ConfigError("give exactly one of `--cube PATH` and `--builtin NAME`")
+        raise ConfigError("give exactly one of `cube=PATH` and `builtin=NAME`")
     if (train_mask is None) != (test_mask is None):
-        raise ConfigError("`--train-mask` and `--test-mask` go together: give both or neither")
-    check_split_options(split, per_class, fraction, small_classes, block_size, buffer, seed)
-    check_rendering_options(rgb_mode, rgb_bands, gamma, clip)
-    check_choice("--nan-policy", nan_policy, NAN_POLICIES)
-
+        raise ConfigError("`train_mask` and `test_mask` go together: give both or neither")
     # 1. the split masks, read first so a synthetic scene can be rendered on their geometry
     masks = _read_masks(train_mask, test_mask, mask_key)
     # 2. the cube and its labels: a label file, the built-in's, or the union of the masks
-    src = _read_source(cube, key, builtin, seed, masks)
+    src = _read_source(cube, key, builtin, cfg.seed, masks)
     if labels is not None:
-        lab = read_map(labels, label_key, role="label map", key_option="--label-key")
+        lab = read_map(labels, label_key, role="label map", key_option="label_key")
         src.label_ids, src.label_source = lab.data, f"label map `{labels}`"
     elif src.label_ids is None:
         if masks is None:
-            raise ConfigError("no labels: give `--labels PATH` or `--train-mask`/`--test-mask`")
+            raise ConfigError("no labels: give `labels=PATH` or `train_mask`/`test_mask`")
         src.label_ids, src.label_source = masks.union(), f"masks {masks.names}"
     _check_shapes(src, masks)
     index_map, class_ids = encode_labels(src.label_ids, source=src.label_source)
     names = _class_names(class_names or src.class_names, class_ids)
     # 3. the cube's values
-    cube_f = _fill_nonfinite(np.asarray(src.data, dtype=np.float32), nan_policy, src.source)
+    cube_f = _fill_nonfinite(np.asarray(src.data, dtype=np.float32), cfg.nan_policy, src.source)
     # 4. the split
-    protocol = split or ("official" if masks is not None else "per-class")
-    if protocol == "official" and masks is None:
-        raise ConfigError("`--split official` needs `--train-mask` and `--test-mask`")
-    train, test, record = _split(
-        index_map,
-        class_ids,
-        protocol,
-        seed,
-        per_class,
-        fraction,
-        small_classes,
-        block_size,
-        buffer,
-        masks,
-    )
+    train, test, record = _split(index_map, class_ids, cfg, masks)
     # 5. the rendering the backbone will see
-    bands = tuple(int(b) for b in rgb_bands) if rgb_bands is not None else None
     rgb, rendering = render_rgb(
-        cube_f, mode=rgb_mode, bands=bands, wavelengths=src.wavelengths, gamma=gamma, clip=clip
-    )
-    _check_degenerate(cube_f, rgb, class_ids, test, src.source, allow_degenerate)
-    return _scene(
-        src,
         cube_f,
-        rgb,
-        rendering,
-        index_map,
-        class_ids,
-        names,
-        train,
-        test,
-        {"split": record, "nan_policy": nan_policy},
+        mode=cfg.rgb_mode,
+        bands=cfg.rgb_bands,
+        wavelengths=src.wavelengths,
+        gamma=cfg.gamma,
+        clip=cfg.clip,
     )
+    _check_degenerate(cube_f, rgb, class_ids, test, src.source, cfg.allow_degenerate)
+    extra = {"split": record, "nan_policy": cfg.nan_policy}
+    return _scene(src, cube_f, rgb, rendering, index_map, class_ids, names, train, test, extra)
 
 
 @dataclass
@@ -156,8 +120,8 @@ def _read_masks(
 ) -> _Masks | None:
     if train_mask is None or test_mask is None:
         return None
-    train = read_map(train_mask, mask_key, role="train mask", key_option="--mask-key").data
-    test = read_map(test_mask, mask_key, role="test mask", key_option="--mask-key").data
+    train = read_map(train_mask, mask_key, role="train mask", key_option="mask_key").data
+    test = read_map(test_mask, mask_key, role="test mask", key_option="mask_key").data
     if train.shape != test.shape:
         raise ShapeMismatchError(
             f"train mask `{train_mask}` has shape {train.shape} but test mask "
@@ -207,7 +171,7 @@ def _check_shapes(src: _Source, masks: _Masks | None) -> None:
 def _class_names(given: Sequence[str] | None, class_ids: np.ndarray) -> list[str]:
     if given is not None and len(given) != len(class_ids):
         raise ConfigError(
-            f"`--class-names` gives {len(given)} names but the labels have "
+            f"`class_names` gives {len(given)} names but the labels have "
             f"{len(class_ids)} classes (ids {', '.join(map(str, class_ids))})"
         )
     return list(given) if given is not None else [f"class {c}" for c in class_ids]
@@ -251,57 +215,58 @@ def _scene(
 
 
 def _split(
-    index_map: np.ndarray,
-    class_ids: np.ndarray,
-    protocol: str,
-    seed: int,
-    per_class: int | None,
-    fraction: float | None,
-    small_classes: str,
-    block_size: int,
-    buffer: int,
-    masks: _Masks | None,
+    index_map: np.ndarray, class_ids: np.ndarray, cfg: PrepareConfig, masks: _Masks | None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The train and test masks, and the split's record (only the values it used)."""
+    protocol = cfg.split or ("official" if masks is not None else "per-class")
+    if protocol == "official" and masks is None:
+        raise ConfigError("`split=official` needs `train_mask` and `test_mask`")
     counted = protocol in ("per-class", "blocks")
     train, test = make_split(
         protocol,
         index_map,
         class_ids,
-        seed=seed,
-        per_class=per_class if counted else None,
-        fraction=fraction,
-        small_classes=small_classes,  # type: ignore[arg-type]
-        block_size=block_size,
-        buffer=buffer,
+        seed=cfg.seed,
+        per_class=cfg.per_class if counted else None,
+        fraction=cfg.fraction,
+        small_classes=cfg.small_classes,  # type: ignore[arg-type]
+        block_size=cfg.block_size,
+        buffer=cfg.buffer,
         train_mask=masks.train if masks else None,
         test_mask=masks.test if masks else None,
     )
     record = {
         "protocol": protocol,
-        "seed": seed,
-        "per_class": per_class if counted else None,
-        "fraction": fraction if protocol in ("fraction", "blocks") else None,
-        "small_classes": small_classes,
-        "block_size": block_size if protocol == "blocks" else None,
-        "buffer": buffer if protocol == "blocks" else None,
+        "seed": cfg.seed,
+        "per_class": cfg.per_class if counted else None,
+        "fraction": cfg.fraction if protocol in ("fraction", "blocks") else None,
+        "small_classes": cfg.small_classes,
+        "block_size": cfg.block_size if protocol == "blocks" else None,
+        "buffer": cfg.buffer if protocol == "blocks" else None,
         "train_mask": str(masks.train_path) if masks else None,
         "test_mask": str(masks.test_path) if masks else None,
     }
     return train, test, record
 
 
-def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any) -> Scene:
+def prepare(
+    config: PrepareConfig | None = None,
+    *,
+    out: str | Path,
+    preview: str | Path | None = None,
+    **kwargs: Any,
+) -> Scene:
     """Read, validate, split and render a scene, then write the store (and a preview PNG).
 
     Args:
+        config: how the scene is split and rendered
+            (:class:`~pipeline.scene.config.PrepareConfig`).
         out: the scene store to write (``*.zarr``); written atomically.
         preview: optional PNG of the rendering with the train/test pixels drawn on it.
         **kwargs: as :func:`build_scene`: the input (``cube``/``key`` or ``builtin``;
-            ``labels``/``label_key``; ``train_mask``/``test_mask``/``mask_key``), the split
-            (``split``, ``per_class``, ``fraction``, ``small_classes``, ``block_size``,
-            ``buffer``, ``seed``), the rendering (``rgb_mode``, ``rgb_bands``, ``gamma``,
-            ``clip``), ``nan_policy`` and ``class_names``.
+            ``labels``/``label_key``; ``train_mask``/``test_mask``/``mask_key``;
+            ``class_names``) and any :class:`PrepareConfig` field (``per_class=5``...),
+            given directly or overriding ``config``'s.
 
     Returns:
         The prepared :class:`~pipeline.scene.core.Scene`.
@@ -309,10 +274,10 @@ def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any
     from pipeline.io.outputs import PNG, SCENE, check_outputs
 
     check_outputs(
-        {"--out": (out, SCENE), "--preview": (preview, PNG)},
-        {f"--{k.replace('_', '-')}": kwargs.get(k) for k in _INPUT_FILES},
+        {"out": (out, SCENE), "preview": (preview, PNG)},
+        {k: kwargs.get(k) for k in _INPUT_FILES},
     )
-    scene = build_scene(**kwargs)
+    scene = build_scene(config, **kwargs)
     if preview is None:
         write_scene(scene, out)
         return scene
@@ -321,7 +286,7 @@ def prepare(*, out: str | Path, preview: str | Path | None = None, **kwargs: Any
     from pipeline.scene.plots import plot_scene_preview
 
     # the preview is published only once the scene is written: a failure leaves neither
-    with atomic_output(preview, PNG, option="--preview") as tmp_png:
+    with atomic_output(preview, PNG, option="preview") as tmp_png:
         fig = plot_scene_preview(scene)
         fig.savefig(tmp_png, format="png", dpi=110, metadata=png_metadata())
         write_scene(scene, out)
@@ -356,7 +321,7 @@ def _check_degenerate(
         problems.append("the 3-band rendering is constant: the backbone would see a flat image")
     if problems and not allow:
         raise SceneFormatError(
-            f"scene `{source}`: {problems[0]}; pass `--allow-degenerate` to prepare it anyway"
+            f"scene `{source}`: {problems[0]}; pass `allow_degenerate` to prepare it anyway"
         )
     constant = np.flatnonzero(low == high)
     if constant.size and constant.size < flat.shape[1]:
@@ -393,8 +358,8 @@ def _fill_nonfinite(cube: np.ndarray, policy: str, source: str) -> np.ndarray:
     if policy == "error":
         raise NonFiniteError(
             f"cube `{source}` holds {n_bad} NaN/inf values in "
-            f"{int(bad.any(axis=-1).sum())} pixels: pass `--nan-policy zero` or "
-            "`--nan-policy band-mean` to fill them"
+            f"{int(bad.any(axis=-1).sum())} pixels: pass `nan_policy=zero` or "
+            "`nan_policy=band-mean` to fill them"
         )
     cube = cube.copy()
     if policy == "zero":

@@ -60,7 +60,7 @@ class Raster:
     key: str | None = None
 
 
-def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "--key") -> Raster:
+def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "key") -> Raster:
     """Read a hyperspectral cube as ``(height, width, bands)``.
 
     Args:
@@ -85,7 +85,7 @@ def read_map(
     key: str | None = None,
     *,
     role: str = "label map",
-    key_option: str = "--label-key",
+    key_option: str = "label_key",
 ) -> Raster:
     """Read a 2-D map (labels or a split mask) as ``(height, width)``.
 
@@ -188,7 +188,7 @@ def _choose_key(
         )
     raise KeyAmbiguityError(
         f"{role} `{path}` holds {len(candidates)} {ndim}-D arrays "
-        f"({', '.join(candidates)}): choose one with {key_option}"
+        f"({', '.join(candidates)}): choose one with `{key_option}`"
     )
 
 

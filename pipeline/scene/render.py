@@ -60,17 +60,17 @@ def check_rendering_options(
             or ``clip`` not ``0 <= low < high <= 100``.
     """
     if mode is not None and mode not in RGB_MODES:
-        raise ConfigError(f"unknown `--rgb-mode` `{mode}`: choose one of {', '.join(RGB_MODES)}")
+        raise ConfigError(f"unknown `rgb_mode={mode}`: choose one of {', '.join(RGB_MODES)}")
     if bands is not None:
         if len(bands) != 3:
-            raise ConfigError(f"`--rgb-bands` needs exactly three indices, got {list(bands)}")
+            raise ConfigError(f"`rgb_bands` needs exactly three indices, got {list(bands)}")
         for b in bands:
-            check_int("--rgb-bands", b, low=0)
-    check_number("--gamma", gamma, low=0, low_open=True)
-    lo = check_number("--clip-low", clip[0], low=0, high=100)
-    hi = check_number("--clip-high", clip[1], low=0, high=100)
+            check_int("rgb_bands", b, low=0)
+    check_number("gamma", gamma, low=0, low_open=True)
+    lo = check_number("clip_low", clip[0], low=0, high=100)
+    hi = check_number("clip_high", clip[1], low=0, high=100)
     if lo >= hi:
-        raise ConfigError(f"`--clip-low` {lo:g} must be below `--clip-high` {hi:g}")
+        raise ConfigError(f"`clip_low` {lo:g} must be below `clip_high` {hi:g}")
 
 
 def render_rgb(
@@ -109,11 +109,11 @@ def render_rgb(
 
     if mode == "bands":
         if bands is None:
-            raise ConfigError("`--rgb-mode bands` needs `--rgb-bands R,G,B` (0-based indices)")
+            raise ConfigError("`rgb_mode=bands` needs `rgb_bands=R,G,B` (0-based indices)")
         for b in bands:
             if not 0 <= b < n_bands:
                 raise BandMismatchError(
-                    f"`--rgb-bands` index {b} is out of range: the cube has {n_bands} bands "
+                    f"`rgb_bands` index {b} is out of range: the cube has {n_bands} bands "
                     f"(valid indices 0..{n_bands - 1})"
                 )
         chosen = tuple(int(b) for b in bands)
@@ -121,8 +121,8 @@ def render_rgb(
     elif mode == "wavelengths":
         if wavelengths is None:
             raise BandMismatchError(
-                "`--rgb-mode wavelengths` needs band wavelengths and this cube has none: use "
-                "`--rgb-mode bands --rgb-bands R,G,B` or `--rgb-mode pca`"
+                "`rgb_mode=wavelengths` needs band wavelengths and this cube has none: use "
+                "`rgb_mode=bands` with `rgb_bands=R,G,B` or `rgb_mode=pca`"
             )
         wl = np.asarray(wavelengths, dtype=np.float64)
         chosen = tuple(int(np.argmin(np.abs(wl - t))) for t in TARGET_WAVELENGTHS_NM)

@@ -102,18 +102,18 @@ def check_split_options(
             buffer or seed out of range.
     """
     if protocol is not None and protocol not in SPLIT_PROTOCOLS:
-        raise SplitError(f"unknown split `{protocol}`: choose one of {', '.join(SPLIT_PROTOCOLS)}")
+        raise SplitError(f"unknown `split={protocol}`: choose one of {', '.join(SPLIT_PROTOCOLS)}")
     if per_class is not None and not (isinstance(per_class, numbers.Integral) and per_class >= 1):
-        raise SplitError(f"`--per-class` must be at least 1, got {per_class}")
+        raise SplitError(f"`per_class` must be at least 1, got {per_class}")
     if fraction is not None and not 0.0 < fraction < 1.0:
-        raise SplitError(f"`--fraction` must be in (0, 1), got {fraction}")
+        raise SplitError(f"`fraction` must be in (0, 1), got {fraction}")
     if small_classes not in ("error", "take-all"):
-        raise SplitError(f"`--small-classes` must be one of error, take-all; got {small_classes!r}")
+        raise SplitError(f"`small_classes` must be one of error, take-all; got {small_classes!r}")
     if block_size < 1:
-        raise SplitError(f"`--block-size` must be at least 1, got {block_size}")
+        raise SplitError(f"`block_size` must be at least 1, got {block_size}")
     if buffer < 0:
-        raise SplitError(f"`--buffer` must be >= 0, got {buffer}")
-    check_seed("--seed", seed)
+        raise SplitError(f"`buffer` must be >= 0, got {buffer}")
+    check_seed("seed", seed)
 
 
 def make_split(
@@ -177,7 +177,7 @@ def _official(
     labels: np.ndarray, train_mask: np.ndarray | None, test_mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     if train_mask is None or test_mask is None:
-        raise SplitError("the `official` split needs both --train-mask and --test-mask")
+        raise SplitError("the `official` split needs both `train_mask` and `test_mask`")
     for name, mask in (("train mask", train_mask), ("test mask", test_mask)):
         if mask.shape != labels.shape:
             raise ShapeMismatchError(
@@ -216,11 +216,11 @@ def _need_per_class(
             k = short[0]
             raise SplitError(
                 f"class {class_ids[k]} has only {counts[k]} labeled pixels, fewer than "
-                f"--per-class {per_class}; lower --per-class or pass --small-classes take-all"
+                f"`per_class={per_class}`; lower `per_class` or pass `small_classes=take-all`"
             )
         return np.minimum(need, counts)
     if fraction is None:
-        raise SplitError("give `--per-class N` or `--fraction F` for this split")
+        raise SplitError("give `per_class=N` or `fraction=F` for this split")
     return np.maximum(1, np.round(counts * fraction).astype(int))
 
 

@@ -1,4 +1,5 @@
-"""Shared helpers: argument checks that name the parameter, torch devices and dtypes.
+"""Shared helpers: argument checks that name the parameter, the stages" configuration
+base class, torch devices and dtypes.
 
 Submodules and their public names load on first use (SPEC 1 lazy loading, as in scikit-image),
 so importing one part does not import torch or the rest.
@@ -8,9 +9,10 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["checks", "devices"],
+    submodules=["checks", "config", "devices"],
     submod_attrs={
         "checks": ["check_choice", "check_int", "check_number", "check_seed"],
+        "config": ["StageConfig"],
         "devices": ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype"],
     },
 )

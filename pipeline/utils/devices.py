@@ -1,6 +1,6 @@
 """Devices and compute dtypes: what ``auto`` means, what this machine's CPU can do.
 
-``resolve_device`` and ``resolve_dtype`` turn the ``--device``/``--dtype`` words into torch
+``resolve_device`` and ``resolve_dtype`` turn the ``device``/``dtype`` words into torch
 objects and refuse a device that is not there (a CUDA device on a CPU build of torch...) before
 any work. :func:`cpu_capability` says whether the CPU computes bfloat16 natively (AVX-512 BF16 or
 AMX): without it torch emulates bf16 in fp32 instructions, many times slower than fp32 itself,
@@ -28,7 +28,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_device(device: str, *, option: str = "--device") -> torch.device:
+def resolve_device(device: str, *, option: str = "device") -> torch.device:
     """``auto`` → cuda, then mps, then cpu; anything else as given, if this machine has it.
 
     Raises:
@@ -44,24 +44,24 @@ def resolve_device(device: str, *, option: str = "--device") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(
-            f"unknown `{option}` `{device}`: use auto, cpu, cuda, cuda:N or mps"
+            f"unknown `{option}={device}`: use auto, cpu, cuda, cuda:N or mps"
         ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "a CPU-only build" if torch.version.cuda is None else "a CUDA build seeing no GPU"
             raise ConfigError(
-                f"`{option} {device}`: torch {torch.__version__} here is {why}; use "
-                f"`{option} cpu` or `{option} auto`"
+                f"`{option}={device}`: torch {torch.__version__} here is {why}; use "
+                f"`{option}=cpu` or `{option}=auto`"
             )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise ConfigError(
-                f"`{option} {device}`: this machine has {count} CUDA device(s), 0..{count - 1}"
+                f"`{option}={device}`: this machine has {count} CUDA device(s), 0..{count - 1}"
             )
     elif dev.type == "mps" and not _mps_available():
-        raise ConfigError(f"`{option} {device}`: no Apple MPS device here; use cpu or auto")
+        raise ConfigError(f"`{option}={device}`: no Apple MPS device here; use cpu or auto")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"`{option} {device}`: hsicache runs on cpu, cuda or mps")
+        raise ConfigError(f"`{option}={device}`: hsicache runs on cpu, cuda or mps")
     return dev
 
 
@@ -70,7 +70,7 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
-def resolve_dtype(dtype: str, device: torch.device, *, option: str = "--dtype") -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, *, option: str = "dtype") -> torch.dtype:
     """``auto`` → bf16 on a GPU that has it (else fp16), fp16 on MPS, fp32 on CPU (the CPU's
     measured choice is :func:`pipeline.backbone.autotune.choose_cpu_dtype`'s); else the named
     dtype."""
@@ -81,7 +81,7 @@ def resolve_dtype(dtype: str, device: torch.device, *, option: str = "--dtype") 
             return torch.float16
         return torch.float32
     if dtype not in DTYPES:
-        raise ConfigError(f"unknown `{option}` `{dtype}`: use auto, fp32, bf16 or fp16")
+        raise ConfigError(f"unknown `{option}={dtype}`: use auto, fp32, bf16 or fp16")
     return DTYPES[dtype]
 
 
