@@ -128,8 +128,8 @@ def bench_extract(
     from pipeline.utils.checks import check_int
     from pipeline.utils.devices import cpu_capability, resolve_device
 
-    check_int("--naive-patches", naive_patches, low=1)
-    check_int("--batch-size", batch_size, low=1)
+    check_int("naive_patches", naive_patches, low=1)
+    check_int("batch_size", batch_size, low=1)
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-") as tmp:
         work = Path(tmp)
@@ -153,22 +153,10 @@ def bench_extract(
         from pipeline.features.cache import cache_info
 
         cache_to_raw = cache_info(out)["cache_to_raw"]
-    patches = stats["patches"]
-    # all timesteps' forwards and the stitching: what the extraction's forward seconds cover
-    gflops = flops_per_patch * patches * len(timesteps) / stats["forward_s"] / 1e9
-    mm = matmul_gflops(dt, dev)
-    figures = {
-        "patches_per_s": patches / stats["run_s"],
-        "first_chunk_s": stats["first_chunk_s"],
-        "fp32_first_chunk_s": reference[0]["first_chunk_s"],
-        "first_chunk_ratio": stats["first_chunk_s"] / reference[0]["first_chunk_s"],
-        "gflops": gflops,
-        "matmul_gflops": mm,
-        "ratio_to_matmul": gflops / mm,
-        "write_mb_per_s": stats["written_bytes"] / max(stats["write_s"], 1e-9) / 1e6,
-        "cache_to_raw": cache_to_raw,
-        "naive_speedup": naive["s_per_patch"] / (stats["run_s"] / patches),
-    }
+    figures = _extract_figures(
+        stats, reference[0], naive, flops_per_patch * len(timesteps), dt, dev
+    )
+    figures["cache_to_raw"] = cache_to_raw
     figures["details"] = {
         "backbone": backbone,
         "device": str(dev),
@@ -177,7 +165,7 @@ def bench_extract(
         "sites": names,
         "timesteps": [int(t) for t in timesteps],
         "scene_shape": list(sc.shape),
-        "patches": patches,
+        "patches": stats["patches"],
         "batch_size": batch_size,
         "gflop_per_patch_truncated": flops_per_patch / 1e9,
         "seconds": stats["run_s"],
@@ -185,6 +173,33 @@ def bench_extract(
         "dtype_report": stats["dtype_report"],
     }
     return figures
+
+
+def _extract_figures(
+    stats: dict[str, Any],
+    reference: dict[str, Any],
+    naive: dict[str, Any],
+    flops_per_patch: float,
+    dt: torch.dtype,
+    dev: torch.device,
+) -> dict[str, Any]:
+    """The :data:`EXTRACT_KEYS` figures (all but ``cache_to_raw``) of a timed extraction, its
+    fp32 reference and the naive baseline; ``flops_per_patch`` counts every timestep."""
+    patches = stats["patches"]
+    # all timesteps' forwards and the stitching: what the extraction's forward seconds cover
+    gflops = flops_per_patch * patches / stats["forward_s"] / 1e9
+    mm = matmul_gflops(dt, dev)
+    return {
+        "patches_per_s": patches / stats["run_s"],
+        "first_chunk_s": stats["first_chunk_s"],
+        "fp32_first_chunk_s": reference["first_chunk_s"],
+        "first_chunk_ratio": stats["first_chunk_s"] / reference["first_chunk_s"],
+        "gflops": gflops,
+        "matmul_gflops": mm,
+        "ratio_to_matmul": gflops / mm,
+        "write_mb_per_s": stats["written_bytes"] / max(stats["write_s"], 1e-9) / 1e6,
+        "naive_speedup": naive["s_per_patch"] / (stats["run_s"] / patches),
+    }
 
 
 def _naive_and_flops(
@@ -238,22 +253,19 @@ def _timed_extraction(
     progress: Callable[[int, int], None] | None,
 ) -> tuple[dict[str, Any], Path]:
     """One ``extract`` from the backbone SPEC, as the command runs it; its statistics."""
+    from pipeline.features.config import ExtractConfig
     from pipeline.features.extract import extract_features
 
     stats: dict[str, Any] = {}
-    extract_features(
-        scene=scene,
-        backbone=backbone,
-        timesteps=timesteps,
-        sites=sites,
-        out=work / name,
+    config = ExtractConfig(
+        sites=tuple(sites),
+        timesteps=tuple(timesteps),
         stride=stride,
         batch_size=batch_size,
         device=device,
         dtype=dtype,
-        progress=progress,
-        stats=stats,
     )
+    extract_features(scene, backbone, work / name, config, progress=progress, stats=stats)
     return stats, work / name
 
 
@@ -341,15 +353,8 @@ def extraction_seconds(
     errs low). ``None`` when the backbone cannot be loaded here.
     """
     from pipeline.errors import HsicacheError
-    from pipeline.features.extract import (
-        TileLayout,
-        _SceneImage,
-        extract_features,
-        patch_class_labels,
-        resolve_device,
-        resolve_dtype,
-    )
-    from pipeline.scene.core import open_scene
+    from pipeline.features.config import ExtractConfig
+    from pipeline.utils.devices import resolve_device, resolve_dtype
 
     ident = cache.attrs["identity"]
     dev = resolve_device("auto")
@@ -358,52 +363,62 @@ def extraction_seconds(
         bb = load_backbone(ident["backbone"], device=dev)
     except (HsicacheError, OSError):
         return None
-    bb.cast(
-        getattr(torch, ident.get("compute_dtype") or "float32")
-        if dev.type == "cpu"
-        else resolve_dtype("auto", dev)
-    )
+    computed = ident.get("compute_dtype") or "float32"
+    bb.cast(getattr(torch, computed) if dev.type == "cpu" else resolve_dtype("auto", dev))
     load_s = time.perf_counter() - started
+    same = ("patch", "stride", "noise_seed", "class_seed", "class_label")
+    config = ExtractConfig(
+        sites=tuple(sites),
+        timesteps=tuple(timesteps),
+        batch_size=batch_size,
+        zoom=ident.get("zoom", 1),
+        noise_samples=ident.get("noise_samples", 1),
+        **{key: ident[key] for key in same},
+    )
     if run:
-        with tempfile.TemporaryDirectory(prefix="hsicache-bench-extract-") as tmp:
-            started = time.perf_counter()
-            same = ("patch", "stride", "noise_seed", "class_seed", "class_label")
-            extract_features(
-                scene=scene,
-                backbone=bb,
-                timesteps=list(timesteps),
-                sites=list(sites),
-                out=Path(tmp) / "features.zarr",
-                batch_size=batch_size,
-                zoom=ident.get("zoom", 1),
-                noise_samples=ident.get("noise_samples", 1),
-                **{key: ident[key] for key in same},
-            )
-            return load_s + time.perf_counter() - started
+        return load_s + _rerun_seconds(bb, scene, config)
+    return load_s + _estimated_seconds(bb, scene, config)
+
+
+def _rerun_seconds(bb: Backbone, scene: str | Path, config: Any) -> float:
+    """Seconds :func:`extract_features` takes with ``config`` into a temporary store."""
+    from pipeline.features.extract import extract_features
+
+    with tempfile.TemporaryDirectory(prefix="hsicache-bench-extract-") as tmp:
+        started = time.perf_counter()
+        extract_features(scene, bb, Path(tmp) / "features.zarr", config)
+        return time.perf_counter() - started
+
+
+def _estimated_seconds(bb: Backbone, scene: str | Path, config: Any) -> float:
+    """One batch of real patches per timestep (and noise draw), scaled to all patches."""
+    from pipeline.features.extract import TileLayout, _SceneImage, patch_class_labels
+    from pipeline.scene.core import open_scene
+
     sc = open_scene(scene)
+    dev = next(bb.unet.parameters()).device
     layout = TileLayout(
         height=sc.shape[0],
         width=sc.shape[1],
-        patch=ident["patch"],
-        stride=ident["stride"],
-        chunk_tiles=math.ceil(math.sqrt(batch_size)),  # chunk (0, 0) holds a whole batch
-        zoom=ident.get("zoom", 1),
+        patch=config.patch,
+        stride=config.stride,
+        chunk_tiles=math.ceil(math.sqrt(config.batch_size)),  # chunk (0, 0): a whole batch
+        zoom=config.zoom,
     )
-    tiles = layout.all_tiles
-    sel = layout.tiles_of_chunk(0, 0)[:batch_size]
+    sel = layout.tiles_of_chunk(0, 0)[: config.batch_size]
     padded, r0, c0 = _SceneImage(sc.rgb, layout).chunk_input(0, 0)  # one chunk, never all
     x0 = layout.batch(padded, sel, origin=(r0, c0)).to(dev)
-    eps = seeded_noise((3, layout.patch, layout.patch), ident["noise_seed"]).to(dev)
-    labels = patch_class_labels(bb, sel, ident["class_seed"], ident["class_label"], device=dev)
+    eps = seeded_noise((3, layout.patch, layout.patch), config.noise_seed).to(dev)
+    labels = patch_class_labels(bb, sel, config.class_seed, config.class_label, device=dev)
     per_batch = 0.0
-    for t in timesteps:
+    for t in config.timesteps:
         x = noised(x0, eps, int(t), bb.scheduler).to(bb.dtype)
 
         def forward(x: torch.Tensor = x, t: int = int(t)) -> Any:
-            return bb.features(x, t, list(sites), class_labels=labels)
+            return bb.features(x, t, list(config.sites), class_labels=labels)
 
         per_batch += time_call(forward, repeats=1)
-    return load_s + per_batch * ident.get("noise_samples", 1) * len(tiles) / len(sel)
+    return per_batch * config.noise_samples * len(layout.all_tiles) / len(sel)
 
 
 def bench_heads(
@@ -538,7 +553,7 @@ def bench_context(
     """
     import multiprocessing as mp
 
-    from pipeline.features.context import ContextConfig
+    from pipeline.features.config import ContextConfig
     from pipeline.utils.checks import check_int
 
     cfg = config or ContextConfig()
@@ -546,8 +561,8 @@ def bench_context(
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-context-") as tmp:
         work = Path(tmp)
         if scene is None:
-            check_int("--size", size, low=16)
-            check_int("--bands", bands, low=3)
+            check_int("size", size, low=16)
+            check_int("bands", bands, low=3)
             scene = _synthetic_scene(work, size, bands)
         ctx = mp.get_context("spawn")
         with ctx.Pool(1) as pool:
@@ -600,15 +615,16 @@ def bench_propagate(
     """
     import multiprocessing as mp
 
-    from pipeline.features.context import ContextConfig, write_context
+    from pipeline.features.config import ContextConfig
+    from pipeline.features.context import write_context
     from pipeline.utils.checks import check_int
 
     params = {**PROPAGATE_HEAD, **(head or {})}
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-propagate-") as tmp:
         work = Path(tmp)
         if scene is None:
-            check_int("--size", size, low=16)
-            check_int("--bands", bands, low=3)
+            check_int("size", size, low=16)
+            check_int("bands", bands, low=3)
             scene = _synthetic_scene(work, size, bands)
         if context is None:
             windows = tuple(int(f[4:]) for f in params.get("context", []) if f.startswith("mean"))

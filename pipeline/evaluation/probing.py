@@ -58,7 +58,7 @@ class Candidate:
         )
 
     def flags(self) -> dict[str, list[Any]] | None:
-        """``train``'s ``--context``/``--timesteps``/``--sites`` for this selection, or ``None``
+        """``train``'s ``context``/``timesteps``/``sites`` for this selection, or ``None``
         when its arrays are not a timesteps x sites product (or it reads the spectrum alone)."""
         ts = sorted({t for t, _ in self.arrays})
         ss = list(dict.fromkeys(s for _, s in self.arrays))
@@ -112,7 +112,7 @@ def _score(
     k = min(folds, int(np.unique(ytr, return_counts=True)[1].min()) if ytr.size else 0)
     if k < 2:
         raise ConfigError(
-            "`--per-class` must give every class at least 2 train pixels for cross-validation"
+            "`per_class` must give every class at least 2 train pixels for cross-validation"
         )
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     cv_acc = float(cross_val_score(_probe_model(seed), X[train], ytr, cv=cv).mean())
@@ -159,51 +159,21 @@ def probe(
         ``rows`` (best first; :data:`PROBE_KEYS`), ``recommended`` (:func:`recommend`) and
         ``protocol``.
     """
-    from pipeline.evaluation.scoring import protocol_card, resplit
+    from pipeline.evaluation.scoring import protocol_card
 
-    if not seeds:
-        raise ConfigError("`--seeds` needs at least one seed")
-    for seed in seeds:
-        check_seed("--seeds", seed)
-    check_int("--folds", folds, low=2)
-    check_int("--pairs-of", pairs_of, low=0)
-    if per_class is not None:
-        check_int("--per-class", per_class, low=2)
-    if inputs.context is None and inputs.cache is None:
-        raise ConfigError("nothing to probe: give a feature cache and/or a context store")
-    sc = inputs.scene
-    draws = []
-    for seed in seeds:
-        train, test = resplit(sc, seed, per_class)
-        draws.append((seed, train, _sample(test, _TEST_SAMPLE, seed)))
-    read = np.zeros(sc.shape, dtype=bool)  # only these pixels' features are read
-    for _, train, test in draws:
-        read |= train | test
-    rows, cols = np.nonzero(read)
-    y = sc.labels[rows, cols]
-    position = np.full(sc.shape, -1, dtype=np.int64)
-    position[rows, cols] = np.arange(rows.size)
-    splits = [(seed, position[train], position[test]) for seed, train, test in draws]
+    _check_probe(inputs, seeds, per_class, folds, pairs_of)
+    rows, cols, y, splits = _draws(inputs.scene, seeds, per_class)
     singles = candidates(inputs)
     blocks = {c.name: _columns(inputs, c, rows, cols) for c in singles}
     total = len(singles) + pairs_of * (pairs_of - 1) // 2
     done = [0]
 
     def scored(cand: Candidate) -> dict[str, Any]:
-        X = np.concatenate([blocks[p] for p in cand.parts()], axis=1)
-        runs = np.array([_score(X, y, tr, te, seed, folds) for seed, tr, te in splits])
+        row = _scored(cand, blocks, y, splits, folds)
         done[0] += 1
         if progress:
             progress(done[0], total)
-        return {
-            "selection": cand.name,
-            "cv_mean": float(runs[:, 0].mean()),
-            "cv_std": float(runs[:, 0].std()),
-            "test_oa_mean": float(runs[:, 1].mean()),
-            "test_oa_std": float(runs[:, 1].std()),
-            "columns": int(X.shape[1]),
-            "candidate": cand,
-        }
+        return row
 
     rows_out = [scored(c) for c in singles]
     best = sorted(
@@ -213,7 +183,7 @@ def probe(
         scored(a["candidate"] + b["candidate"]) for a, b in itertools.combinations(best, 2)
     ]
     rows_out.sort(key=lambda r: (-r["cv_mean"], r["columns"]))
-    card = protocol_card(sc, seeds)
+    card = protocol_card(inputs.scene, seeds)
     if per_class is not None:
         card["per_class"] = per_class
     card["ranking"] = (
@@ -221,6 +191,63 @@ def probe(
         "test_oa is reported beside it and never ranks"
     )
     return {"rows": rows_out, "recommended": recommend(rows_out), "protocol": card}
+
+
+def _check_probe(
+    inputs: Any, seeds: Sequence[int], per_class: int | None, folds: int, pairs_of: int
+) -> None:
+    if not seeds:
+        raise ConfigError("`seeds` needs at least one seed")
+    for seed in seeds:
+        check_seed("seeds", seed)
+    check_int("folds", folds, low=2)
+    check_int("pairs_of", pairs_of, low=0)
+    if per_class is not None:
+        check_int("per_class", per_class, low=2)
+    if inputs.context is None and inputs.cache is None:
+        raise ConfigError("nothing to probe: give a feature cache and/or a context store")
+
+
+def _draws(
+    sc: Any, seeds: Sequence[int], per_class: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """The pixels any split draw uses (rows, columns, labels) and, per seed, the positions of
+    its train pixels and of its sampled test pixels among them."""
+    from pipeline.evaluation.scoring import resplit
+
+    draws = []
+    for seed in seeds:
+        train, test = resplit(sc, seed, per_class)
+        draws.append((seed, train, _sample(test, _TEST_SAMPLE, seed)))
+    read = np.zeros(sc.shape, dtype=bool)  # only these pixels' features are read
+    for _, train, test in draws:
+        read |= train | test
+    rows, cols = np.nonzero(read)
+    position = np.full(sc.shape, -1, dtype=np.int64)
+    position[rows, cols] = np.arange(rows.size)
+    splits = [(seed, position[train], position[test]) for seed, train, test in draws]
+    return rows, cols, sc.labels[rows, cols], splits
+
+
+def _scored(
+    cand: Candidate,
+    blocks: dict[str, np.ndarray],
+    y: np.ndarray,
+    splits: list[tuple[int, np.ndarray, np.ndarray]],
+    folds: int,
+) -> dict[str, Any]:
+    """One candidate's row: cross-validated and test accuracy over the split draws."""
+    X = np.concatenate([blocks[p] for p in cand.parts()], axis=1)
+    runs = np.array([_score(X, y, tr, te, seed, folds) for seed, tr, te in splits])
+    return {
+        "selection": cand.name,
+        "cv_mean": float(runs[:, 0].mean()),
+        "cv_std": float(runs[:, 0].std()),
+        "test_oa_mean": float(runs[:, 1].mean()),
+        "test_oa_std": float(runs[:, 1].std()),
+        "columns": int(X.shape[1]),
+        "candidate": cand,
+    }
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -284,13 +311,13 @@ def run_probe(
     from pipeline.io.store import atomic_output, jsonable
 
     check_outputs(
-        {"--out": (out, METRICS)},
-        {"--scene": scene, "--features": cache, "--context-store": context},
+        {"out": (out, METRICS)},
+        {"scene": scene, "cache": cache, "context": context},
     )
     result = probe(open_inputs(scene, cache, context), **options)
     result["rows"] = [{k: v for k, v in r.items() if k != "candidate"} for r in result["rows"]]
     if out is not None:
         body = {"format": METRICS_FORMAT, "kind": "probe", **result}
-        with atomic_output(out, METRICS, option="--out") as tmp:
+        with atomic_output(out, METRICS, option="out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     return result

@@ -68,70 +68,28 @@ def make_synthetic_scene(
     Returns:
         The generated :class:`SyntheticScene`.
     """
-    if n_bands < 3:
-        raise ConfigError(f"`n_bands` must be at least 3, got {n_bands}")
+    given, ids = _check_synthetic(height, width, n_bands, n_classes, label_map)
+    if given is not None:
+        (height, width), n_classes = given.shape, int(ids.size)
     rng = np.random.default_rng(seed)
-    if label_map is not None:
-        given = np.asarray(label_map).astype(np.int64)
-        height, width = given.shape
-        ids = np.unique(given[given > 0])
-        n_classes = int(ids.size)
-        if n_classes < 2:
-            raise ConfigError("`label_map` must hold at least two classes")
-    elif n_classes < 6:
-        raise ConfigError(f"`n_classes` must be at least 6, got {n_classes}")
-    if height < 8 or width < 8:
-        raise ConfigError(f"scene must be at least 8x8 pixels, got {height}x{width}")
-
     wavelengths = np.linspace(400.0, 2500.0, n_bands)
-    n_background = 3
-    spectra = _endmembers(n_classes + n_background, wavelengths, rng)
+    spectra = _endmembers(n_classes + _BACKGROUNDS, wavelengths, rng)
     # the spectral twins: the last two classes share a spectrum up to a tiny offset
     twin_a, twin_b = n_classes - 2, n_classes - 1
     spectra[twin_b] = spectra[twin_a] * (1.0 + 0.2 * noise)
-
     regions = _voronoi(height, width, region_size, rng)
-    n_regions = int(regions.max()) + 1
-    if label_map is None:
-        if n_regions < n_classes:
-            raise ConfigError(
-                f"a {height}x{width} scene with `region_size` {region_size} has only "
-                f"{n_regions} regions, fewer than {n_classes} classes: lower `region_size`"
-            )
-        region_class = rng.integers(0, n_classes, n_regions)
-        region_class[rng.permutation(n_regions)[:n_classes]] = np.arange(n_classes)
-        cls = region_class[regions]
-        border = _borders(regions)
-        labels = np.where(border, 0, cls + 1).astype(np.int32)
+    if given is None:
+        labels, class_index = _random_classes(regions, n_classes, region_size, rng)
         class_names = [f"class_{k + 1}" for k in range(n_classes)]
-        class_index = cls
+        twins = (twin_a + 1, twin_b + 1)
     else:
-        index_of = {int(v): i for i, v in enumerate(ids)}
-        class_index = np.full((height, width), -1, dtype=np.int64)
-        labeled = given > 0
-        class_index[labeled] = np.vectorize(index_of.__getitem__)(given[labeled])
-        background = n_classes + regions % n_background
-        class_index = np.where(labeled, class_index, background)
-        labels = np.where(labeled, given, 0).astype(np.int32)
+        labels, class_index = _given_classes(given, ids, regions)
         class_names = [f"class_{int(v)}" for v in ids]
-        twin_a, twin_b = n_classes - 2, n_classes - 1
-
-    cube = spectra[class_index].astype(np.float64)
-    # stripe texture on twin B only: period-4 stripes, +-25 % brightness
-    yy, xx = np.mgrid[0:height, 0:width]
-    stripes = np.where(((xx + yy) // 2) % 2 == 0, 1.25, 0.75)
-    cube *= np.where(class_index == twin_b, stripes, 1.0)[..., None]
-    # smooth illumination field and per-pixel noise
-    illum = ndimage.gaussian_filter(
-        rng.normal(0.0, 1.0, (height, width)), sigma=max(height, width) / 8
-    )
-    illum = 1.0 + 0.05 * illum / (np.abs(illum).max() + 1e-12)
-    cube *= illum[..., None]
-    cube += rng.normal(0.0, noise, cube.shape)
+        twins = (int(ids[twin_a]), int(ids[twin_b]))
+    cube = _cube(spectra, class_index, twin_b, noise, rng)
     names = list(class_names)
     names[twin_a] += "_smooth"
     names[twin_b] += "_striped"
-    twins = (twin_a + 1, twin_b + 1) if label_map is None else (int(ids[twin_a]), int(ids[twin_b]))
     return SyntheticScene(
         cube=cube.astype(np.float32),
         labels=labels,
@@ -139,6 +97,85 @@ def make_synthetic_scene(
         class_names=names,
         texture_classes=twins,
     )
+
+
+_BACKGROUNDS = 3  # spectra of the unlabelled background around a given label map
+
+
+def _check_synthetic(
+    height: int, width: int, n_bands: int, n_classes: int, label_map: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The sizes checked; the given label map (as integers) and its class ids, if any."""
+    if n_bands < 3:
+        raise ConfigError(f"`n_bands` must be at least 3, got {n_bands}")
+    given, ids = None, np.arange(1, n_classes + 1)
+    if label_map is not None:
+        given = np.asarray(label_map).astype(np.int64)
+        height, width = given.shape
+        ids = np.unique(given[given > 0])
+        if ids.size < 2:
+            raise ConfigError("`label_map` must hold at least two classes")
+    elif n_classes < 6:
+        raise ConfigError(f"`n_classes` must be at least 6, got {n_classes}")
+    if height < 8 or width < 8:
+        raise ConfigError(f"scene must be at least 8x8 pixels, got {height}x{width}")
+    return given, ids
+
+
+def _random_classes(
+    regions: np.ndarray, n_classes: int, region_size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A class per region, every class at least once; labels with the regions' borders left
+    unlabelled, and every pixel's class index."""
+    n_regions = int(regions.max()) + 1
+    if n_regions < n_classes:
+        height, width = regions.shape
+        raise ConfigError(
+            f"a {height}x{width} scene with `region_size` {region_size} has only "
+            f"{n_regions} regions, fewer than {n_classes} classes: lower `region_size`"
+        )
+    region_class = rng.integers(0, n_classes, n_regions)
+    region_class[rng.permutation(n_regions)[:n_classes]] = np.arange(n_classes)
+    cls = region_class[regions]
+    labels = np.where(_borders(regions), 0, cls + 1).astype(np.int32)
+    return labels, cls
+
+
+def _given_classes(
+    given: np.ndarray, ids: np.ndarray, regions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The given label map's classes; its unlabelled pixels take background spectra by
+    region."""
+    index_of = {int(v): i for i, v in enumerate(ids)}
+    class_index = np.full(given.shape, -1, dtype=np.int64)
+    labeled = given > 0
+    class_index[labeled] = np.vectorize(index_of.__getitem__)(given[labeled])
+    background = ids.size + regions % _BACKGROUNDS
+    class_index = np.where(labeled, class_index, background)
+    return np.where(labeled, given, 0).astype(np.int32), class_index
+
+
+def _cube(
+    spectra: np.ndarray,
+    class_index: np.ndarray,
+    twin_b: int,
+    noise: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Each pixel's class spectrum, stripes on twin B, a smooth illumination field, noise."""
+    height, width = class_index.shape
+    cube = spectra[class_index].astype(np.float64)
+    # stripe texture on twin B only: period-4 stripes, +-25 % brightness
+    yy, xx = np.mgrid[0:height, 0:width]
+    stripes = np.where(((xx + yy) // 2) % 2 == 0, 1.25, 0.75)
+    cube *= np.where(class_index == twin_b, stripes, 1.0)[..., None]
+    illum = ndimage.gaussian_filter(
+        rng.normal(0.0, 1.0, (height, width)), sigma=max(height, width) / 8
+    )
+    illum = 1.0 + 0.05 * illum / (np.abs(illum).max() + 1e-12)
+    cube *= illum[..., None]
+    cube += rng.normal(0.0, noise, cube.shape)
+    return cube
 
 
 def _endmembers(n: int, wavelengths: np.ndarray, rng: np.random.Generator) -> np.ndarray:
