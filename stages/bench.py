@@ -6,7 +6,8 @@ import json
 
 import typer
 
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     BACKBONE_HELP,
     DEBUG_OPTION,
     DTYPE_HELP,
@@ -15,8 +16,6 @@ from stages._common import (
     parse_csv,
     parse_csv_ints,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

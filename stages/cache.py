@@ -7,7 +7,8 @@ import json
 
 import typer
 
-from stages._common import DEBUG_OPTION, STORE_HELP, run_app, user_errors
+from stages._errors import run_app, user_errors
+from stages._options import DEBUG_OPTION, STORE_HELP
 
 STORE_ARGUMENT = typer.Argument(
     ..., help="The feature cache (FEATURES.zarr) or context store (CONTEXT.zarr)." + STORE_HELP

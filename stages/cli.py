@@ -20,7 +20,7 @@ from stages import (
     suggest,
     train,
 )
-from stages._common import OneLineErrorsGroup
+from stages._errors import OneLineErrorsGroup
 
 app = typer.Typer(
     cls=OneLineErrorsGroup,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     CONTEXT_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
@@ -18,8 +19,6 @@ from stages._common import (
     parse_csv,
     parse_csv_ints,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -8,7 +8,8 @@ from typing import Any
 import typer
 
 from pipeline.features.config import ContextConfig
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     DEBUG_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
@@ -16,8 +17,6 @@ from stages._common import (
     config_option,
     parse_csv_ints,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -8,7 +8,8 @@ from typing import Any
 import typer
 
 from pipeline.features.config import ExtractConfig
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     BACKBONE_HELP,
     DEBUG_OPTION,
     DTYPE_HELP,
@@ -22,8 +23,6 @@ from stages._common import (
     parse_csv,
     parse_csv_ints,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -6,7 +6,8 @@ import json
 
 import typer
 
-from stages._common import BACKBONE_HELP, DEBUG_OPTION, run_app, user_errors
+from stages._errors import run_app, user_errors
+from stages._options import BACKBONE_HELP, DEBUG_OPTION
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     CONTEXT_STORE_OPTION,
     DEBUG_OPTION,
     HEAD_FEATURES_OPTION,
@@ -16,8 +17,6 @@ from stages._common import (
     WORKERS_OPTION,
     cluster,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -8,15 +8,8 @@ from typing import Any
 import typer
 
 from pipeline.scene.config import PrepareConfig
-from stages._common import (
-    DEBUG_OPTION,
-    PARAMS_OPTION,
-    STORE_HELP,
-    config_option,
-    parse_csv_ints,
-    run_app,
-    user_errors,
-)
+from stages._errors import run_app, user_errors
+from stages._options import DEBUG_OPTION, PARAMS_OPTION, STORE_HELP, config_option, parse_csv_ints
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -8,15 +8,8 @@ from typing import Any
 import typer
 
 from pipeline.backbone.config import PretrainConfig
-from stages._common import (
-    DEBUG_OPTION,
-    PARAMS_OPTION,
-    config_option,
-    parse_csv_ints,
-    progress_bar,
-    run_app,
-    user_errors,
-)
+from stages._errors import run_app, user_errors
+from stages._options import DEBUG_OPTION, PARAMS_OPTION, config_option, parse_csv_ints, progress_bar
 
 app = typer.Typer(add_completion=False, help=__doc__)
 

@@ -7,15 +7,14 @@ from pathlib import Path
 
 import typer
 
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     DEBUG_OPTION,
     SCENE_OPTION,
     SEEDS_OPTION,
     STORE_HELP,
     parse_csv_ints,
     progress_bar,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -8,15 +8,14 @@ from typing import Any
 
 import typer
 
-from stages._common import (
+from stages._errors import run_app, user_errors
+from stages._options import (
     CONTEXT_STORE_OPTION,
     DEBUG_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
     parse_csv,
     parse_csv_ints,
-    run_app,
-    user_errors,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)

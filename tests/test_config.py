@@ -18,7 +18,7 @@ from pipeline.backbone.config import PretrainConfig
 from pipeline.errors import ConfigError, HsicacheError
 from pipeline.features.config import ContextConfig, ExtractConfig
 from pipeline.scene.config import PrepareConfig
-from stages._common import in_flags
+from stages._errors import in_flags
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

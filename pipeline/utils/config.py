@@ -6,7 +6,7 @@ is diffusers' ``ConfigMixin``): its fields are the stage's settings with their d
 made the same way from a ``params.yaml`` section (:meth:`StageConfig.from_mapping`), from
 keyword arguments, or from the command line, whose options default to ``None`` ("not given")
 and map onto the fields (:meth:`StageConfig.from_given`). The command line turns field names
-in an error into its flags in one place (``stages/_common.py``), so a notebook user of the
+in an error into its flags in one place (``stages/_errors.py``), so a notebook user of the
 library is told about ``stride``, a shell user about ``stride``.
 
 Lists become tuples, so a configuration is hashable and cannot change after its checks; a
