@@ -123,8 +123,8 @@ def bench_extract(
         dtype, patches, FLOPs per patch, seconds, the naive figures and the dtype report).
     """
     from pipeline.backbone.autotune import without_memory
+    from pipeline.features.cache import cache_info
     from pipeline.scene.core import open_scene
-    from pipeline.scene.preparation import prepare
     from pipeline.utils.checks import check_int
     from pipeline.utils.devices import cpu_capability, resolve_device
 
@@ -133,9 +133,7 @@ def bench_extract(
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-") as tmp:
         work = Path(tmp)
-        if scene is None:
-            scene = work / "scene.zarr"
-            prepare(out=scene, builtin="synthetic", per_class=5, seed=0)
+        scene = scene if scene is not None else _bench_scene(work / "scene.zarr")
         sc = open_scene(scene)
         # the naive baseline and the FLOPs with a backbone of their own, gone before the timed
         # runs load theirs (a second resident copy made the first timed run 20-40 % slower)
@@ -150,8 +148,6 @@ def bench_extract(
             stats, out = run(dtype, "features.zarr", progress)
         reference = run("fp32", "fp32.zarr", None)
         dt = getattr(torch, _chosen(stats, dtype, dev))
-        from pipeline.features.cache import cache_info
-
         cache_to_raw = cache_info(out)["cache_to_raw"]
     figures = _extract_figures(
         stats, reference[0], naive, flops_per_patch * len(timesteps), dt, dev
@@ -165,14 +161,22 @@ def bench_extract(
         "sites": names,
         "timesteps": [int(t) for t in timesteps],
         "scene_shape": list(sc.shape),
-        "patches": stats["patches"],
         "batch_size": batch_size,
         "gflop_per_patch_truncated": flops_per_patch / 1e9,
-        "seconds": stats["run_s"],
         "naive": naive,
-        "dtype_report": stats["dtype_report"],
+        **{key: stats[key] for key in ("patches", "dtype_report")},
+        "seconds": stats["run_s"],
     }
     return figures
+
+
+def _bench_scene(out: Path) -> Path:
+    """The built-in synthetic scene, prepared at ``out`` (what ``bench extract`` times by
+    default)."""
+    from pipeline.scene.preparation import prepare
+
+    prepare(out=out, builtin="synthetic", per_class=5, seed=0)
+    return out
 
 
 def _extract_figures(
