@@ -352,9 +352,10 @@ def _check_backbone_fit(bb: Backbone, cfg: ExtractConfig) -> tuple[list[Site], i
     chosen = [bb.site(s) for s in cfg.sites]
     classes = bb.num_class_embeds or 0
     if cfg.class_label is not None and not 0 <= cfg.class_label < classes:
+        has = f"classes 0..{classes - 1}" if classes else "no class input"
         raise ConfigError(
-            f"`class_label={cfg.class_label}` needs a class-conditional backbone with classes "
-            f"0..{classes - 1}; `{bb.spec}` has " + (f"{classes}" if classes else "none")
+            f"`class_label={cfg.class_label}` needs a class-conditional backbone with that "
+            f"class; `{bb.spec}` has {has}"
         )
     check_timesteps(bb, cfg.timesteps)
     patch = cfg.patch if cfg.patch is not None else bb.sample_size
