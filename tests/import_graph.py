@@ -95,7 +95,9 @@ def command_files(command: str) -> set[Path]:
     """The files ``hsicache <command>`` runs."""
     cli = REPO / "stages" / "cli.py"
     registered = {
-        n for n in imported_names(cli) if n.startswith("stages.") and n not in ("stages._errors", "stages._options")
+        n
+        for n in imported_names(cli)
+        if n.startswith("stages.") and n not in ("stages._errors", "stages._options")
     }
     skip = {("stages.cli", n) for n in registered}
     return closure([cli, REPO / "stages" / f"{command}.py"], skip=skip)
