@@ -65,6 +65,17 @@ class TestFiLM:
         b = FiLMClassifier(n_spectral=16, max_epochs=20, random_state=3).fit(X, y)
         np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
 
+    def test_members_average_the_nets_their_seeds_train(self):
+        X, y = _twins(60, separable_by="spatial")
+        kw = dict(n_spectral=16, max_epochs=15)
+        ensemble = FiLMClassifier(n_members=3, random_state=7, **kw).fit(X, y)
+        singles = [FiLMClassifier(random_state=s, **kw).fit(X, y) for s in (7, 8, 9)]
+        mean = np.mean([m.predict_proba(X) for m in singles], axis=0)
+        np.testing.assert_allclose(ensemble.predict_proba(X), mean, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(singles[0].predict_proba(X), mean, atol=1e-3)  # they differ
+        one = FiLMClassifier(n_members=1, random_state=7, **kw).fit(X, y)
+        np.testing.assert_array_equal(one.predict_proba(X), singles[0].predict_proba(X))
+
     def test_spectral_pca_and_early_stopping(self):
         X, y = _twins(200, separable_by="spectral")
         film = FiLMClassifier(n_spectral=16, spectral_pca=4, max_epochs=400, patience=5)
@@ -137,7 +148,8 @@ def stage_one(tmp_path_factory):
 class TestSavedHeads:
     @pytest.mark.parametrize(
         ("head", "params"),
-        [("film", {"max_epochs": 30}), ("xgboost", {"use": "both", "n_estimators": 20}),
+        [("film", {"max_epochs": 30}), ("film", {"max_epochs": 10, "n_members": 3}),
+         ("xgboost", {"use": "both", "n_estimators": 20}),
          ("logreg", {"use": "spatial", "pca": 8})],
     )  # fmt: skip
     def test_round_trip_predicts_the_same(self, stage_one, tmp_path, head, params):

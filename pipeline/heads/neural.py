@@ -58,6 +58,7 @@ _TRAIN_CONSTRAINTS: dict[str, list[Any]] = {
     "min_val_per_class": [_at_least(1)],
     "patience": [_at_least(1)],
     "converged_loss": [Interval(Real, 0, None, closed="neither"), None],
+    "n_members": [Interval(Integral, 1, 64, closed="both")],
     "random_state": [Interval(Integral, 0, 2**32 - 1, closed="both")],
     "device": [str],
 }
@@ -138,12 +139,26 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         self._prepare_stats(X, n_spec)
         dev = self._device()
         spec, spat = (t.to(dev) for t in self._inputs(X))
+        members, epochs, best = [], [], None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            self.module_ = self._build(spec.shape[1], spat.shape[1], len(self.classes_)).to(dev)
-            self.n_epochs_, self.best_val_ = _train(self, self.module_, spec, spat, codes)
+            for m in range(self.n_members):
+                seed = (self.random_state + m) % 2**32
+                torch.manual_seed(seed)
+                net = self._build(spec.shape[1], spat.shape[1], len(self.classes_)).to(dev)
+                n_epochs, best = _train(self, net, spec, spat, codes, seed)
+                members.append(net)
+                epochs.append(n_epochs)
+        self.module_ = members[0] if len(members) == 1 else _Averaged(members)
+        self.n_epochs_, self.best_val_ = max(epochs), best if len(members) == 1 else None
         self.module_.eval()
         return self
+
+    def _module(self, n_spec: int, n_spat: int, n_classes: int) -> nn.Module:
+        """The (untrained) module a fitted head of these sizes holds: one net, or
+        ``n_members`` of them averaged."""
+        if self.n_members == 1:
+            return self._build(n_spec, n_spat, n_classes)
+        return _Averaged([self._build(n_spec, n_spat, n_classes) for _ in range(self.n_members)])
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, ``(n, n_classes)`` in the order of ``classes_``."""
@@ -198,7 +213,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         head.components_ = comp.numpy() if comp is not None else None
         n_spec = head.components_.shape[1] if head.components_ is not None else head.n_spec_
         n_spat = head.n_features_in_ - head.n_spec_ - head._n_context
-        head.module_ = head._build(n_spec + head._n_context, n_spat, len(head.classes_)).to(
+        head.module_ = head._module(n_spec + head._n_context, n_spat, len(head.classes_)).to(
             head._device()
         )
         head.module_.load_state_dict(
@@ -290,10 +305,16 @@ def _epoch(
 
 
 def _train(
-    head: _TorchHead, module: nn.Module, spec: torch.Tensor, spat: torch.Tensor, codes: np.ndarray
+    head: _TorchHead,
+    module: nn.Module,
+    spec: torch.Tensor,
+    spat: torch.Tensor,
+    codes: np.ndarray,
+    seed: int,
 ) -> tuple[int, float | None]:
-    """AdamW, class-balanced CE, optional mixup, early stopping when a validation part fits."""
-    rng = np.random.default_rng(head.random_state)
+    """AdamW, class-balanced CE, optional mixup, early stopping when a validation part fits;
+    ``seed`` draws the validation part, the batches and mixup."""
+    rng = np.random.default_rng(seed)
     train_idx, val_idx = _split_validation(head, codes, rng)
     dev = spec.device
     loss_fn = _loss_function(head, codes, train_idx, dev)
@@ -352,6 +373,10 @@ _TRAIN_DOC = """
         converged_loss: without a validation part, also stop as soon as an epoch's training
             loss is below this (``None``: only ``patience``). 1e-3 trained 1.9-3.6x fewer epochs
             at 5 labels per class; training on to the plateau gained up to 1.1 points (README).
+        n_members: train this many nets, from seeds ``random_state``, ``random_state + 1``, …
+            (each with its own validation part), and average their class probabilities (a
+            deep ensemble); 1 is one net. On Indian Pines at 5 labels per class, 5 members
+            of ``film_ctx`` gave 77.3 % OA against 76.6 % (docs/results.md).
         random_state: seed of initialisation, shuffling, mixup and the validation part.
         device: ``auto`` (CUDA when present, else CPU) or a torch device.
 """
@@ -405,6 +430,7 @@ class FiLMClassifier(_TorchHead):
         min_val_per_class: int = 2,
         patience: int = 40,
         converged_loss: float | None = 1e-3,
+        n_members: int = 1,
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
@@ -443,6 +469,7 @@ class MLPHead(_TorchHead):
         min_val_per_class: int = 2,
         patience: int = 40,
         converged_loss: float | None = 1e-3,
+        n_members: int = 1,
         random_state: int = 0,
         device: str = "auto",
     ) -> None:
@@ -484,6 +511,19 @@ class _FiLMNet(nn.Module):
         gamma, beta = self.film(e).chunk(2, dim=1)
         h = (1 + gamma) * self.project(spat) + beta
         return self.classify(torch.cat([h, e], dim=1) if self.skip else h)
+
+
+class _Averaged(nn.Module):
+    """Nets trained from different seeds, as one module: the log of their mean class
+    probabilities (so a softmax of its output is that mean)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, spec: torch.Tensor, spat: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(spec, spat).float(), dim=1) for m in self.members])
+        return torch.log(probs.mean(dim=0).clamp_min(1e-30))
 
 
 class _MLPNet(nn.Module):
