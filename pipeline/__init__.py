@@ -12,6 +12,11 @@
   sections) and :mod:`pipeline.utils` (argument checks, devices) serve them all;
   :mod:`pipeline.bench` times them.
 
+Each stage that writes a cache has one frozen configuration holding its settings, defaults and
+checks (``PrepareConfig``, ``PretrainConfig``, ``ContextConfig``, ``ExtractConfig``, in each
+package's ``config`` module); its function takes inputs, outputs and that configuration, and
+its errors name the configuration's fields.
+
 The library never prints: progress is reported through the ``rich`` progress object or
 callback a caller hands in. Only :mod:`pipeline.io.params` reads ``params.yaml``, for callers
 (the commands, ``compare``) that name head recipes by their entry there.
