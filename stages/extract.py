@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -28,9 +28,8 @@ from stages._options import (
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def option(name: str, *, help: str) -> Any:
-    """The option of :class:`ExtractConfig`'s field ``name``."""
-    return config_option(ExtractConfig, name, help=help)
+#: An option for a field of :class:`ExtractConfig` (see :func:`config_option`).
+option = functools.partial(config_option, ExtractConfig)
 
 
 @app.command()

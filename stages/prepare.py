@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -14,9 +14,8 @@ from stages._options import DEBUG_OPTION, PARAMS_OPTION, STORE_HELP, config_opti
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def option(name: str, *decls: str, help: str) -> Any:
-    """The option of :class:`PrepareConfig`'s field ``name``."""
-    return config_option(PrepareConfig, name, *decls, help=help)
+#: An option for a field of :class:`PrepareConfig` (see :func:`config_option`).
+option = functools.partial(config_option, PrepareConfig)
 
 
 @app.command()

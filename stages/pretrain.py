@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -14,9 +14,8 @@ from stages._options import DEBUG_OPTION, PARAMS_OPTION, config_option, parse_cs
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
-def option(name: str, *, help: str) -> Any:
-    """The option of :class:`PretrainConfig`'s field ``name``."""
-    return config_option(PretrainConfig, name, help=help)
+#: An option for a field of :class:`PretrainConfig` (see :func:`config_option`).
+option = functools.partial(config_option, PretrainConfig)
 
 
 @app.command()

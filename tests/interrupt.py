@@ -62,10 +62,10 @@ def pretrain_until(n_steps: int, out: Any, **kwargs: Any) -> bool:
     checkpointed; whether it was stopped."""
     from pipeline.backbone import pretraining
 
-    first: list[int] = []
+    first: list[int] = []  # the first step this call reaches
 
     def stop(_run: Any, step: int) -> bool:
-        first.append(step) if not first else None
+        first[:] = first or [step]
         return step - first[0] + 1 >= n_steps
 
     try:

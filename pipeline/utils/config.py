@@ -55,11 +55,8 @@ class StageConfig:
 
     @classmethod
     def default(cls, name: str) -> Any:
-        """The default of field ``name`` (``dataclasses.MISSING`` for a required one)."""
-        f = {f.name: f for f in dataclasses.fields(cls)}[name]
-        if f.default_factory is not dataclasses.MISSING:
-            return f.default_factory()
-        return f.default
+        """The default of field ``name``."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}[name]
 
     @classmethod
     def _refuse_unknown(cls, names: Any) -> None:
