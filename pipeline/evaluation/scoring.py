@@ -353,14 +353,7 @@ def predict_map(
     _check_map_options(trained, inputs.scene, scene, geotiff, confidence)
     sources = _block_sources(inputs.context, inputs.cache, trained.selection)
     h, w = inputs.scene.shape
-    # the feature cache's chunk (its blocks are the costly reads), else the context store's
-    by_cache = [a for a, where in sources if where is inputs.cache]
-    block = block or ((by_cache or [a for a, _ in sources])[0].chunks[0] if sources else 256)
-    grid = [
-        (y, x, min(y + block, h), min(x + block, w))
-        for y in range(0, h, block)
-        for x in range(0, w, block)
-    ]
+    block, grid = _block_grid(inputs, sources, block)
     job = _MapJob(
         trained.estimator,
         trained.selection,
@@ -382,6 +375,22 @@ def predict_map(
     names = inputs.scene.class_names
     counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}
     return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
+
+
+def _block_grid(
+    inputs: Inputs, sources: list[Any], block: int | None
+) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """The block side (given, else the feature cache's chunk, whose blocks are the costly
+    reads, else the context store's, else 256) and every block's ``(y0, x0, y1, x1)``."""
+    h, w = inputs.scene.shape
+    by_cache = [a for a, where in sources if where is inputs.cache]
+    block = block or ((by_cache or [a for a, _ in sources])[0].chunks[0] if sources else 256)
+    grid = [
+        (y, x, min(y + block, h), min(x + block, w))
+        for y in range(0, h, block)
+        for x in range(0, w, block)
+    ]
+    return block, grid
 
 
 def _check_map_options(
