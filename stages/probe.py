@@ -75,6 +75,7 @@ def probe(
     rec = result["recommended"]
     if rec:
         typer.echo(f"recommended: {rec['flags']}   (hsicache train ... {rec['flags']})")
+        typer.echo(f"  as a `heads:` entry's keys: {rec['entry']}")
 
 
 if __name__ == "__main__":

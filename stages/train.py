@@ -61,12 +61,17 @@ def train(
         "--head-params",
         help="JSON keyword arguments of the head (default: `heads.<head>` in --params); "
         '"kind" names the head type when --head is a custom name; "context" lists context '
-        'families; classic heads also take "use": spectral|spatial|both and "pca": N.',
+        'families, "timesteps" and "sites" the cached arrays; classic heads also take "use": '
+        'spectral|spatial|both and "pca": N.',
     ),
     timesteps: str | None = typer.Option(
-        None, "--timesteps", help="Cached timesteps to use (default: all)."
+        None,
+        "--timesteps",
+        help="Cached timesteps to use (default: the head's `timesteps` entry, else all).",
     ),
-    sites: str | None = typer.Option(None, "--sites", help="Cached sites to use (default: all)."),
+    sites: str | None = typer.Option(
+        None, "--sites", help="Cached sites to use (default: the head's `sites` entry, else all)."
+    ),
     context_store: str | None = CONTEXT_STORE_OPTION,
     context: str | None = typer.Option(
         None,

@@ -338,6 +338,19 @@ class TestCli:
         assert head.meta["params"] == {"use": "spectral", "C": 10}
         assert head.meta["kind"] == "svm" and head.meta["selection"]["mode"] == "spectral"
 
+    def test_a_recipe_names_its_arrays_and_the_flags_win(self, runner, stage_one, tmp_path):
+        scene, (cache, _) = stage_one
+        (tmp_path / "p.yaml").write_text(
+            "heads:\n  f:\n    kind: film\n    max_epochs: 2\n    sites: [up1.res1]\n"
+        )
+        base = ["train", "--scene", str(scene), "--features", str(cache), "--head", "f",
+                "--params", str(tmp_path / "p.yaml")]  # fmt: skip
+        for extra, sites in (([], ["up1.res1"]), (["--sites", "up0.upsample"], ["up0.upsample"])):
+            result = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / "h")])
+            assert result.exit_code == 0, result.output
+            selection = load_head(tmp_path / "h").meta["selection"]
+            assert selection["sites"] == sites and selection["timesteps"] == [0]
+
     @pytest.mark.parametrize(
         ("args", "message"),
         [
@@ -345,6 +358,18 @@ class TestCli:
             (["--head", "film", "--head-params", "{bad"], "`--head-params` is not valid JSON"),
             (["--head", "film", "--sites", "up7.res0"], "site `up7.res0` is not in cache"),
             (["--head", "svm", "--head-params", '{"use": "all"}'], "`use` must be one of"),
+            (
+                ["--head", "film", "--head-params", '{"sites": "up7.res0"}'],
+                "site `up7.res0` is not in cache",
+            ),
+            (
+                ["--head", "film", "--head-params", '{"timesteps": [true]}'],
+                "head `film`: `timesteps: [True]` must list integers",
+            ),
+            (
+                ["--head", "svm", "--head-params", '{"use": "spectral", "timesteps": [0]}'],
+                "reads no cached arrays (`use: spectral`): drop `timesteps:`",
+            ),
         ],
     )
     def test_bad_input_is_one_line(self, runner, stage_one, tmp_path, args, message):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.evaluation.probing import probe
 from pipeline.evaluation.scoring import evaluate_seeds, resplit
@@ -95,6 +96,24 @@ class TestProbe:
                                     "--head", "concat", "--head-params", '{"max_epochs": 2}',
                                     "--out", str(tmp_path / "h"), *flags])  # fmt: skip
         assert train.exit_code == 0, train.output
+
+    def test_recommended_entry_is_what_a_head_recipe_takes(self, runner, stores, tmp_path):
+        """The probe's selection, as a `heads:` entry's keys, is what `compare` then reads."""
+        inputs = open_inputs(stores["scene"], stores["f"], stores["ctx"])
+        rec = probe(inputs, seeds=[0], pairs_of=2)["recommended"]
+        entry = yaml.safe_load("{" + rec["entry"] + "}")
+        assert entry == {k: rec[k] for k in ("context", "timesteps", "sites")}
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"heads": {"picked": {
+            "kind": "concat", "max_epochs": 2, **entry}}}))  # fmt: skip
+        result = runner.invoke(app, ["compare", "--scene", str(stores["scene"]), "--features",
+                                     str(stores["f"]), "--context-store", str(stores["ctx"]),
+                                     "--params", str(params), "--heads", "picked",
+                                     "--seeds", "0", "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        arrays = [f"t{t}:{s}" for t in entry["timesteps"] for s in entry["sites"]]
+        want = ["spectrum", *entry["context"], "diffusion " + ",".join(arrays)]
+        assert json.loads(result.stdout)[0]["reads"] == want
 
     @pytest.mark.parametrize("extra,culprit", [
         (["--per-class", "1"], "--per-class"),

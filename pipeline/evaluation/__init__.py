@@ -40,6 +40,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
         "probing": [
             "PROBE_KEYS",
             "Candidate",
+            "as_entry",
             "as_flags",
             "candidates",
             "probe",

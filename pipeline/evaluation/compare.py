@@ -65,7 +65,12 @@ def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
     if recipe.mode != "both":
         return None  # spectral heads read no diffusion features; spatial ones nothing else
     if recipe.kind not in ("film", "concat"):
-        return {**params, "kind": recipe.kind, "use": "spectral"}
+        arrays = ("timesteps", "sites")  # the cached arrays are what the twin goes without
+        return {
+            **{k: v for k, v in params.items() if k not in arrays},
+            "kind": recipe.kind,
+            "use": "spectral",
+        }
     keep = (
         "hidden",
         "dropout",

@@ -23,7 +23,16 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.utils.checks import check_int, check_seed
 
-__all__ = ["PROBE_KEYS", "Candidate", "as_flags", "candidates", "probe", "recommend", "run_probe"]
+__all__ = [
+    "PROBE_KEYS",
+    "Candidate",
+    "as_entry",
+    "as_flags",
+    "candidates",
+    "probe",
+    "recommend",
+    "run_probe",
+]
 
 #: The fields of every row ``probe --json`` prints.
 PROBE_KEYS = ("selection", "cv_mean", "cv_std", "test_oa_mean", "test_oa_std", "columns")
@@ -277,7 +286,16 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         **flags,
         "cv_mean": {r["selection"]: r["cv_mean"] for r in chosen},
         "flags": as_flags(flags),
+        "entry": as_entry(flags),
     }
+
+
+def as_entry(flags: dict[str, list[Any]]) -> str:
+    """The same selection as keys of a ``heads:`` entry (``context: [a, b], timesteps: [0],
+    sites: [s]``), which ``compare``, ``curve`` and ``train --params`` read."""
+    return ", ".join(
+        f"{k}: [{', '.join(str(v) for v in vals)}]" for k, vals in flags.items() if vals
+    )
 
 
 def as_flags(flags: dict[str, list[Any]]) -> str:

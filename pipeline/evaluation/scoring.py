@@ -172,9 +172,7 @@ def refit_over_seeds(
         check_seed("seeds", seed)
     sc = inputs.scene
     recipe = split_recipe(name, params)
-    selection = selection or FeatureSelection.resolve(
-        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
-    )
+    selection = selection or recipe.selection(inputs, name)
     check_params(build_head(recipe, inputs, selection, 0), name)
     plans = [(seed, *resplit(sc, seed, per_class)) for seed in seeds]
     fits = [fit_rows(sc, train, recipe.unlabeled(), seed) for seed, train, _ in plans]

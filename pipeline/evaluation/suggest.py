@@ -142,15 +142,13 @@ def suggest_pixels(
         ``rows``, ``cols`` (chosen pixels, most useful first), ``predicted`` (class indices),
         ``score`` (uncertainty, 1 - margin).
     """
-    from pipeline.heads.training import FeatureSelection, split_recipe
+    from pipeline.heads.training import split_recipe
 
     check_int("n", n, low=1)
     check_seed("seed", seed)
     sc = inputs.scene
     recipe = split_recipe(name, params)
-    selection = FeatureSelection.resolve(
-        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
-    )
+    selection = recipe.selection(inputs, name)
     allowed = np.ones(sc.shape, dtype=bool)
     candidates = _candidates(sc.train, allowed, pool, seed)
     if n > candidates.size:
@@ -207,7 +205,7 @@ def simulate(
         "oa_std": [...], "per_seed": [[...]]}, "protocol": ...}``; round 0 is the start.
     """
     from pipeline.evaluation.scoring import protocol_card, resplit
-    from pipeline.heads.training import FeatureSelection, split_recipe
+    from pipeline.heads.training import split_recipe
 
     check_int("n", n, low=1)
     check_int("simulate", rounds, low=1)
@@ -217,9 +215,7 @@ def simulate(
         check_seed("seeds", s)
     sc = inputs.scene
     recipe = split_recipe(name, params)
-    selection = FeatureSelection.resolve(
-        recipe.mode, inputs, context=recipe.context, head=f"head `{name}`", kind=recipe.kind
-    )
+    selection = recipe.selection(inputs, name)
     _check_probabilities(inputs, recipe, selection, name)
     total, done = len(seeds) * 2 * (rounds + 1), [0]
 

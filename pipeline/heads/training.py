@@ -337,6 +337,7 @@ class Recipe:
         kind: the head type (a :data:`~pipeline.heads.registry.HEADS` key or an import path).
         mode: the feature mode (``use`` for classic heads; fixed for the torch heads).
         context: context families the head reads.
+        timesteps, sites: the cached (timestep, site) arrays it reads (empty: every cached one).
         kwargs: the head's constructor arguments.
         self_training: the checked ``self_training`` section (threshold, max_iter, pool), if any.
         select: the checked ``select`` section (candidates chosen by cross-validation on the
@@ -350,6 +351,30 @@ class Recipe:
     kwargs: dict[str, Any]
     self_training: dict[str, Any] | None = None
     select: dict[str, Any] | None = None
+    timesteps: tuple[int, ...] = ()
+    sites: tuple[str, ...] = ()
+
+    def selection(
+        self,
+        inputs: Inputs,
+        name: str,
+        *,
+        timesteps: Sequence[int] | None = None,
+        sites: Sequence[str] | None = None,
+        context: Sequence[str] | None = None,
+    ) -> FeatureSelection:
+        """What head ``name`` reads: its recipe's context families and arrays, each replaced by
+        the argument when one is given (the command line's ``--timesteps``, ``--sites``,
+        ``--context`` win over the entry)."""
+        return FeatureSelection.resolve(
+            self.mode,
+            inputs,
+            list(timesteps if timesteps is not None else self.timesteps) or None,
+            list(sites if sites is not None else self.sites) or None,
+            tuple(context) if context is not None else self.context,
+            head=f"head `{name}`",
+            kind=self.kind,
+        )
 
     def unlabeled(self) -> int | str | None:
         """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
@@ -361,23 +386,38 @@ class Recipe:
         return self.self_training["pool"] if self.self_training else None
 
 
+def _names(name: str, key: str, value: Any, of: type) -> tuple[Any, ...]:
+    """A head entry's list of ``of`` values under ``key`` (a comma-separated string too)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+        value = [int(v) if of is int and v.lstrip("-").isdigit() else v for v in value]
+    elif isinstance(value, of) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, of) and not isinstance(v, bool) for v in value
+    ):
+        what = "family names" if key == "context" else "integers" if of is int else "names"
+        raise ConfigError(f"head `{name}`: `{key}: {value!r}` must list {what}")
+    return tuple(value)
+
+
 def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
     """A head entry's recipe: ``kind`` defaults to ``name``, ``use`` (classic heads) is the
-    feature mode, ``context`` the context families and ``self_training`` wraps the head in a
-    self-training loop."""
+    feature mode, ``context`` the context families, ``timesteps``/``sites`` the cached arrays
+    (default: all) and ``self_training`` wraps the head in a self-training loop."""
     kwargs = dict(params)
     kind = check_kind(str(kwargs.pop("kind", name)))
+    timesteps = _names(name, "timesteps", kwargs.pop("timesteps", None), int)
+    sites = _names(name, "sites", kwargs.pop("sites", None), str)
     loop = kwargs.pop("self_training", None)
     loop = check_self_training(name, loop) if loop is not None else None
     if loop is not None and kind == "propagate":
         raise ConfigError(
             f"head `{name}`: `propagate` already uses every pixel; drop `self_training`"
         )
-    context = kwargs.pop("context", None) or ()
-    if isinstance(context, str):
-        context = [c.strip() for c in context.split(",") if c.strip()]
-    if not isinstance(context, (list, tuple)) or not all(isinstance(c, str) for c in context):
-        raise ConfigError(f"`context` of head `{name}` must list family names, got {context!r}")
+    context: Sequence[str] = _names(name, "context", kwargs.pop("context", None) or (), str)
     select = kwargs.pop("select", None)
     if select is not None:
         if loop is not None:
@@ -385,7 +425,11 @@ def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
         select = check_select(name, select)
         for fams in select.get("context", []):
             context = [*context, *(f for f in fams if f not in context)]
-    return Recipe(kind, _feature_mode(kind, kwargs), tuple(context), kwargs, loop, select)
+    mode = _feature_mode(kind, kwargs)
+    if (timesteps or sites) and mode == "spectral":
+        key = "timesteps" if timesteps else "sites"
+        raise ConfigError(f"head `{name}` reads no cached arrays (`use: spectral`): drop `{key}:`")
+    return Recipe(kind, mode, tuple(context), kwargs, loop, select, timesteps, sites)
 
 
 def fit_head(
@@ -403,15 +447,13 @@ def fit_head(
 
     ``params`` may name the head's ``kind`` (a :data:`~pipeline.heads.registry.HEADS` key or an
     import path; default: ``name`` itself), so several configurations of one kind can coexist
-    (``film_skip: {kind: film, spectral_skip: true}``), ``context`` (families it reads; the
-    ``context`` argument wins) and for classic heads ``use``.
+    (``film_skip: {kind: film, spectral_skip: true}``), ``context``, ``timesteps`` and
+    ``sites`` (what it reads; the arguments of the same names win) and for classic heads
+    ``use``.
     """
     check_seed("seed", seed)
     recipe = split_recipe(name, params)
-    families = tuple(context) if context is not None else recipe.context
-    selection = FeatureSelection.resolve(
-        recipe.mode, inputs, timesteps, sites, families, head=f"head `{name}`", kind=recipe.kind
-    )
+    selection = recipe.selection(inputs, name, timesteps=timesteps, sites=sites, context=context)
     est = build_head(recipe, inputs, selection, seed)
     check_params(est, name)  # before any pixel is read
     if not np.any(train_mask):
