@@ -13,6 +13,7 @@ import pytest
 from scipy import ndimage
 
 from pipeline.errors import StoreError
+from pipeline.evaluation.compare import twin_without
 from pipeline.features.config import ContextConfig
 from pipeline.features.context import ContextStore, reduce_spectra, write_context
 from pipeline.features.extract import extract_features
@@ -180,6 +181,16 @@ class TestHeadsReadContext:
 
 
 class TestCompare:
+    def test_a_twin_keeps_the_training_settings_and_drops_the_arrays(self):
+        film = {"kind": "film", "width": 32, "dropout": 0.5, "n_members": 5,
+                "context": ["mean7"], "timesteps": [0], "sites": ["up1.res1"]}  # fmt: skip
+        assert twin_without("f", film) == {
+            "kind": "spectral", "dropout": 0.5, "n_members": 5, "spectral_pca": 30,
+            "hidden": 128, "context": ["mean7"]}  # fmt: skip
+        lr = {"kind": "logreg", "use": "both", "C": 0.5, "timesteps": [0]}
+        assert twin_without("lr", lr) == {"kind": "logreg", "use": "spectral", "C": 0.5}
+        assert twin_without("s", {"kind": "svm", "use": "spectral"}) is None
+
     def test_json_rows_agree_with_evaluate_seeds(self, runner, stores, tmp_path):
         params = tmp_path / "p.yaml"
         params.write_text("heads:\n  ctx_lr: {kind: logreg, use: spectral, context: [mean7]}\n"

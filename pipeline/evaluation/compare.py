@@ -85,6 +85,7 @@ def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
         "patience",
         "converged_loss",
         "spectral_pca",
+        "n_members",  # an ensemble's twin is an ensemble of as many nets
         "device",
     )
     twin = {k: v for k, v in recipe.kwargs.items() if k in keep}
