@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from xgboost import XGBClassifier
 
@@ -16,7 +17,7 @@ from pipeline.evaluation.metrics import classification_metrics, confusion_matrix
 from pipeline.evaluation.scoring import predict_map
 from pipeline.features.extract import extract_features
 from pipeline.heads.build import _EncodedXGB, make_head
-from pipeline.heads.neural import FiLMClassifier, MLPHead
+from pipeline.heads.neural import FiLMClassifier, MLPHead, _FiLMNet
 from pipeline.heads.training import load_head, train_head
 from pipeline.scene.preparation import prepare
 from stages.cli import app
@@ -75,6 +76,23 @@ class TestFiLM:
         assert not np.allclose(singles[0].predict_proba(X), mean, atol=1e-3)  # they differ
         one = FiLMClassifier(n_members=1, random_state=7, **kw).fit(X, y)
         np.testing.assert_array_equal(one.predict_proba(X), singles[0].predict_proba(X))
+
+    def test_spatial_dropout_drops_whole_pixels_in_training_only(self):
+        net = _FiLMNet(4, 6, 3, 8, 8, dropout=0.0, skip=True, spatial_dropout=0.5)
+        spec, spat = torch.randn(200, 4), torch.randn(200, 6)
+        net.eval()
+        full, blind = net(spec, spat), net(spec, torch.zeros_like(spat))
+        net.train()
+        out = net(spec, spat)
+        as_full = torch.isclose(out, full, atol=1e-6).all(1)
+        as_blind = torch.isclose(out, blind, atol=1e-6).all(1)
+        assert bool((as_full ^ as_blind).all()) and 60 < int(as_blind.sum()) < 140
+        net.spatial_dropout = 0.0  # the paper's head draws nothing, so its runs are as they were
+        state = torch.get_rng_state()
+        assert torch.equal(net(spec, spat), full) and torch.equal(torch.get_rng_state(), state)
+        with pytest.raises(ValueError, match="spatial_dropout"):
+            X, y = _twins(20, separable_by="spatial")
+            FiLMClassifier(n_spectral=16, spatial_dropout=1.0).fit(X, y)
 
     def test_spectral_pca_and_early_stopping(self):
         X, y = _twins(200, separable_by="spectral")
