@@ -94,7 +94,7 @@ def train(
             head=head,
             out=out,
             params=head_params_for(head, head_params, params),
-            timesteps=parse_csv_ints(timesteps, "--timesteps"),
+            timesteps=parse_csv_ints(timesteps, "--timesteps") or None,
             sites=parse_csv(sites) or None,
             seed=seed,
             context_store=context_store,

@@ -381,6 +381,18 @@ class TestCli:
                 "site `up7.res0` is not in cache",
             ),
             (
+                ["--head", "film", "--head-params", '{"timesteps": [99]}'],
+                "head `film` (its `timesteps:`/`sites:`): timestep 99 is not in cache",
+            ),
+            (
+                ["--head", "film", "--head-params", '{"timesteps": "--5"}'],
+                "head `film`: `timesteps: '--5'` must list integers",
+            ),
+            (
+                ["--head", "film", "--head-params", '{"timesteps": [0, 0]}'],
+                "head `film`: `timesteps:` lists 0 more than once",
+            ),
+            (
                 ["--head", "film", "--head-params", '{"timesteps": [true]}'],
                 "head `film`: `timesteps: [True]` must list integers",
             ),

@@ -19,6 +19,7 @@ the one it was trained on.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -366,15 +367,17 @@ class Recipe:
         """What head ``name`` reads: its recipe's context families and arrays, each replaced by
         the argument when one is given (the command line's ``--timesteps``, ``--sites``,
         ``--context`` win over the entry)."""
-        return FeatureSelection.resolve(
-            self.mode,
-            inputs,
-            list(timesteps if timesteps is not None else self.timesteps) or None,
-            list(sites if sites is not None else self.sites) or None,
-            tuple(context) if context is not None else self.context,
-            head=f"head `{name}`",
-            kind=self.kind,
-        )
+        ts = list(timesteps if timesteps is not None else self.timesteps) or None
+        ss = list(sites if sites is not None else self.sites) or None
+        families = tuple(context) if context is not None else self.context
+        try:
+            return FeatureSelection.resolve(
+                self.mode, inputs, ts, ss, families, head=f"head `{name}`", kind=self.kind
+            )
+        except StoreError as exc:  # an array the entry names is not cached: say which entry
+            if (timesteps is None and self.timesteps) or (sites is None and self.sites):
+                raise StoreError(f"head `{name}` (its `timesteps:`/`sites:`): {exc}") from None
+            raise
 
     def unlabeled(self) -> int | str | None:
         """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
@@ -390,16 +393,20 @@ def _names(name: str, key: str, value: Any, of: type) -> tuple[Any, ...]:
     """A head entry's list of ``of`` values under ``key`` (a comma-separated string too)."""
     if value is None:
         return ()
+    given = value
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
-        value = [int(v) if of is int and v.lstrip("-").isdigit() else v for v in value]
+        value = [int(v) if of is int and re.fullmatch(r"-?[0-9]+", v) else v for v in value]
     elif isinstance(value, of) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(v, of) and not isinstance(v, bool) for v in value
     ):
         what = "family names" if key == "context" else "integers" if of is int else "names"
-        raise ConfigError(f"head `{name}`: `{key}: {value!r}` must list {what}")
+        raise ConfigError(f"head `{name}`: `{key}: {given!r}` must list {what}")
+    twice = sorted({str(v) for v in value if value.count(v) > 1})
+    if twice:
+        raise ConfigError(f"head `{name}`: `{key}:` lists {', '.join(twice)} more than once")
     return tuple(value)
 
 
@@ -428,7 +435,8 @@ def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
     mode = _feature_mode(kind, kwargs)
     if (timesteps or sites) and mode == "spectral":
         key = "timesteps" if timesteps else "sites"
-        raise ConfigError(f"head `{name}` reads no cached arrays (`use: spectral`): drop `{key}:`")
+        why = "`use: spectral`" if HEADS.get(kind) is None else f"a `{kind}` head"
+        raise ConfigError(f"head `{name}` reads no cached arrays ({why}): drop `{key}:`")
     return Recipe(kind, mode, tuple(context), kwargs, loop, select, timesteps, sites)
 
 
