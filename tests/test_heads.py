@@ -375,6 +375,7 @@ class TestCli:
             (["--head", "nope"], "unknown head `nope`"),
             (["--head", "film", "--head-params", "{bad"], "`--head-params` is not valid JSON"),
             (["--head", "film", "--sites", "up7.res0"], "site `up7.res0` is not in cache"),
+            (["--head", "film", "--timesteps", "0,0"], "`--timesteps` lists 0 more than once"),
             (["--head", "svm", "--head-params", '{"use": "all"}'], "`use` must be one of"),
             (
                 ["--head", "film", "--head-params", '{"sites": "up7.res0"}'],

@@ -78,6 +78,11 @@ class Inputs:
     context: ContextStore | None = None
 
 
+def _repeated(values: Sequence[Any]) -> str:
+    """The values listed more than once, comma-separated ("" when none is)."""
+    return ", ".join(sorted({str(v) for v in values if list(values).count(v) > 1}))
+
+
 @dataclass(frozen=True)
 class FeatureSelection:
     """Which features a head reads: the spectrum, context families and/or cached (timestep,
@@ -154,6 +159,10 @@ class FeatureSelection:
             )
         ts = tuple(int(t) for t in (timesteps or cache.timesteps))
         ss = tuple(sites or cache.sites)
+        for key, values in (("timesteps", ts), ("sites", ss)):
+            twice = _repeated(values)
+            if twice:  # the same array read twice would only duplicate columns
+                raise ConfigError(f"`{key}` lists {twice} more than once")
         for t in ts:
             for s in ss:
                 cache.array(t, s)  # unknown ones are a clear error here
@@ -404,9 +413,9 @@ def _names(name: str, key: str, value: Any, of: type) -> tuple[Any, ...]:
     ):
         what = "family names" if key == "context" else "integers" if of is int else "names"
         raise ConfigError(f"head `{name}`: `{key}: {given!r}` must list {what}")
-    twice = sorted({str(v) for v in value if value.count(v) > 1})
+    twice = _repeated(value)
     if twice:
-        raise ConfigError(f"head `{name}`: `{key}:` lists {', '.join(twice)} more than once")
+        raise ConfigError(f"head `{name}`: `{key}:` lists {twice} more than once")
     return tuple(value)
 
 
