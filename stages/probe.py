@@ -75,7 +75,8 @@ def probe(
     rec = result["recommended"]
     if rec:
         typer.echo(f"recommended: {rec['flags']}   (hsicache train ... {rec['flags']})")
-        typer.echo(f"  as a `heads:` entry's keys: {rec['entry']}")
+        typer.echo("as keys of a `heads:` entry (compare, curve, train --params):")
+        typer.echo("\n".join(f"    {line}" for line in rec["entry"].splitlines()))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class TestProbe:
         """The probe's selection, as a `heads:` entry's keys, is what `compare` then reads."""
         inputs = open_inputs(stores["scene"], stores["f"], stores["ctx"])
         rec = probe(inputs, seeds=[0], pairs_of=2)["recommended"]
-        entry = yaml.safe_load("{" + rec["entry"] + "}")
+        entry = yaml.safe_load(rec["entry"])
         assert entry == {k: rec[k] for k in ("context", "timesteps", "sites")}
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"heads": {"picked": {

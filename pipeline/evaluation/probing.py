@@ -291,9 +291,10 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def as_entry(flags: dict[str, list[Any]]) -> str:
-    """The same selection as keys of a ``heads:`` entry (``context: [a, b], timesteps: [0],
-    sites: [s]``), which ``compare``, ``curve`` and ``train --params`` read."""
-    return ", ".join(
+    """The same selection as YAML keys of a ``heads:`` entry, one per line (``context: [a,
+    b]``, ``timesteps: [0]``, ``sites: [s]``), which ``compare``, ``curve`` and ``train
+    --params`` read."""
+    return "\n".join(
         f"{k}: [{', '.join(str(v) for v in vals)}]" for k, vals in flags.items() if vals
     )
 
