@@ -90,8 +90,8 @@ class TestFiLM:
         net.spatial_dropout = 0.0  # the paper's head draws nothing, so its runs are as they were
         state = torch.get_rng_state()
         assert torch.equal(net(spec, spat), full) and torch.equal(torch.get_rng_state(), state)
+        X, y = _twins(20, separable_by="spatial")
         with pytest.raises(ValueError, match="spatial_dropout"):
-            X, y = _twins(20, separable_by="spatial")
             FiLMClassifier(n_spectral=16, spatial_dropout=1.0).fit(X, y)
 
     def test_spectral_pca_and_early_stopping(self):
@@ -363,11 +363,16 @@ class TestCli:
         )
         base = ["train", "--scene", str(scene), "--features", str(cache), "--head", "f",
                 "--params", str(tmp_path / "p.yaml")]  # fmt: skip
-        for extra, sites in (([], ["up1.res1"]), (["--sites", "up0.upsample"], ["up0.upsample"])):
+        runs = [([], ["up1.res1"]), (["--sites", "up0.upsample"], ["up0.upsample"]),
+                (["--sites", "", "--timesteps", ""], ["up1.res1"])]  # fmt: skip
+        for extra, sites in runs:  # a blank flag is no flag: the entry's arrays
             result = runner.invoke(app, [*base, *extra, "--out", str(tmp_path / "h")])
             assert result.exit_code == 0, result.output
             selection = load_head(tmp_path / "h").meta["selection"]
             assert selection["sites"] == sites and selection["timesteps"] == [0]
+        flag = runner.invoke(app, [*base, "--timesteps", "99", "--out", str(tmp_path / "g")])
+        assert flag.exit_code == 2 and "timestep 99 is not in cache" in flag.stderr
+        assert "head `f`" not in flag.stderr  # the flag's mistake, not the entry's
 
     @pytest.mark.parametrize(
         ("args", "message"),
@@ -379,11 +384,11 @@ class TestCli:
             (["--head", "svm", "--head-params", '{"use": "all"}'], "`use` must be one of"),
             (
                 ["--head", "film", "--head-params", '{"sites": "up7.res0"}'],
-                "site `up7.res0` is not in cache",
+                "head `film`: `sites:` names up7.res0, which cache",
             ),
             (
                 ["--head", "film", "--head-params", '{"timesteps": [99]}'],
-                "head `film` (its `timesteps:`/`sites:`): timestep 99 is not in cache",
+                "head `film`: `timesteps:` names 99, which cache",
             ),
             (
                 ["--head", "film", "--head-params", '{"timesteps": "--5"}'],
@@ -392,6 +397,10 @@ class TestCli:
             (
                 ["--head", "film", "--head-params", '{"timesteps": [0, 0]}'],
                 "head `film`: `timesteps:` lists 0 more than once",
+            ),
+            (
+                ["--head", "film", "--head-params", '{"context": ["mean3", "mean3"]}'],
+                "head `film`: `context:` lists mean3 more than once",
             ),
             (
                 ["--head", "film", "--head-params", '{"timesteps": [true]}'],

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.evaluation.probing import probe
+from pipeline.evaluation.probing import as_entry, probe
 from pipeline.evaluation.scoring import evaluate_seeds, resplit
 from pipeline.features.config import ContextConfig
 from pipeline.features.context import write_context
@@ -89,6 +89,7 @@ class TestProbe:
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         assert "test OA (never ranks)" in result.stdout
+        assert "    timesteps: [" in result.stdout  # the entry keys, indented to paste
         body = json.loads((tmp_path / "p.json").read_text())
         flags = body["recommended"]["flags"].split()
         train = runner.invoke(app, ["train", "--scene", str(stores["scene"]), "--features",
@@ -103,6 +104,9 @@ class TestProbe:
         rec = probe(inputs, seeds=[0], pairs_of=2)["recommended"]
         entry = yaml.safe_load(rec["entry"])
         assert entry == {k: rec[k] for k in ("context", "timesteps", "sites")}
+        assert as_entry({"context": [], "timesteps": [0], "sites": ["s"]}) == (
+            "timesteps: [0]\nsites: [s]"
+        )  # an empty selection is no key
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"heads": {"picked": {
             "kind": "concat", "max_epochs": 2, **entry}}}))  # fmt: skip

@@ -17,6 +17,10 @@ head reads          twin without the diffusion features
 classic, ``both``   the same classifier with ``use: spectral``
 ``spatial`` only    none (nothing would be left to read)
 ==================  ==============================================================
+
+A twin keeps the head's training settings, ``n_members`` included (an ensemble's twin averages
+as many nets), and drops what only the diffusion features concern: ``timesteps``, ``sites``,
+FiLM's ``width`` and ``spatial_dropout``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +81,7 @@ class Inputs:
 
 def _repeated(values: Sequence[Any]) -> str:
     """The values listed more than once, comma-separated ("" when none is)."""
-    return ", ".join(sorted({str(v) for v in values if list(values).count(v) > 1}))
+    return ", ".join(sorted(str(v) for v, n in Counter(values).items() if n > 1))
 
 
 @dataclass(frozen=True)
@@ -374,19 +375,29 @@ class Recipe:
         context: Sequence[str] | None = None,
     ) -> FeatureSelection:
         """What head ``name`` reads: its recipe's context families and arrays, each replaced by
-        the argument when one is given (the command line's ``--timesteps``, ``--sites``,
-        ``--context`` win over the entry)."""
-        ts = list(timesteps if timesteps is not None else self.timesteps) or None
-        ss = list(sites if sites is not None else self.sites) or None
+        the argument when one is given and not empty (the command line's ``--timesteps``,
+        ``--sites``, ``--context`` win over the entry)."""
+        ts = list(timesteps or self.timesteps) or None
+        ss = list(sites or self.sites) or None
+        if inputs.cache is not None and self.mode != "spectral":
+            self._check_cached(name, inputs.cache, "timesteps", () if timesteps else self.timesteps)
+            self._check_cached(name, inputs.cache, "sites", () if sites else self.sites)
         families = tuple(context) if context is not None else self.context
-        try:
-            return FeatureSelection.resolve(
-                self.mode, inputs, ts, ss, families, head=f"head `{name}`", kind=self.kind
-            )
-        except StoreError as exc:  # an array the entry names is not cached: say which entry
-            if (timesteps is None and self.timesteps) or (sites is None and self.sites):
-                raise StoreError(f"head `{name}` (its `timesteps:`/`sites:`): {exc}") from None
-            raise
+        return FeatureSelection.resolve(
+            self.mode, inputs, ts, ss, families, head=f"head `{name}`", kind=self.kind
+        )
+
+    @staticmethod
+    def _check_cached(name: str, cache: FeatureCache, key: str, values: Sequence[Any]) -> None:
+        """An array the entry itself names (not a flag) that the cache lacks: a message that
+        says which head's entry."""
+        known = getattr(cache, key)
+        for value in values:
+            if value not in known:
+                raise ConfigError(
+                    f"head `{name}`: `{key}:` names {value}, which cache `{cache.path}` does "
+                    f"not hold ({', '.join(str(k) for k in known)})"
+                )
 
     def unlabeled(self) -> int | str | None:
         """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
