@@ -313,6 +313,17 @@ def test_predict_streams_with_memory_independent_of_scene_size(tmp_path):
     assert peaks["augsburg"] < 1.5 * peaks["small"], peaks  # ...in less than 1.5x the memory
 
 
+#: Head entries of `film` (as --head-params) that are refused, and what the refusal says.
+_BAD_FILM_ENTRIES = [
+    ('{"sites": "up7.res0"}', "head `film`: `sites:` names up7.res0, which cache"),
+    ('{"timesteps": [99]}', "head `film`: `timesteps:` names 99, which cache"),
+    ('{"timesteps": "--5"}', "head `film`: `timesteps: '--5'` must list integers"),
+    ('{"timesteps": [0, 0]}', "head `film`: `timesteps:` lists 0 more than once"),
+    ('{"context": ["mean3", "mean3"]}', "head `film`: `context:` lists mean3 more than once"),
+    ('{"timesteps": [true]}', "head `film`: `timesteps: [True]` must list integers"),
+]
+
+
 class TestCli:
     def test_train_evaluate_predict(self, runner, stage_one, tmp_path):
         scene, (cache, _) = stage_one
@@ -382,29 +393,9 @@ class TestCli:
             (["--head", "film", "--sites", "up7.res0"], "site `up7.res0` is not in cache"),
             (["--head", "film", "--timesteps", "0,0"], "`--timesteps` lists 0 more than once"),
             (["--head", "svm", "--head-params", '{"use": "all"}'], "`use` must be one of"),
-            (
-                ["--head", "film", "--head-params", '{"sites": "up7.res0"}'],
-                "head `film`: `sites:` names up7.res0, which cache",
-            ),
-            (
-                ["--head", "film", "--head-params", '{"timesteps": [99]}'],
-                "head `film`: `timesteps:` names 99, which cache",
-            ),
-            (
-                ["--head", "film", "--head-params", '{"timesteps": "--5"}'],
-                "head `film`: `timesteps: '--5'` must list integers",
-            ),
-            (
-                ["--head", "film", "--head-params", '{"timesteps": [0, 0]}'],
-                "head `film`: `timesteps:` lists 0 more than once",
-            ),
-            (
-                ["--head", "film", "--head-params", '{"context": ["mean3", "mean3"]}'],
-                "head `film`: `context:` lists mean3 more than once",
-            ),
-            (
-                ["--head", "film", "--head-params", '{"timesteps": [true]}'],
-                "head `film`: `timesteps: [True]` must list integers",
+            *(
+                (["--head", "film", "--head-params", entry], message)
+                for entry, message in _BAD_FILM_ENTRIES
             ),
             (
                 ["--head", "svm", "--head-params", '{"use": "spectral", "timesteps": [0]}'],
