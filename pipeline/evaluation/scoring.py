@@ -334,21 +334,8 @@ def predict_map(
     Returns:
         A summary: shape, blocks, class pixel counts, outputs written.
     """
-    from pipeline.io.outputs import PNG
-
-    check_outputs(
-        {
-            "out": (out, NPY),
-            "png": (png, PNG),
-            "geotiff": (geotiff, GEOTIFF),
-            "confidence": (confidence, NPY),
-        },
-        {"scene": scene, "cache": cache, "head": head, "context": context},
-    )
-    inputs = open_inputs(scene, cache, context, lazy=True)
-    trained = load_head(head)
-    trained.check_inputs(inputs, same_split=False)
-    _check_map_options(trained, inputs.scene, scene, geotiff, confidence)
+    outputs = {"out": out, "png": png, "geotiff": geotiff, "confidence": confidence}
+    inputs, trained = _map_inputs(scene, cache, head, context, outputs)
     sources = _block_sources(inputs.context, inputs.cache, trained.selection)
     h, w = inputs.scene.shape
     block, grid = _block_grid(inputs, sources, block)
@@ -373,6 +360,25 @@ def predict_map(
     names = inputs.scene.class_names
     counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}
     return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
+
+
+def _map_inputs(
+    scene: Any, cache: Any, head: Any, context: Any, outputs: dict[str, Any]
+) -> tuple[Inputs, TrainedHead]:
+    """The opened stores and the loaded head of :func:`predict_map`, every output path and
+    option checked first (nothing is written when one is refused)."""
+    from pipeline.io.outputs import PNG
+
+    kinds = {"out": NPY, "png": PNG, "geotiff": GEOTIFF, "confidence": NPY}
+    check_outputs(
+        {key: (path, kinds[key]) for key, path in outputs.items()},
+        {"scene": scene, "cache": cache, "head": head, "context": context},
+    )
+    inputs = open_inputs(scene, cache, context, lazy=True)
+    trained = load_head(head)
+    trained.check_inputs(inputs, same_split=False)
+    _check_map_options(trained, inputs.scene, scene, outputs["geotiff"], outputs["confidence"])
+    return inputs, trained
 
 
 def _block_grid(
