@@ -31,6 +31,12 @@ def compare(
     context_store: str | None = CONTEXT_OPTION,
     heads: str | None = HEADS_OPTION,
     seeds: str = SEEDS_OPTION,
+    reference: str | None = typer.Option(
+        None,
+        "--reference",
+        help="One of --heads to set every other head against, seed by seed on the same "
+        "splits (mean ± std of the differences, seeds above).",
+    ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON file of the table and its protocol card (a DVC metric)."
     ),
@@ -58,6 +64,7 @@ def compare(
             heads=parse_csv(heads) or [],
             recipes=recipes_file,
             seeds=parse_csv_ints(seeds, "--seeds") or [],
+            reference=reference,
             out=out,
             markdown=markdown,
             png=png,

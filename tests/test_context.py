@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from pipeline.errors import StoreError
-from pipeline.evaluation.compare import twin_without
+from pipeline.evaluation.compare import paired_difference, twin_without
 from pipeline.features.config import ContextConfig
 from pipeline.features.context import ContextStore, reduce_spectra, write_context
 from pipeline.features.extract import extract_features
@@ -197,7 +197,8 @@ class TestCompare:
                           "  both_lr: {kind: logreg, use: both, context: [mean7]}\n")  # fmt: skip
         args = ["compare", "--scene", str(stores["scene.zarr"]), "--features", str(stores["f.zarr"]),
                 "--context", str(stores["ctx.zarr"]), "--heads", "ctx_lr,both_lr,svm",
-                "--seeds", "0,1", "--params", str(params), "--json"]  # fmt: skip
+                "--seeds", "0,1", "--params", str(params), "--reference", "ctx_lr",
+                "--json"]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         rows = json.loads(result.stdout)
@@ -216,6 +217,29 @@ class TestCompare:
                                seeds=[0, 1], context=stores["ctx.zarr"])  # fmt: skip
         assert rows[0]["per_seed_oa"] == [s["oa"] for s in seeds["seeds"]]
         assert rows[1]["without_diffusion_per_seed_oa"] == rows[0]["per_seed_oa"]
+        assert rows[0]["vs_reference"] is None  # the reference itself
+        for r in rows[1:]:  # the others, seed by seed on the same splits
+            d = np.subtract(r["per_seed_oa"], rows[0]["per_seed_oa"])
+            assert r["vs_reference"]["head"] == "ctx_lr"
+            assert r["vs_reference"]["per_seed"] == d.tolist()
+            assert r["vs_reference"]["mean"] == pytest.approx(d.mean())
+            assert r["vs_reference"]["above"] == (d > 0).sum()
+        assert rows[1]["diffusion_gain_std"] == pytest.approx(rows[1]["vs_reference"]["std"])
+
+    def test_paired_difference(self):
+        d = paired_difference([0.8, 0.7, 0.9], [0.7, 0.7, 0.95])
+        assert d["per_seed"] == pytest.approx([0.1, 0.0, -0.05])
+        assert d["mean"] == pytest.approx(0.05 / 3) and (d["above"], d["below"]) == (1, 1)
+        assert d["std"] == pytest.approx(np.std([0.1, 0.0, -0.05]))
+
+    def test_a_reference_outside_the_heads_is_one_line(self, runner, stores, tmp_path):
+        out = tmp_path / "c.md"
+        result = runner.invoke(app, ["compare", "--scene", str(stores["scene.zarr"]), "--heads",
+                                     "svm", "--reference", "logreg", "--markdown",
+                                     str(out)])  # fmt: skip
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert "`--reference` head `logreg` is not one of `--heads` (svm)" in result.stderr
+        assert not out.exists()
 
     def test_writes_a_metrics_file_a_table_and_a_chart(self, runner, stores, tmp_path):
         args = ["compare", "--scene", str(stores["scene.zarr"]), "--heads", "svm",
@@ -233,7 +257,8 @@ class TestCompare:
         assert body["format"] == "hsicache-metrics/1" and "svm" in body["heads"]
         assert body["protocol"]["seeds"] == [0] and "test pixels never" in body["protocol"][
             "model_selection"]  # fmt: skip
-        assert (tmp_path / "c.md").read_text().startswith("<!-- hsicache compare")
+        table = (tmp_path / "c.md").read_text()
+        assert table.startswith("<!-- hsicache compare") and "| vs " not in table
         assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
     def test_a_blocks_split_warns_when_context_reaches_past_its_buffer(self, runner, tmp_path):

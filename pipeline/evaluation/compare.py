@@ -21,6 +21,12 @@ classic, ``both``   the same classifier with ``use: spectral``
 A twin keeps the head's training settings, ``n_members`` included (an ensemble's twin averages
 as many nets), and drops what only the diffusion features concern: ``timesteps``, ``sites``,
 FiLM's ``width`` and ``spatial_dropout``.
+
+Differences are paired (:func:`paired_difference`): the two heads were fitted and scored on the
+same split of each seed, so the table gives the mean of the per-seed differences, their std and
+on how many seeds the head came out above. With ``reference``, every head is also set against
+that one head of the table in the same way. The seeds' test sets share most of their pixels, so
+the seeds are not independent samples: no p-value is claimed.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "compare_heads",
     "head_recipe",
     "markdown_table",
+    "paired_difference",
     "plot_comparison",
     "run_comparison",
     "twin_without",
@@ -106,6 +113,7 @@ def compare_heads(
     context: str | Path | None,
     heads: dict[str, dict[str, Any]],
     seeds: Sequence[int],
+    reference: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -116,6 +124,8 @@ def compare_heads(
             (either store may be ``None`` when no head reads it).
         heads: ``{name: recipe}`` in table order.
         seeds: split seeds.
+        reference: one of ``heads`` that every other head is set against, seed by seed
+            (each row's ``vs_reference``: :func:`paired_difference`).
         progress: ``progress(done_fits, total_fits)``.
         warn: called with a line for each head whose context looks further than a blocks
             split's buffer (its test pixels then see the train pixels' neighbourhoods).
@@ -128,6 +138,7 @@ def compare_heads(
 
     if not heads:
         raise ConfigError("`heads` names no head")
+    reference = _check_reference(reference, heads)
     inputs = open_inputs(scene, cache, context)
     twins = {name: twin_without(name, params) for name, params in heads.items()}
     total = len(seeds) * (len(heads) + sum(t is not None for t in twins.values()))
@@ -152,7 +163,45 @@ def compare_heads(
         rows.append(_row(name, run, base, time.perf_counter() - started))
         if warn is not None:
             _warn_reach(name, run, inputs, warn)
-    return {"protocol": protocol, "rows": rows}
+    if reference is not None:
+        ref = next(r for r in rows if r["head"] == reference)
+        for r in rows:
+            r["vs_reference"] = (
+                None
+                if r is ref
+                else {"head": reference, **paired_difference(r["per_seed_oa"], ref["per_seed_oa"])}
+            )
+    return {"protocol": protocol, "rows": rows, "reference": reference}
+
+
+def _check_reference(reference: str | None, heads: Sequence[str]) -> str | None:
+    """``reference`` when it is one of ``heads``, ``None`` when blank; else a ConfigError."""
+    if not reference:
+        return None
+    if reference not in heads:
+        raise ConfigError(
+            f"`reference` head `{reference}` is not one of `heads` ({', '.join(heads)}): the "
+            "reference is fitted on the same splits as the heads it is set against"
+        )
+    return reference
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """``a - b`` seed by seed, for two heads scored on the same splits.
+
+    Returns:
+        ``{"mean", "std", "per_seed", "above", "below"}``: the mean and (population, as the
+        table's other ± ) std of the per-seed differences, the differences themselves, and on
+        how many seeds ``a`` came out above and below ``b``.
+    """
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return {
+        "mean": float(d.mean()),
+        "std": float(d.std()),
+        "per_seed": d.tolist(),
+        "above": int((d > 0).sum()),
+        "below": int((d < 0).sum()),
+    }
 
 
 def _row(name: str, run: dict[str, Any], base: dict[str, Any] | None, seconds: float) -> dict:
@@ -178,6 +227,9 @@ def _row(name: str, run: dict[str, Any], base: dict[str, Any] | None, seconds: f
     }
     if base:
         row["without_diffusion_per_seed_oa"] = [r["oa"] for r in base["seeds"]]
+        gain = paired_difference(row["per_seed_oa"], row["without_diffusion_per_seed_oa"])
+        row["diffusion_gain_std"] = gain["std"]
+        row["diffusion_gain_above"] = gain["above"]
     return row
 
 
@@ -210,7 +262,9 @@ def _warn_reach(name: str, run: dict[str, Any], inputs: Any, warn: Callable[[str
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The comparison as a Markdown table with its protocol card."""
-    card = result["protocol"]
+    card, reference = result["protocol"], result.get("reference")
+    columns = ["head", "reads", "OA", "AA", "kappa", "without diffusion features"]
+    columns += ["diffusion adds", *([f"vs {reference}"] if reference else [])]
     lines = [
         "<!-- hsicache compare: written by `hsicache compare`; do not edit -->",
         "",
@@ -219,19 +273,35 @@ def markdown_table(result: dict[str, Any]) -> str:
         + (f", buffer {card['buffer']} px" if card["split"] == "blocks" else "")
         + f"; seeds {', '.join(map(str, card['seeds']))}; OA / AA / kappa in %, mean ± std.",
         f"Model selection: {card['model_selection']}.",
+        "Differences are paired: both heads were fitted and scored on the same split of each "
+        "seed; mean ± std of the per-seed differences, and on how many seeds the head came out "
+        "above. The seeds' test sets share pixels: they are not independent samples.",
         "",
-        "| head | reads | OA | AA | kappa | without diffusion features | diffusion adds |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
+    n = len(card["seeds"])
     for r in result["rows"]:
-        base, gain = r["without_diffusion_oa_mean"], r["diffusion_gain"]
+        base = r["without_diffusion_oa_mean"]
         without = "-" if base is None else f"{100 * base:.1f}"
-        adds = "-" if gain is None else f"{100 * gain:+.1f}"
-        lines.append(
-            f"| {r['head']} | {'; '.join(r['reads'])} | {_pm(r, 'oa')} | {_pm(r, 'aa')} | "
-            f"{_pm(r, 'kappa')} | {without} | {adds} |"
+        adds = (
+            "-"
+            if base is None
+            else _difference(
+                r["diffusion_gain"], r["diffusion_gain_std"], r["diffusion_gain_above"], n
+            )
         )
+        cells = [r["head"], "; ".join(r["reads"]), _pm(r, "oa"), _pm(r, "aa"), _pm(r, "kappa"),
+                 without, adds]  # fmt: skip
+        if reference:
+            vs = r.get("vs_reference")
+            cells.append("-" if vs is None else _difference(vs["mean"], vs["std"], vs["above"], n))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _difference(mean: float, std: float, above: int, n: int) -> str:
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} ({above} of {n} above)"
 
 
 def _pm(row: dict[str, Any], key: str) -> str:
@@ -281,6 +351,7 @@ def run_comparison(
     heads: Sequence[str],
     recipes: str | Path | None,
     seeds: Sequence[int],
+    reference: str | None = None,
     out: str | Path | None = None,
     markdown: str | Path | None = None,
     png: str | Path | None = None,
@@ -292,6 +363,7 @@ def run_comparison(
     Args:
         heads: head names: entries under ``heads:`` of ``recipes`` (a params file), or bare
             kinds.
+        reference: one of ``heads`` to set every other head against (blank: none).
         out, markdown, png: the JSON table (a DVC metrics file), the Markdown table, the chart.
         Others: as :func:`compare_heads`.
     """
@@ -301,6 +373,7 @@ def run_comparison(
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,film`")
     if not seeds:
         raise ConfigError("`seeds` needs at least one seed")
+    reference = _check_reference(reference, heads)
     check_outputs(
         {"out": (out, METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
@@ -312,6 +385,7 @@ def run_comparison(
         context=context,
         heads=table,
         seeds=seeds,
+        reference=reference,
         progress=progress,
         warn=warn,
     )
@@ -358,6 +432,7 @@ def _write(
             "format": METRICS_FORMAT,
             "kind": "compare",
             "protocol": result["protocol"],
+            "reference": result.get("reference"),
             "heads": rows,
         }
         with atomic_output(out, METRICS, option="out") as tmp:
