@@ -11,7 +11,7 @@ from stages._errors import run_app, user_errors
 from stages._options import (
     CONTEXT_OPTION,
     DEBUG_OPTION,
-    HEAD_FEATURES_OPTION,
+    FEATURES_OPTION,
     HEADS_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def compare(
     scene: str = SCENE_OPTION,
-    features: str | None = HEAD_FEATURES_OPTION,
+    features: str | None = FEATURES_OPTION,
     context_store: str | None = CONTEXT_OPTION,
     heads: str | None = HEADS_OPTION,
     seeds: str = SEEDS_OPTION,
@@ -35,7 +35,8 @@ def compare(
         None,
         "--reference",
         help="One of --heads to set every other head against, seed by seed on the same "
-        "splits (mean ± std of the differences, seeds above).",
+        "splits (mean ± std of the differences, seeds above). With --params params.yaml its "
+        "compare section gives ctx_logreg; --reference '' then gives none.",
     ),
     out: Path | None = typer.Option(
         None, "--out", help="JSON file of the table and its protocol card (a DVC metric)."

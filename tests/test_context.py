@@ -198,7 +198,7 @@ class TestCompare:
         args = ["compare", "--scene", str(stores["scene.zarr"]), "--features", str(stores["f.zarr"]),
                 "--context", str(stores["ctx.zarr"]), "--heads", "ctx_lr,both_lr,svm",
                 "--seeds", "0,1", "--params", str(params), "--reference", "ctx_lr",
-                "--json"]  # fmt: skip
+                "--json", "--markdown", str(tmp_path / "t.md")]  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         rows = json.loads(result.stdout)
@@ -225,6 +225,20 @@ class TestCompare:
             assert r["vs_reference"]["mean"] == pytest.approx(d.mean())
             assert r["vs_reference"]["above"] == (d > 0).sum()
         assert rows[1]["diffusion_gain_std"] == pytest.approx(rows[1]["vs_reference"]["std"])
+        table = (tmp_path / "t.md").read_text().splitlines()
+        assert table[6].endswith("| diffusion adds | vs ctx_lr |")
+        assert table[8].startswith("| ctx_lr |") and table[8].endswith("| - | - | - |")
+        vs = rows[1]["vs_reference"]
+        shown = f"{100 * vs['mean']:+.1f} ± {100 * vs['std']:.1f} ({vs['above']} of 2 above) |"
+        assert table[9].endswith(shown.replace("+0.0", "0.0").replace("-0.0", "0.0"))
+
+    def test_a_difference_that_rounds_to_zero_has_no_sign_and_one_seed_no_spread(self):
+        from pipeline.evaluation.compare import _difference
+
+        assert _difference(-0.0004, 0.01, 2, 5) == "0.0 ± 1.0 (2 of 5 above)"
+        assert _difference(0.012, 0.0, 1, 1) == "+1.2 (1 of 1 above)"
+        with pytest.raises(ValueError, match="as many seeds"):
+            paired_difference([0.5], [0.5, 0.6])
 
     def test_paired_difference(self):
         d = paired_difference([0.8, 0.7, 0.9], [0.7, 0.7, 0.95])
@@ -301,6 +315,9 @@ def test_bad_head_context_and_seeds_are_one_line(runner, stores, tmp_path):
     assert missing.exit_code == 2 and "context family `mean99` is not in" in missing.stderr
     no_store = runner.invoke(app, [*base, "--context", "mean3"])
     assert no_store.exit_code == 2 and "--context-store" in no_store.stderr
+    store_as_family = runner.invoke(app, [*base, "--context", str(stores["ctx.zarr"])])
+    assert store_as_family.exit_code == 2 and "takes family names" in store_as_family.stderr
+    assert "ctx.zarr` goes to `--context-store`" in store_as_family.stderr
     no_seeds = runner.invoke(app, ["compare", "--scene", str(stores["scene.zarr"]), "--heads",
                                    "svm", "--seeds", ","])  # fmt: skip
     assert no_seeds.exit_code == 2 and "--seeds" in no_seeds.stderr

@@ -32,6 +32,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "compare_heads",
             "head_recipe",
             "markdown_table",
+            "paired_difference",
             "plot_comparison",
             "run_comparison",
             "twin_without",

@@ -32,7 +32,7 @@ the seeds are not independent samples: no p-value is claimed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +174,15 @@ def compare_heads(
     return {"protocol": protocol, "rows": rows, "reference": reference}
 
 
-def _check_reference(reference: str | None, heads: Sequence[str]) -> str | None:
+def _check_reference(reference: str | None, heads: Collection[str]) -> str | None:
     """``reference`` when it is one of ``heads``, ``None`` when blank; else a ConfigError."""
     if not reference:
         return None
     if reference not in heads:
         raise ConfigError(
-            f"`reference` head `{reference}` is not one of `heads` ({', '.join(heads)}): the "
-            "reference is fitted on the same splits as the heads it is set against"
+            f"`reference` head `{reference}` is not one of `heads` ({', '.join(heads)}): add "
+            "it to them, or leave `reference` blank (a params file's `compare.reference` "
+            "counts as given)"
         )
     return reference
 
@@ -190,10 +191,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     """``a - b`` seed by seed, for two heads scored on the same splits.
 
     Returns:
-        ``{"mean", "std", "per_seed", "above", "below"}``: the mean and (population, as the
-        table's other ± ) std of the per-seed differences, the differences themselves, and on
-        how many seeds ``a`` came out above and below ``b``.
+        ``{"mean", "std", "per_seed", "above", "below"}``: the mean and std (the population
+        std, as for the table's other ±) of the per-seed differences, the differences
+        themselves, and on how many seeds ``a`` came out above and below ``b``.
     """
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need as many seeds on each side, got {len(a)}, {len(b)}")
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     return {
         "mean": float(d.mean()),
@@ -301,7 +304,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def _difference(mean: float, std: float, above: int, n: int) -> str:
-    return f"{100 * mean:+.1f} ± {100 * std:.1f} ({above} of {n} above)"
+    """A paired difference in points: ``+0.3 ± 1.5 (11 of 20 above)``; one seed has no ±,
+    and a mean that rounds to zero has no sign."""
+    shown = f"{100 * mean:+.1f}"
+    shown = "0.0" if shown in ("+0.0", "-0.0") else shown
+    spread = f" ± {100 * std:.1f}" if n > 1 else ""
+    return f"{shown}{spread} ({above} of {n} above)"
 
 
 def _pm(row: dict[str, Any], key: str) -> str:
