@@ -18,7 +18,7 @@ from pipeline.evaluation.scoring import predict_map
 from pipeline.features.extract import extract_features
 from pipeline.heads.build import _EncodedXGB, make_head
 from pipeline.heads.neural import FiLMClassifier, MLPHead, _FiLMNet
-from pipeline.heads.training import load_head, train_head
+from pipeline.heads.training import load_head, split_recipe, train_head
 from pipeline.scene.preparation import prepare
 from stages.cli import app
 
@@ -218,8 +218,18 @@ class TestSavedHeads:
 
         with pytest.raises(ConfigError, match="unknown head `nope`"):
             make_head("nope", n_spectral=3)
-        with pytest.raises(ConfigError, match="bad parameter for head `film`"):
+        with pytest.raises(ConfigError, match='head `film` has no parameter "wings": it takes '):
             make_head("film", n_spectral=3, wings=2)
+        with pytest.raises(ConfigError, match='no parameter "widht": did you mean "width"'):
+            make_head("film", n_spectral=3, widht=2)
+        with pytest.raises(ConfigError, match='no parameter "contxt": did you mean "context"'):
+            make_head("logreg", n_spectral=3, contxt=["mean7"])  # an entry's key, misspelt
+        with pytest.raises(ConfigError, match='parameter "n_estimator": did you mean "n_esti'):
+            make_head("sklearn.ensemble.ExtraTreesClassifier", n_spectral=3, n_estimator=5)
+        with pytest.raises(ConfigError, match="head `lr`: unknown `kind: logregg`: choose one"):
+            split_recipe("lr", {"kind": "logregg"})
+        with pytest.raises(ConfigError, match="configured under `heads:` of a params file is"):
+            split_recipe("ctx_lr", {})  # a configured head's name without its file
 
 
 def _predict_peak(scene, cache, head, out) -> int:

@@ -165,7 +165,7 @@ def make_head(
                 n_spectral=n_spectral, n_context=n_context, random_state=random_state, **params
             )
     except TypeError as exc:
-        raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
+        raise _bad_parameter(name, params, exc, n_spectral, n_context) from None
     if spec is not None and not spec.preprocess:
         return est
     from sklearn.decomposition import PCA
@@ -178,6 +178,44 @@ def make_head(
     if pca:
         steps.append(PCA(n_components=int(pca), random_state=random_state))
     return make_pipeline(*steps, est)
+
+
+def _bad_parameter(
+    name: str, params: dict[str, Any], exc: TypeError, n_spectral: int, n_context: int
+) -> ConfigError:
+    """The ConfigError for a head that refused its parameters: the first unknown one, with the
+    nearest name it could have meant, when they can be told; else the head's own words."""
+    try:
+        bare = (
+            REGISTRY[name].build(n_spectral=n_spectral, n_context=n_context, random_state=0)
+            if name in REGISTRY
+            else _by_import_path(name, 0, {})
+        )
+        known = sorted(set(bare.get_params(deep=False)) - _SET_BY_HSICACHE)
+    except Exception:  # the head's own message is still a good answer
+        return ConfigError(f"bad parameter for head `{name}`: {exc}")
+    unknown = [k for k in params if k not in known]
+    if not unknown:
+        return ConfigError(f"bad parameter for head `{name}`: {exc}")
+    return _no_such_parameter(name, unknown[0], known)
+
+
+#: What hsicache passes to a head itself, never from an entry.
+_SET_BY_HSICACHE = {"n_spectral", "n_context", "random_state"}
+
+#: An entry's own keys: a misspelt one reaches the head as an unknown parameter.
+_RECIPE_KEYS = ("kind", "use", "context", "timesteps", "sites", "self_training", "select", "pca")
+
+
+def _no_such_parameter(name: str, key: str, known: list[str]) -> ConfigError:
+    """``key`` is not a parameter of head ``name``: the nearest of ``known`` or of an entry's
+    own keys, else every one of ``known``. The key is quoted, not backticked: it is the
+    user's word, not one of the command's options."""
+    import difflib
+
+    close = difflib.get_close_matches(key, [*known, *_RECIPE_KEYS], n=1)
+    hint = f'did you mean "{close[0]}"?' if close else "it takes " + ", ".join(known)
+    return ConfigError(f'head `{name}` has no parameter "{key}": {hint}')
 
 
 def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any:

@@ -84,6 +84,26 @@ def _repeated(values: Sequence[Any]) -> str:
     return ", ".join(sorted(str(v) for v, n in Counter(values).items() if n > 1))
 
 
+def _families(inputs: Inputs, families: tuple[str, ...], head: str | None) -> tuple[str, ...]:
+    """``families`` when the context store holds them all, else a ConfigError saying why."""
+    if not families:
+        return families
+    stores = [f for f in families if "/" in f or f.endswith(".zarr")]
+    if stores:  # the store given where the families belong
+        raise ConfigError(
+            f"{head or 'the head'} lists the context store `{stores[0]}` among its context "
+            "families: name families there (mean7, emp, ...) and give the store as "
+            "`context_store`"
+        )
+    if inputs.context is None:
+        raise ConfigError(
+            f"{head or 'the head'} reads context ({', '.join(families)}): give "
+            "`context_store=CONTEXT.zarr` (`hsicache context` writes it)"
+        )
+    inputs.context.selection(families)  # unknown families are a clear error here
+    return families
+
+
 @dataclass(frozen=True)
 class FeatureSelection:
     """Which features a head reads: the spectrum, context families and/or cached (timestep,
@@ -140,14 +160,7 @@ class FeatureSelection:
         when none are given."""
         if mode not in FEATURE_MODES:
             raise ConfigError(f"`use` must be one of {', '.join(FEATURE_MODES)}, not {mode}")
-        families = tuple(context)
-        if families:
-            if inputs.context is None:
-                raise ConfigError(
-                    f"{head or 'the head'} reads context ({', '.join(families)}): give "
-                    "`context_store=CONTEXT.zarr` (`hsicache context` writes it)"
-                )
-            inputs.context.selection(families)  # unknown families are a clear error here
+        families = _families(inputs, tuple(context), head)
         if mode == "spectral":
             return cls(mode, context=families)
         cache = inputs.cache
@@ -430,12 +443,29 @@ def _names(name: str, key: str, value: Any, of: type) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _kind(name: str, kind: Any, has_entry: bool) -> str:
+    """The head kind of entry ``name`` (its ``kind:``, else the name itself), or a ConfigError
+    that says where the unknown name came from."""
+    try:
+        return check_kind(str(kind if kind is not None else name))
+    except ConfigError as err:
+        if kind is not None:  # a typo in an entry's kind: say which entry
+            choices = str(err).split(": ", 1)[-1]
+            raise ConfigError(f"head `{name}`: unknown `kind: {kind}`: {choices}") from None
+        if not has_entry:  # a configured head's name given without the file that holds it
+            raise ConfigError(
+                f"{err}; a head configured under `heads:` of a params file is found only in "
+                "the file given (`hsicache train --params FILE`) under that exact name"
+            ) from None
+        raise
+
+
 def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
     """A head entry's recipe: ``kind`` defaults to ``name``, ``use`` (classic heads) is the
     feature mode, ``context`` the context families, ``timesteps``/``sites`` the cached arrays
     (default: all) and ``self_training`` wraps the head in a self-training loop."""
     kwargs = dict(params)
-    kind = check_kind(str(kwargs.pop("kind", name)))
+    kind = _kind(name, kwargs.pop("kind", None), bool(params))
     timesteps = _names(name, "timesteps", kwargs.pop("timesteps", None), int)
     sites = _names(name, "sites", kwargs.pop("sites", None), str)
     loop = kwargs.pop("self_training", None)
