@@ -239,10 +239,10 @@ CONFUSION_CSV = OutputKind("confusion CSV", False, _confusion_csv)
 CURVE_CSV = OutputKind("curve CSV", False, _curve_csv)
 SUGGEST_CSV = OutputKind("suggestions CSV", False, _suggest_csv)
 GEOJSON = OutputKind("GeoJSON", False, _geojson)
-PNG = OutputKind("PNG written by hsicache", False, _png)
-MARKDOWN = OutputKind("Markdown table written by hsicache", False, _markdown)
-NPY = OutputKind(".npy written by hsicache", False, _npy)
-GEOTIFF = OutputKind("GeoTIFF written by hsicache", False, _geotiff)
+PNG = OutputKind("PNG", False, _png)
+MARKDOWN = OutputKind("Markdown table", False, _markdown)
+NPY = OutputKind(".npy file", False, _npy)
+GEOTIFF = OutputKind("GeoTIFF", False, _geotiff)
 
 
 def png_metadata() -> dict[str, str]:
@@ -278,7 +278,7 @@ def describe(path: Path) -> str:
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
         shown = ", ".join(f"`{n}`" for n in entries[:3]) + (", ..." if len(entries) > 3 else "")
-        return f"a folder of {len(entries)} entries ({shown})"
+        return f"a folder of {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown})"
     try:
         size = path.stat().st_size
     except OSError:
@@ -307,7 +307,8 @@ def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
 
     Raises:
         OutputConflictError: naming ``option``, the path and what is there.
-        ConfigError: a path that names no file of its own, or a URL for a single-file output.
+        ConfigError: a path that names no file of its own, a URL for a single-file output, or
+            a PNG output not named ``.png``.
     """
     if not _is_local(path) or _URL_LIKE.match(str(path)):
         if kind.marker is None or "://" not in str(path):  # s3://b/x made a Path: s3:/b/x
@@ -322,6 +323,8 @@ def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
             f"`{option}={path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
             "hsicache replaces only its own outputs; choose another path, or move that away first"
         )
+    if kind is PNG and p.suffix.lower() != ".png":  # a viewer would take it for what it says
+        raise ConfigError(f"`{option}={path}`: this output is a PNG image; name it `.png`")
     _check_parent(p, option, path)
 
 
