@@ -113,7 +113,7 @@ def prepare(
     typer.echo(
         f"wrote {out}: {h}x{w}x{scene.cube.shape[-1]}, {scene.n_classes} classes, "
         f"{int(scene.train.sum())} train / {int(scene.test.sum())} test px, "
-        f"fingerprint {scene.fingerprint[:12]}"
+        f"fingerprint {scene.fingerprint[:12]} (image {scene.image_fingerprint[:12]})"
     )
 
 

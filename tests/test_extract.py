@@ -255,7 +255,9 @@ class TestExtract:
             out=tmp_path / "c.zarr",
             stride=16,
         )
-        with pytest.raises(StoreError, match=r"was made from scene ffffffffffff, not 000000000000"):
+        with pytest.raises(
+            StoreError, match=r"was made from scene image ffffffffffff, not 000000000000"
+        ):
             FeatureCache.open(tmp_path / "c.zarr", expect_fingerprint="0" * 64)
 
     def test_gather_matches_the_full_array(self, tiny, scene, tmp_path):

@@ -190,6 +190,8 @@ def _bad_inputs(scenes, tmp_path):
         ("no input", [*gt], r"give exactly one of `--cube PATH` and `--builtin NAME`"),
         ("unknown builtin", ["--builtin", "pavia"], r"unknown built-in scene `pavia`"),
         ("bad rgb-bands", [*npy, *gt, "--rgb-bands", "a,b,c"], r"`--rgb-bands` takes comma-separated integers"),
+        ("rgb-bands with pca", [*npy, *gt, "--rgb-mode", "pca", "--rgb-bands", "3,2,1"],
+         r"`--rgb-bands` is for `--rgb-mode bands`, not `--rgb-mode pca`: drop one of them"),
     ]  # fmt: skip
 
 

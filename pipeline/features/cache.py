@@ -213,7 +213,7 @@ def check_fingerprint(
     fp = attrs["identity"]["image_fingerprint"]
     if expect is not None and fp != expect:
         raise StoreError(
-            f"{what} `{where}` was made from scene {fp[:12]}, not {expect[:12]}: re-run "
+            f"{what} `{where}` was made from scene image {fp[:12]}, not {expect[:12]}: re-run "
             f"`hsicache {command}` on this scene"
         )
 

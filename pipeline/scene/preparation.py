@@ -45,7 +45,12 @@ def build_scene(
     """Read, validate, split and render a scene in memory (see :func:`prepare`)."""
     cfg = config.replace(**settings) if config is not None else PrepareConfig(**settings)
     if (cube is None) == (builtin is None):
-        raise ConfigError("give exactly one of `cube=PATH` and `builtin=NAME`")
+        got = (
+            "got both (a params file may give one: set the other to null there)"
+            if cube is not None
+            else "got neither"
+        )
+        raise ConfigError(f"give exactly one of `cube=PATH` and `builtin=NAME`; {got}")
     if (train_mask is None) != (test_mask is None):
         raise ConfigError("`train_mask` and `test_mask` go together: give both or neither")
     # 1. the split masks, read first so a synthetic scene can be rendered on their geometry

@@ -56,7 +56,8 @@ def check_rendering_options(
     """The rendering options that need no cube (``prepare`` checks them before reading one).
 
     Raises:
-        ConfigError: an unknown mode, not three band indices, ``gamma`` not finite and > 0,
+        ConfigError: an unknown mode, not three band indices, band indices with another mode,
+            ``gamma`` not finite and > 0,
             or ``clip`` not ``0 <= low < high <= 100``.
     """
     if mode is not None and mode not in RGB_MODES:
@@ -66,6 +67,10 @@ def check_rendering_options(
             raise ConfigError(f"`rgb_bands` needs exactly three indices, got {list(bands)}")
         for b in bands:
             check_int("rgb_bands", b, low=0)
+        if mode not in (None, "bands"):  # it would be ignored
+            raise ConfigError(
+                f"`rgb_bands` is for `rgb_mode=bands`, not `rgb_mode={mode}`: drop one of them"
+            )
     check_number("gamma", gamma, low=0, low_open=True)
     lo = check_number("clip_low", clip[0], low=0, high=100)
     hi = check_number("clip_high", clip[1], low=0, high=100)
