@@ -166,6 +166,8 @@ class TestCurve:
         (["--per-class", "0"], "--per-class"),
         (["--per-class", "2,-1"], "--per-class"),
         (["--heads", "nosuch"], "unknown head `nosuch`"),
+        (["--per-class", "99999"], "lower `--per-class`, or make the scene again with `hsicache "
+                                   "prepare --small-classes take-all`"),
     ])  # fmt: skip
     def test_bad_input_is_one_line(self, runner, stores, tmp_path, extra, culprit):
         args = ["curve", "--scene", str(stores["scene"]), "--heads", "logreg", "--out",

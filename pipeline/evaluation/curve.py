@@ -40,16 +40,13 @@ def label_curve(
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
-    from pipeline.evaluation.scoring import resplit
-
     if not counts:
         raise ConfigError("`per_class` needs at least one count")
     for n in counts:
         check_int("per_class", n, low=1)
     counts = sorted(set(int(n) for n in counts))
     for n in counts:  # a count a class cannot give fails now, before any fit
-        for seed in seeds:
-            resplit(inputs.scene, seed, n)
+        _check_count(inputs.scene, seeds, n)
     total, done, rows, protocol = len(heads) * len(counts) * len(seeds), [0], [], {}
 
     def step(k: int, n: int) -> None:
@@ -68,6 +65,23 @@ def label_curve(
             rows.append({"head": name, "per_class": int(n), **summary, "per_seed_oa": per_seed})
     protocol = {**protocol, "per_class": [int(n) for n in counts]}
     return {"rows": rows, "protocol": protocol}
+
+
+def _check_count(scene: Any, seeds: Sequence[int], n: int) -> None:
+    """``n`` train pixels per class can be drawn with every seed, or a ConfigError naming
+    ``per_class`` (the scene's own small-class policy, from ``prepare``, applies)."""
+    from pipeline.errors import SplitError
+    from pipeline.evaluation.scoring import resplit
+
+    try:
+        for seed in seeds:
+            resplit(scene, seed, n)
+    except SplitError as err:
+        short = str(err).split(";")[0]
+        raise ConfigError(
+            f"{short}: lower `per_class`, or make the scene again with `hsicache prepare "
+            "--small-classes take-all` (a small class then gives all its pixels)"
+        ) from None
 
 
 def plot_curve(result: dict[str, Any]) -> Any:
