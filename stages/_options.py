@@ -17,7 +17,8 @@ from pipeline.utils.config import StageConfig
 from stages._errors import user_errors
 
 BACKBONE_HELP = (
-    "builtin:tiny | builtin:adm64 | diffusers folder | hub id | guided-diffusion .pt checkpoint."
+    "builtin:natural-s | builtin:tiny | builtin:adm64 | diffusers folder | hub id | "
+    "guided-diffusion .pt checkpoint."
 )
 
 
@@ -41,6 +42,15 @@ SCENE_OPTION = typer.Option(
 
 HEAD_FEATURES_OPTION = typer.Option(
     None, "--features", help="Feature cache the head was trained on." + STORE_HELP
+)
+
+
+#: The feature cache of the commands that fit heads again (compare, curve, suggest).
+FEATURES_OPTION = typer.Option(
+    None,
+    "--features",
+    help="Feature cache from `hsicache extract`, for heads that read diffusion features."
+    + STORE_HELP,
 )
 
 

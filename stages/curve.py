@@ -11,7 +11,7 @@ from stages._errors import run_app, user_errors
 from stages._options import (
     CONTEXT_OPTION,
     DEBUG_OPTION,
-    HEAD_FEATURES_OPTION,
+    FEATURES_OPTION,
     HEADS_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def curve(
     scene: str = SCENE_OPTION,
-    features: str | None = HEAD_FEATURES_OPTION,
+    features: str | None = FEATURES_OPTION,
     context_store: str | None = CONTEXT_OPTION,
     heads: str | None = HEADS_OPTION,
     per_class: str = typer.Option(

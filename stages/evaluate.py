@@ -60,16 +60,17 @@ def evaluate(
                                          seeds=seed_list, progress=progress,
                                          context=context_store)  # fmt: skip
             write_evaluation(summary, metrics)
-            typer.echo(f"{summary['head']} over {len(seed_list)} seeds: "
-                       + ", ".join(f"{k.upper()} {summary[k]['mean']:.4f} ± {summary[k]['std']:.4f}"
+            typer.echo(f"{summary['head']} over {len(seed_list)} seeds, in %: "
+                       + ", ".join(f"{k.upper()} {100 * summary[k]['mean']:.1f} ± "
+                                   f"{100 * summary[k]['std']:.1f}"
                                    for k in ("oa", "aa", "kappa")))  # fmt: skip
             return
         result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head,
                                                  context=context_store)  # fmt: skip
         write_evaluation(result, metrics, actual=actual, predicted=predicted, plot=plot,
                          png=png)  # fmt: skip
-    typer.echo(f"{result['head']}: OA {result['oa']:.4f}, AA {result['aa']:.4f}, "
-               f"kappa {result['kappa']:.4f}, mIoU {result['miou']:.4f} "
+    typer.echo(f"{result['head']}, in %: OA {100 * result['oa']:.1f}, AA {100 * result['aa']:.1f}, "
+               f"kappa {100 * result['kappa']:.1f}, mIoU {100 * result['miou']:.1f} "
                f"on {result['n_test']} test pixels -> {metrics}")  # fmt: skip
 
 

@@ -50,7 +50,8 @@ def predict(
                               progress=progress, client=cluster(workers, scheduler),
                               context=context_store)  # fmt: skip
     h, w = summary["shape"]
-    typer.echo(f"wrote {out} ({h}x{w}, {summary['blocks']} blocks)")
+    n = summary["blocks"]
+    typer.echo(f"wrote {out} ({h}x{w}, {n} block{'' if n == 1 else 's'})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from stages._errors import run_app, user_errors
 from stages._options import (
     CONTEXT_OPTION,
     DEBUG_OPTION,
-    HEAD_FEATURES_OPTION,
+    FEATURES_OPTION,
     PARAMS_OPTION,
     SCENE_OPTION,
     parse_csv_ints,
@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 @app.command()
 def suggest(
     scene: str = SCENE_OPTION,
-    features: str | None = HEAD_FEATURES_OPTION,
+    features: str | None = FEATURES_OPTION,
     context_store: str | None = CONTEXT_OPTION,
     head: str = typer.Option(
         ..., "--head", help="A name under `heads:` of the params file (its recipe) or a kind."
