@@ -316,8 +316,8 @@ def test_bad_head_context_and_seeds_are_one_line(runner, stores, tmp_path):
     no_store = runner.invoke(app, [*base, "--context", "mean3"])
     assert no_store.exit_code == 2 and "--context-store" in no_store.stderr
     store_as_family = runner.invoke(app, [*base, "--context", str(stores["ctx.zarr"])])
-    assert store_as_family.exit_code == 2 and "takes family names" in store_as_family.stderr
-    assert "ctx.zarr` goes to `--context-store`" in store_as_family.stderr
+    assert store_as_family.exit_code == 2 and "among its context families" in store_as_family.stderr
+    assert "give the store as `--context-store`" in store_as_family.stderr
     no_seeds = runner.invoke(app, ["compare", "--scene", str(stores["scene.zarr"]), "--heads",
                                    "svm", "--seeds", ","])  # fmt: skip
     assert no_seeds.exit_code == 2 and "--seeds" in no_seeds.stderr
