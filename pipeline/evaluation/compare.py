@@ -285,22 +285,23 @@ def markdown_table(result: dict[str, Any]) -> str:
     ]
     n = len(card["seeds"])
     for r in result["rows"]:
-        base = r["without_diffusion_oa_mean"]
-        without = "-" if base is None else f"{100 * base:.1f}"
-        adds = (
-            "-"
-            if base is None
-            else _difference(
-                r["diffusion_gain"], r["diffusion_gain_std"], r["diffusion_gain_above"], n
-            )
-        )
-        cells = [r["head"], "; ".join(r["reads"]), _pm(r, "oa"), _pm(r, "aa"), _pm(r, "kappa"),
-                 without, adds]  # fmt: skip
+        cells = [r["head"], "; ".join(r["reads"]), _pm(r, "oa"), _pm(r, "aa"), _pm(r, "kappa")]
+        cells += _gain_cells(r, n)
         if reference:
             vs = r.get("vs_reference")
             cells.append("-" if vs is None else _difference(vs["mean"], vs["std"], vs["above"], n))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _gain_cells(row: dict[str, Any], n: int) -> list[str]:
+    """The twin's OA and what the diffusion features add, or dashes for a head without twin."""
+    if row["without_diffusion_oa_mean"] is None:
+        return ["-", "-"]
+    gain = _difference(
+        row["diffusion_gain"], row["diffusion_gain_std"], row["diffusion_gain_above"], n
+    )
+    return [f"{100 * row['without_diffusion_oa_mean']:.1f}", gain]
 
 
 def _difference(mean: float, std: float, above: int, n: int) -> str:
@@ -381,7 +382,6 @@ def run_comparison(
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,film`")
     if not seeds:
         raise ConfigError("`seeds` needs at least one seed")
-    reference = _check_reference(reference, heads)
     check_outputs(
         {"out": (out, METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
