@@ -38,10 +38,11 @@ def world(tmp_path_factory) -> dict[str, str]:
     (d / "wrong_type.yaml").write_text("extract:\n  stride: eight\n")
     (d / "not_mapping.yaml").write_text("- extract\n- 8\n")
     (d / "broken.yaml").write_text("extract: {stride: [8\n")
+    (d / "misspelt.yaml").write_text("extrac:\n  stride: 8\nheds:\n  spectral: {width: 8}\n")
     return {k: str(d / k) for k in ("a.zarr", "b.zarr", "fa.zarr", "fb.zarr", "head",
                                     "fmissing.zarr", "fcorrupt.zarr", "garbage.mat",
                                     "unknown_key.yaml", "wrong_type.yaml", "not_mapping.yaml",
-                                    "broken.yaml")} | {"dir": str(d)}  # fmt: skip
+                                    "broken.yaml", "misspelt.yaml")} | {"dir": str(d)}  # fmt: skip
 
 
 def _extract(w, *extra, out="new.zarr"):
@@ -105,6 +106,11 @@ CASES = [
      "not_mapping.yaml", ["new.zarr"]),
     ("params-broken-yaml", lambda w: _extract(w, "--params", w["broken.yaml"]),
      "broken.yaml", ["new.zarr"]),
+    ("params-misspelt-section", lambda w: _extract(w, "--params", w["misspelt.yaml"]),
+     "has `extrac`", ["new.zarr"]),
+    ("params-misspelt-heads", lambda w: ["train", "--scene", w["a.zarr"], "--head", "spectral",
+                                         "--params", w["misspelt.yaml"], "--out",
+                                         f"{w['dir']}/h2"], "has `heds`", ["h2"]),
     ("params-missing-file", lambda w: _extract(w, "--params", "/no/params.yaml"),
      "/no/params.yaml", ["new.zarr"]),
     # heads
@@ -170,6 +176,6 @@ def test_the_matrix_covers_every_stage():
                                                  "head", "fmissing.zarr", "fcorrupt.zarr",
                                                  "garbage.mat", "unknown_key.yaml",
                                                  "wrong_type.yaml", "not_mapping.yaml",
-                                                 "broken.yaml"), "x")})[0] for c in CASES}  # fmt: skip
+                                                 "broken.yaml", "misspelt.yaml"), "x")})[0] for c in CASES}  # fmt: skip
     assert {"prepare", "extract", "train", "evaluate", "predict", "cache", "bench"} <= stages
     assert len(CASES) >= 20

@@ -176,3 +176,14 @@ def test_public_stage_functions_take_inputs_outputs_and_a_config():
     for fn in (extract_features, pretrain, prepare):
         params = inspect.signature(fn).parameters
         assert "config" in params and not [p for p in params if p.startswith("stop")]
+
+
+def test_every_section_a_command_reads_is_known_to_the_spelling_check():
+    from pipeline.io.params import SECTIONS
+
+    click_app = get_command(app)
+    with_params = set()
+    for name, command in click_app.commands.items():
+        if any(p.name == "params" for p in getattr(command, "params", [])):
+            with_params.add(name)
+    assert with_params | {"heads"} == set(SECTIONS)

@@ -9,6 +9,21 @@ from pipeline.errors import ConfigError
 
 __all__ = ["head_settings", "load_section"]
 
+# Every section hsicache reads: a command's options (its name) and the heads' recipes.
+SECTIONS = (
+    "prepare",
+    "pretrain",
+    "context",
+    "extract",
+    "train",
+    "evaluate",
+    "predict",
+    "compare",
+    "curve",
+    "suggest",
+    "heads",
+)
+
 
 def load_section(path: Path, section: str) -> dict[str, Any]:
     """The mapping under ``section`` in the YAML file ``path`` (empty when absent)."""
@@ -23,10 +38,27 @@ def load_section(path: Path, section: str) -> dict[str, Any]:
         raise ConfigError(f"params file `{path}` is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file `{path}` must hold a mapping of stage sections")
+    if section not in data:
+        _check_spelling(path, data, section)
     table = data.get(section) or {}
     if not isinstance(table, dict):
         raise ConfigError(f"`{section}` in `{path}` must be a mapping of option names to values")
     return table
+
+
+def _check_spelling(path: Path, data: dict[Any, Any], section: str) -> None:
+    """Refuse a file without ``section`` whose top level has a near miss of it (``contxt:``):
+    its settings would otherwise be ignored in silence. Other sections of a user's own are
+    left alone."""
+    import difflib
+
+    others = [str(key) for key in data if key not in SECTIONS]
+    near = difflib.get_close_matches(section, others, n=1, cutoff=0.75)
+    if near:
+        raise ConfigError(
+            f"params file `{path}` has no `{section}` section but has `{near[0]}`: "
+            f"did you mean `{section}`?"
+        )
 
 
 def head_settings(path: Path, head: str) -> dict[str, Any]:
