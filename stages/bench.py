@@ -196,7 +196,7 @@ def propagate(
     typer.echo(f"  train seconds      {rep['train_seconds']:10.1f}   (target <= 300 on 2 cores)")
     typer.echo(f"  evaluate seconds   {rep['evaluate_seconds']:10.1f}   ({d['n_test']:,} test px)")
     typer.echo(f"  peak memory GB     {rep['peak_rss_gb']:10.2f}   (target <= 8)")
-    typer.echo(f"  test OA            {rep['oa']:10.4f}")
+    typer.echo(f"  test OA            {100 * rep['oa']:10.1f} %")
 
 
 if __name__ == "__main__":
