@@ -10,6 +10,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import PurePath
 from typing import Any, NoReturn
 
 import typer
@@ -74,8 +75,9 @@ def in_flags(message: str, ctx: Any = None) -> str:
     """A library message in the command line's words: a backticked parameter ``stride``
     becomes ``--stride``, ``split=fraction`` becomes ``--split fraction`` (and
     ``allow_degenerate=True`` ``--allow-degenerate``), for the parameters of the command that
-    is running; anything else is left as it is. The one place where hsicache's library and
-    command-line vocabularies meet."""
+    is running; anything else is left as it is, and so is a word that is one of the values
+    given (``--key seed`` names a variable, not ``--seed``). The one place where hsicache's
+    library and command-line vocabularies meet."""
     ctx = ctx if ctx is not None else get_current_context(silent=True)
     if ctx is None:
         return message
@@ -88,9 +90,11 @@ def in_flags(message: str, ctx: Any = None) -> str:
         if name not in flags and spelled in flags:
             flags[name] = flags[spelled]
 
+    given = {str(v) for v in (ctx.params or {}).values() if isinstance(v, (str, PurePath))}
+
     def flag(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
-        if name not in flags:
+        if name not in flags or (value is None and name in given):
             return m.group(0)
         if value is None or value == "True":
             return f"`{flags[name]}`"

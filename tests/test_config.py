@@ -139,6 +139,15 @@ def test_in_flags_translates_only_the_commands_parameters():
     assert in_flags("give `context_store=C.zarr`", compare) == "give `--context-store C.zarr`"
 
 
+def test_in_flags_leaves_the_users_own_values_alone():
+    argv = ["--cube", "seed", "--labels", "labels", "--key", "cube", "--out", "x"]
+    ctx = _command("prepare").make_context("prepare", argv, resilient_parsing=True)
+    assert in_flags("cube file `seed` does not exist", ctx) == "cube file `seed` does not exist"
+    assert in_flags("`labels` has no variable `cube` (`key`); `gamma`", ctx) == (
+        "`labels` has no variable `cube` (`--key`); `--gamma`"
+    )
+
+
 def test_library_messages_name_parameters_not_flags():
     """No string in the library, docstrings aside, names a command-line flag in backticks: the
     command line translates field names (``in_flags``), so a notebook user is never told

@@ -171,7 +171,7 @@ def _choose_key(
     if key is not None:
         if key not in layouts:
             raise KeyAmbiguityError(
-                f"{role} `{path}` has no variable `{key}` ({key_option}); it holds: "
+                f"{role} `{path}` has no variable `{key}` (`{key_option}`); it holds: "
                 f"{_describe(layouts)}"
             )
         return key
