@@ -75,8 +75,8 @@ def in_flags(message: str, ctx: Any = None) -> str:
     """A library message in the command line's words: a backticked parameter ``stride``
     becomes ``--stride``, ``split=fraction`` becomes ``--split fraction`` (and
     ``allow_degenerate=True`` ``--allow-degenerate``), for the parameters of the command that
-    is running; anything else is left as it is, and so is a word that is one of the values
-    given (``--key seed`` names a variable, not ``--seed``). The one place where hsicache's
+    is running; anything else is left as it is, and so is a word that is a path or a variable
+    name given (``--key seed`` names a variable, not ``--seed``). The one place where hsicache's
     library and command-line vocabularies meet."""
     ctx = ctx if ctx is not None else get_current_context(silent=True)
     if ctx is None:
@@ -90,7 +90,11 @@ def in_flags(message: str, ctx: Any = None) -> str:
         if name not in flags and spelled in flags:
             flags[name] = flags[spelled]
 
-    given = {str(v) for v in (ctx.params or {}).values() if isinstance(v, (str, PurePath))}
+    given = {  # free text a user may give: paths and the variable names of a container file
+        str(v)
+        for k, v in (ctx.params or {}).items()
+        if isinstance(v, PurePath) or (k.endswith("key") and isinstance(v, str))
+    }
 
     def flag(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)

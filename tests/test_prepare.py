@@ -172,6 +172,8 @@ def _bad_inputs(scenes, tmp_path):
     np.save(nan_cube, cube)
     empty_train = tmp_path / "empty_train.npy"
     np.save(empty_train, np.zeros((12, 10), dtype=np.uint8))
+    bands_first = tmp_path / "bands_first.npy"
+    np.save(bands_first, np.moveaxis(np.load(scenes / "tiny.npy"), -1, 0))
     gt = ["--labels", scenes / "tiny_gt.npy"]
     npy = ["--cube", scenes / "tiny.npy"]
     return [
@@ -181,8 +183,8 @@ def _bad_inputs(scenes, tmp_path):
         ("no 3-D array", ["--cube", scenes / "tiny_gt.npy", *gt], r"shape \(12, 10\); expected 3 dimensions"),
         ("label shape", [*npy, "--labels", wrong_shape], r"label map `.*wrong_shape.npy` has shape \(5, 5\) but the cube is 12x10"),
         ("non-integer labels", [*npy, "--labels", fractional], r"non-integer values \(e.g. 1.5\)"),
-        ("negative labels", [*npy, "--labels", negative], r"negative values \(min -11\)"),
-        ("nan in cube", ["--cube", nan_cube, *gt], r"2 NaN/inf values in 1 pixels: pass `--nan-policy zero`"),
+        ("negative labels", [*npy, "--labels", negative], r"110 negative values \(min -11\)"),
+        ("nan in cube", ["--cube", nan_cube, *gt], r"2 missing values \(NaN/inf\) in 1 pixel: pass `--nan-policy zero`"),
         ("band index", [*npy, *gt, "--rgb-bands", "6,1,0"], r"`--rgb-bands` index 6 is out of range: the cube has 6 bands"),
         ("overlapping masks", [*npy, "--train-mask", scenes / "tiny_gt.npy", "--test-mask", scenes / "tiny_gt.npy"], r"overlap in 110 pixels"),
         ("empty train", [*npy, *gt, "--train-mask", empty_train, "--test-mask", scenes / "tiny_gt.npy"], r"train set is empty"),
@@ -190,6 +192,9 @@ def _bad_inputs(scenes, tmp_path):
         ("no input", [*gt], r"give exactly one of `--cube PATH` and `--builtin NAME`"),
         ("unknown builtin", ["--builtin", "pavia"], r"unknown built-in scene `pavia`"),
         ("bad rgb-bands", [*npy, *gt, "--rgb-bands", "a,b,c"], r"`--rgb-bands` takes comma-separated integers"),
+        ("key for a .npy", [*npy, *gt, "--key", "cube"], r"`--key` chooses a variable of a .mat or .npz file only"),
+        ("bands first", ["--cube", bands_first, *gt], r"the cube looks bands-first: save it as \(height, width, bands\)"),
+        ("fraction without it", [*npy, *gt, "--split", "fraction"], r"`--split fraction` needs `--fraction F`"),
         ("rgb-bands with pca", [*npy, *gt, "--rgb-mode", "pca", "--rgb-bands", "3,2,1"],
          r"`--rgb-bands` is for `--rgb-mode bands`, not `--rgb-mode pca`: drop one of them"),
     ]  # fmt: skip
@@ -278,3 +283,84 @@ class TestPrepareRealData:
         assert int((train > 0).sum()) == 2832 and int((test > 0).sum()) == 12197
         assert not ((train > 0) & (test > 0)).any()
         assert len(np.unique(train[train > 0])) == 15
+
+
+class TestMissingValues:
+    """A cube's no-data value (declared by its file) and NaN/inf are missing values: refused by
+    default, filled on request, and their pixels never train or test pixels."""
+
+    @pytest.fixture
+    def files(self, tmp_path):
+        from tests.test_readers import _geotiff
+
+        rng = np.random.default_rng(0)
+        cube = rng.integers(100, 900, size=(16, 16, 5)).astype(np.int16)
+        cube[:2, :3] = -32768  # a no-data corner, labelled below
+        labels = np.repeat(np.arange(1, 5), 64).reshape(16, 16).astype(np.uint8)
+        _geotiff(tmp_path / "cube.tif", cube, nodata=-32768)
+        np.save(tmp_path / "gt.npy", labels)
+        return tmp_path / "cube.tif", tmp_path / "gt.npy"
+
+    def test_refused_by_default_naming_the_value(self, files):
+        from pipeline.errors import NonFiniteError
+        from pipeline.scene.preparation import build_scene
+
+        with pytest.raises(NonFiniteError, match=r"30 missing values \(NaN/inf or the file's "
+                                                 r"no-data value -32768\) in 6 pixels"):  # fmt: skip
+            build_scene(cube=files[0], labels=files[1], per_class=3)
+
+    @pytest.mark.parametrize("split", [{"per_class": 3}, {"split": "fraction", "fraction": 0.9}])
+    def test_filled_pixels_leave_the_split(self, files, split):
+        from pipeline.errors import HsicacheWarning
+        from pipeline.scene.preparation import build_scene
+
+        with pytest.warns(HsicacheWarning, match="6 labelled pixels .* left out of the split"):
+            scene = build_scene(cube=files[0], labels=files[1], nan_policy="band-mean", **split)
+        corner = np.zeros((16, 16), bool)
+        corner[:2, :3] = True
+        assert (scene.labels[corner] == -1).all() and (scene.labels[~corner] >= 0).all()
+        assert not (scene.train | scene.test)[corner].any()
+        assert (scene.train | scene.test)[~corner].all()
+        assert np.isfinite(scene.cube).all() and (scene.cube[corner] > 100).all()
+
+    def test_official_masks_lose_them_too(self, files, tmp_path):
+        from pipeline.scene.preparation import build_scene
+
+        labels = np.load(files[1])
+        train = np.where(np.arange(256).reshape(16, 16) % 7 == 0, labels, 0)
+        np.save(tmp_path / "tr.npy", train)
+        np.save(tmp_path / "te.npy", np.where(train > 0, 0, labels))
+        with pytest.warns(match="left out of the split"):
+            scene = build_scene(cube=files[0], train_mask=tmp_path / "tr.npy",
+                                test_mask=tmp_path / "te.npy", nan_policy="zero")  # fmt: skip
+        assert train[:2, :3].any() and not scene.train[:2, :3].any()
+        assert not scene.test[:2, :3].any()
+        np.testing.assert_array_equal(scene.train[2:], train[2:] > 0)
+
+
+def test_wavelengths_of_another_length_are_ignored_with_a_warning(scenes, tmp_path):
+    from pipeline.errors import HsicacheWarning
+    from pipeline.scene.preparation import build_scene
+
+    header = re.sub(r"wavelength = \{[^}]*\}", "wavelength = {450, 500, 550}",
+                    (scenes / "tiny_bsq.hdr").read_text())  # fmt: skip
+    (tmp_path / "c.hdr").write_text(header)
+    (tmp_path / "c.img").write_bytes((scenes / "tiny_bsq.img").read_bytes())
+    with pytest.warns(HsicacheWarning, match=r"gives 3 wavelengths for 6 bands: they are ignored"):
+        scene = build_scene(cube=tmp_path / "c.hdr", labels=scenes / "tiny_gt.npy", per_class=2)
+    assert scene.wavelengths is None
+
+
+def test_a_label_map_placed_elsewhere_is_refused(tmp_path):
+    from pipeline.errors import ShapeMismatchError
+    from pipeline.scene.preparation import build_scene
+    from tests.test_readers import _geotiff
+
+    cube = np.random.default_rng(0).integers(1, 9, size=(8, 8, 4)).astype(np.int16)
+    labels = np.repeat([1, 2], 32).reshape(8, 8).astype(np.uint8)
+    _geotiff(tmp_path / "cube.tif", cube, nodata=None)
+    _geotiff(tmp_path / "here.tif", labels, nodata=None)
+    _geotiff(tmp_path / "there.tif", labels, nodata=None, x0=700000)
+    build_scene(cube=tmp_path / "cube.tif", labels=tmp_path / "here.tif", per_class=2)
+    with pytest.raises(ShapeMismatchError, match=r"there.tif` is georeferenced differently"):
+        build_scene(cube=tmp_path / "cube.tif", labels=tmp_path / "there.tif", per_class=2)

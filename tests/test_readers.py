@@ -103,3 +103,58 @@ class TestReadMap:
     def test_role_names_the_culprit(self, tmp_path):
         with pytest.raises(SceneNotFoundError, match=r"^train mask file"):
             read_map(tmp_path / "TrainImage.mat", role="train mask")
+
+
+def _geotiff(path, data, nodata, x0=600000):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
+    with rasterio.open(path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2],
+                       count=bands.shape[0], dtype=bands.dtype, nodata=nodata, crs="EPSG:32632",
+                       transform=from_origin(x0, 5360000, 30, 30)) as ds:  # fmt: skip
+        ds.write(bands)
+
+
+class TestNoData:
+    """The no-data value a file declares: a map reads it as unlabelled, a cube reports it."""
+
+    def test_geotiff_label_nodata_is_unlabelled(self, tmp_path):
+        labels = np.array([[1, 2, 255], [255, 2, 0]], dtype=np.uint8)
+        _geotiff(tmp_path / "gt.tif", labels, nodata=255)
+        np.testing.assert_array_equal(read_map(tmp_path / "gt.tif").data, [[1, 2, 0], [0, 2, 0]])
+
+    def test_geotiff_cube_nodata_is_reported(self, tmp_path):
+        cube = np.ones((2, 3, 4), dtype=np.int16)
+        _geotiff(tmp_path / "cube.tif", cube, nodata=-32768)
+        raster = read_cube(tmp_path / "cube.tif")
+        assert raster.nodata == -32768
+        np.testing.assert_array_equal(raster.data, cube)  # the values as the file has them
+
+    def test_envi_data_ignore_value(self, scenes, tmp_path):
+        header = (scenes / "tiny_bsq.hdr").read_text() + "data ignore value = -9999\n"
+        (tmp_path / "c.hdr").write_text(header)
+        (tmp_path / "c.img").write_bytes((scenes / "tiny_bsq.img").read_bytes())
+        assert read_cube(tmp_path / "c.hdr").nodata == -9999
+        assert read_cube(scenes / "tiny_bsq.hdr").nodata is None
+
+    def test_envi_ignore_value_must_be_a_number(self, scenes, tmp_path):
+        header = (scenes / "tiny_bsq.hdr").read_text() + "data ignore value = none\n"
+        (tmp_path / "c.hdr").write_text(header)
+        (tmp_path / "c.img").write_bytes((scenes / "tiny_bsq.img").read_bytes())
+        with pytest.raises(SceneFormatError, match=r"c.hdr.*data ignore value = none"):
+            read_cube(tmp_path / "c.hdr")
+
+
+def test_envi_map_info_is_georeferencing(scenes, tmp_path):
+    header = (scenes / "tiny_bsq.hdr").read_text() + (
+        "map info = {UTM, 1.000, 1.000, 500000.000, 4200000.000, 3.0e+01, 3.0e+01, 33, North, "
+        "WGS-84, units=Meters}\n"
+    )
+    (tmp_path / "c.hdr").write_text(header)
+    (tmp_path / "c.img").write_bytes((scenes / "tiny_bsq.img").read_bytes())
+    for path in (tmp_path / "c.hdr", tmp_path / "c.img"):
+        raster = read_cube(path)
+        assert '"WGS 84"' in raster.crs and '"central_meridian",15]' in raster.crs  # zone 33
+        assert raster.transform == (30.0, 0.0, 500000.0, 0.0, -30.0, 4200000.0)
+    assert read_cube(scenes / "tiny_bsq.hdr").crs is None

@@ -32,7 +32,7 @@ class TestEncodeLabels:
             encode_labels(np.array([[0.0, 2.5]]), source="labels.npy")
 
     def test_negative(self):
-        with pytest.raises(LabelError, match=r"1 negative values \(min -3\)"):
+        with pytest.raises(LabelError, match=r"1 negative value \(min -3\)"):
             encode_labels(np.array([[0, -3], [1, 2]]))
 
     def test_nan(self):

@@ -21,9 +21,10 @@ from pipeline.errors import (
 from pipeline.scene.builtin import load_builtin
 from pipeline.scene.config import PrepareConfig
 from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, write_scene
-from pipeline.scene.readers import read_cube, read_map
+from pipeline.scene.readers import Raster, read_cube, read_map
 from pipeline.scene.render import Rendering, render_rgb
 from pipeline.scene.splits import encode_labels, make_split
+from pipeline.utils.checks import counted
 
 __all__ = ["build_scene", "prepare"]
 
@@ -59,6 +60,7 @@ def build_scene(
     src = _read_source(cube, key, builtin, cfg.seed, masks)
     if labels is not None:
         lab = read_map(labels, label_key, role="label map", key_option="label_key")
+        _check_placement(src, lab, f"label map `{labels}`")
         src.label_ids, src.label_source = lab.data, f"label map `{labels}`"
     elif src.label_ids is None:
         if masks is None:
@@ -67,8 +69,11 @@ def build_scene(
     _check_shapes(src, masks)
     index_map, class_ids = encode_labels(src.label_ids, source=src.label_source)
     names = _class_names(class_names or src.class_names, class_ids)
-    # 3. the cube's values
-    cube_f = _fill_nonfinite(np.asarray(src.data, dtype=np.float32), cfg.nan_policy, src.source)
+    # 3. the cube's values: a pixel with a missing value (NaN/inf, the file's no-data value) is
+    #    filled as `nan_policy` says and left out of the split
+    missing = _missing_values(src)
+    cube_f = _fill_missing(np.asarray(src.data, dtype=np.float32), missing, cfg, src)
+    index_map, masks = _leave_out(missing.any(axis=-1), index_map, masks, src.source)
     # 4. the split
     train, test, record = _split(index_map, class_ids, cfg, masks)
     # 5. the rendering the backbone will see
@@ -93,6 +98,7 @@ class _Masks:
     test: np.ndarray
     train_path: str | Path
     test_path: str | Path
+    placed: Raster | None = None  # the train mask's georeferencing, when it has one
 
     @property
     def names(self) -> str:
@@ -114,6 +120,7 @@ class _Source:
     label_ids: np.ndarray | None = None
     label_source: str = "label map"
     class_names: Sequence[str] | None = None
+    nodata: float | None = None
 
     @property
     def source(self) -> str:
@@ -125,14 +132,15 @@ def _read_masks(
 ) -> _Masks | None:
     if train_mask is None or test_mask is None:
         return None
-    train = read_map(train_mask, mask_key, role="train mask", key_option="mask_key").data
+    train_map = read_map(train_mask, mask_key, role="train mask", key_option="mask_key")
     test = read_map(test_mask, mask_key, role="test mask", key_option="mask_key").data
+    train = train_map.data
     if train.shape != test.shape:
         raise ShapeMismatchError(
             f"train mask `{train_mask}` has shape {train.shape} but test mask "
             f"`{test_mask}` has {test.shape}"
         )
-    return _Masks(train, test, train_mask, test_mask)
+    return _Masks(train, test, train_mask, test_mask, placed=train_map)
 
 
 def _read_source(
@@ -154,17 +162,49 @@ def _read_source(
     raster = read_cube(cube, key)  # type: ignore[arg-type]
     wavelengths = raster.wavelengths
     if wavelengths is not None and len(wavelengths) != raster.data.shape[-1]:
+        warnings.warn(
+            f"cube `{cube}` gives {len(wavelengths)} wavelengths for {raster.data.shape[-1]} "
+            "bands: they are ignored (no wavelength rendering)",
+            HsicacheWarning,
+            stacklevel=3,
+        )
         wavelengths = None
     attrs = {"source": str(cube), "source_key": raster.key, "attribution": None}
-    return _Source(raster.data, attrs, wavelengths, raster.crs, raster.transform)
+    return _Source(
+        raster.data, attrs, wavelengths, raster.crs, raster.transform, nodata=raster.nodata
+    )
+
+
+def _check_placement(src: _Source, other: Raster, what: str) -> None:
+    """Refuse a georeferenced map that lies elsewhere on Earth than its georeferenced cube."""
+    if not (src.crs and other.crs and src.transform and other.transform):
+        return
+    from rasterio.crs import CRS
+
+    same = CRS.from_wkt(src.crs) == CRS.from_wkt(other.crs) and np.allclose(
+        src.transform, other.transform, rtol=1e-9, atol=1e-6 * abs(src.transform[0])
+    )
+    if not same:
+        raise ShapeMismatchError(
+            f"{what} is georeferenced differently from the cube `{src.source}` (CRS or "
+            f"transform {tuple(other.transform)} against {tuple(src.transform)}): they must "
+            "cover the same pixels"
+        )
 
 
 def _check_shapes(src: _Source, masks: _Masks | None) -> None:
+    if masks is not None and masks.placed is not None:
+        _check_placement(src, masks.placed, f"train mask `{masks.train_path}`")
     height, width = src.data.shape[:2]
     if src.label_ids.shape != (height, width):
+        hint = (
+            "; the cube looks bands-first: save it as (height, width, bands)"
+            if src.label_ids.shape == src.data.shape[1:]
+            else ""
+        )
         raise ShapeMismatchError(
             f"{src.label_source} has shape {src.label_ids.shape} but the cube is "
-            f"{height}x{width} (height x width): they must match"
+            f"{height}x{width} (height x width): they must match{hint}"
         )
     if masks is not None and masks.train.shape != (height, width):
         raise ShapeMismatchError(
@@ -355,19 +395,31 @@ def _union_of_masks(
     return a + b
 
 
-def _fill_nonfinite(cube: np.ndarray, policy: str, source: str) -> np.ndarray:
-    bad = ~np.isfinite(cube)
+def _missing_values(src: _Source) -> np.ndarray:
+    """Where the cube has no value: NaN/inf, or the no-data value its file declares."""
+    data = np.asarray(src.data)
+    missing = ~np.isfinite(data) if data.dtype.kind in "fc" else np.zeros(data.shape, bool)
+    if src.nodata is not None and np.isfinite(src.nodata):
+        missing |= data == src.nodata
+    return missing
+
+
+def _fill_missing(
+    cube: np.ndarray, bad: np.ndarray, cfg: PrepareConfig, src: _Source
+) -> np.ndarray:
+    """The cube with its missing values filled as ``cfg.nan_policy`` says, or an error."""
     n_bad = int(bad.sum())
     if n_bad == 0:
         return cube
-    if policy == "error":
+    if cfg.nan_policy == "error":
+        declared = f" or the file's no-data value {src.nodata:g}" if src.nodata is not None else ""
         raise NonFiniteError(
-            f"cube `{source}` holds {n_bad} NaN/inf values in "
-            f"{int(bad.any(axis=-1).sum())} pixels: pass `nan_policy=zero` or "
-            "`nan_policy=band-mean` to fill them"
+            f"cube `{src.source}` holds {counted(n_bad, 'missing value')} (NaN/inf{declared}) "
+            f"in {counted(int(bad.any(axis=-1).sum()), 'pixel')}: pass `nan_policy=zero` or "
+            "`nan_policy=band-mean` to fill them (those pixels are then left out of the split)"
         )
     cube = cube.copy()
-    if policy == "zero":
+    if cfg.nan_policy == "zero":
         cube[bad] = 0.0
     else:
         masked = np.where(bad, np.nan, cube)
@@ -375,3 +427,28 @@ def _fill_nonfinite(cube: np.ndarray, policy: str, source: str) -> np.ndarray:
         means = np.nan_to_num(means)
         cube[bad] = np.broadcast_to(means, cube.shape)[bad]
     return cube
+
+
+def _leave_out(
+    empty: np.ndarray, index_map: np.ndarray, masks: _Masks | None, source: str
+) -> tuple[np.ndarray, _Masks | None]:
+    """Pixels without data are neither train nor test pixels: a classifier is not fitted or
+    judged on values made up for them."""
+    dropped = int((empty & (index_map >= 0)).sum())
+    if not dropped:
+        return index_map, masks
+    warnings.warn(
+        f"{counted(dropped, 'labelled pixel')} of `{source}` with missing values left out of "
+        "the split",
+        HsicacheWarning,
+        stacklevel=3,
+    )
+    index_map = np.where(empty, -1, index_map).astype(index_map.dtype)
+    if masks is not None:
+        masks = _Masks(
+            np.where(empty, 0, masks.train),
+            np.where(empty, 0, masks.test),
+            masks.train_path,
+            masks.test_path,
+        )
+    return index_map, masks

@@ -50,6 +50,9 @@ class Raster:
         transform: affine pixel-to-map transform ``(a, b, c, d, e, f)`` as in rasterio.
         source: the path that was read.
         key: the variable name inside a container file, when there was one.
+        nodata: the value the file declares for "no data" (a GeoTIFF's ``nodata``, an ENVI
+            header's ``data ignore value``). A map's no-data pixels are read as 0 (unlabelled);
+            a cube keeps the value, and ``prepare`` treats it as missing.
     """
 
     data: np.ndarray
@@ -58,6 +61,7 @@ class Raster:
     transform: tuple[float, ...] | None = None
     source: str = ""
     key: str | None = None
+    nodata: float | None = None
 
 
 def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "key") -> Raster:
@@ -123,13 +127,26 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
         )
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise SceneFormatError(f"{role} `{path}` holds non-numeric data of dtype {data.dtype}")
+    if ndim == 2 and raster.nodata is not None:
+        data = _unlabelled_where_no_data(data, raster.nodata)
     raster.data = data
     raster.source = str(path)
     return raster
 
 
+def _unlabelled_where_no_data(data: np.ndarray, nodata: float) -> np.ndarray:
+    """A map's no-data pixels as 0, the value every map reader takes for "no label"."""
+    empty = np.isnan(data) if np.isnan(nodata) else data == nodata
+    return np.where(empty, 0, data).astype(data.dtype) if empty.any() else data
+
+
 def _read_by_suffix(path: Path, key: str | None, ndim: int, role: str, key_option: str) -> Raster:
     suffix = path.suffix.lower()
+    if key is not None and suffix not in (".mat", ".npz"):
+        raise SceneFormatError(
+            f"{role} `{path}` holds one array: `{key_option}` chooses a variable of a .mat or "
+            ".npz file only; leave it out"
+        )
     if suffix == ".mat":
         return _read_mat(path, key, ndim, role, key_option)
     if suffix == ".npy":
@@ -238,7 +255,8 @@ def _read_geotiff(path: Path, ndim: int, role: str) -> Raster:
             crs = ds.crs.to_wkt() if ds.crs else None
             transform = tuple(ds.transform)[:6] if ds.crs or not ds.transform.is_identity else None
             wavelengths = _geotiff_wavelengths(ds)
-    return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform)
+            nodata = ds.nodata
+    return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
 
 
 def _geotiff_wavelengths(ds: object) -> np.ndarray | None:
@@ -274,7 +292,8 @@ def _read_envi(path: Path) -> Raster:
                 + " or ".join(f"`{h.name}`" for h in tried)
                 + " beside the data file"
             )
-    interleave = str(envi.read_envi_header(str(header)).get("interleave", "bsq")).lower()
+    fields = envi.read_envi_header(str(header))
+    interleave = str(fields.get("interleave", "bsq")).lower()
     if interleave not in ("bsq", "bil", "bip"):
         raise SceneFormatError(
             f"ENVI header `{header}` says `interleave = {interleave}`; it must be bsq, bil or bip"
@@ -291,7 +310,36 @@ def _read_envi(path: Path) -> Raster:
         if unit.startswith("micro") or unit in ("um", "µm") or (not unit and wl.max() < 100):
             wl = wl * 1000.0
         wavelengths = wl
-    return Raster(data, wavelengths=wavelengths)
+    crs, transform = _envi_georeferencing(image.filename) if "map info" in fields else (None, None)
+    nodata = _envi_ignore_value(fields, header)
+    return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
+
+
+def _envi_georeferencing(data_file: str) -> tuple[str | None, tuple[float, ...] | None]:
+    """CRS (WKT) and affine transform from the header's ``map info``, read by GDAL's ENVI
+    driver as for a GeoTIFF."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(data_file) as ds:
+            crs = ds.crs.to_wkt() if ds.crs else None
+            placed = ds.crs or not ds.transform.is_identity
+            return crs, tuple(v + 0.0 for v in ds.transform[:6]) if placed else None  # no -0.0
+
+
+def _envi_ignore_value(fields: dict[str, object], header: Path) -> float | None:
+    """The header's ``data ignore value``, if it has one."""
+    value = fields.get("data ignore value")
+    if value is None:
+        return None
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise SceneFormatError(
+            f"ENVI header `{header}` has `data ignore value = {value}`, which is not a number"
+        ) from None
 
 
 def _check_envi_size(image: object, header: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.errors import LabelError, ShapeMismatchError, SplitError
-from pipeline.utils.checks import check_seed
+from pipeline.utils.checks import check_seed, counted
 
 __all__ = ["SPLIT_PROTOCOLS", "check_split_options", "encode_labels", "make_split"]
 
@@ -74,8 +74,8 @@ def encode_labels(
     ints = values.astype(np.int64)
     if (ints < 0).any():
         raise LabelError(
-            f"{source} holds {int((ints < 0).sum())} negative values (min {int(ints.min())}); "
-            "labels must be >= 0 with 0 = unlabeled"
+            f"{source} holds {counted(int((ints < 0).sum()), 'negative value')} "
+            f"(min {int(ints.min())}); labels must be >= 0 with 0 = unlabeled"
         )
     class_ids = np.unique(ints[ints > 0])
     if class_ids.size == 0:
@@ -161,6 +161,10 @@ def make_split(
         train = _draw(labels, labeled, need, rng)
         test = labeled & ~train
     elif protocol == "fraction":
+        if fraction is None:
+            raise SplitError(
+                "`split=fraction` needs `fraction=F`, the share of each class to train on"
+            )
         need = _need_per_class(labels, class_ids, None, fraction, small_classes)
         train = _draw(labels, labeled, need, rng)
         test = labeled & ~train

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["check_choice", "check_int", "check_number", "check_seed"]
+__all__ = ["check_choice", "check_int", "check_number", "check_seed", "counted"]
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
@@ -66,3 +66,8 @@ def _range(low: int | None, high: int | None) -> str:
     if low is not None:
         return f"at least {low}"
     return f"at most {high}"
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 pixel"``, ``"2 pixels"``: a count and its noun, for messages."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
