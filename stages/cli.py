@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
 from stages import (
@@ -28,20 +30,35 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Precomputed diffusion-feature cache and cheap heads for hyperspectral classification.",
 )
-app.command("prepare", help=prepare.prepare.__doc__)(prepare.prepare)
-app.command("pretrain", help=pretrain.pretrain.__doc__)(pretrain.pretrain)
-app.command("layers", help=layers.layers.__doc__)(layers.layers)
-app.command("extract", help=extract.extract.__doc__)(extract.extract)
-app.command("context", help=context.context.__doc__)(context.context)
-app.command("train", help=train.train.__doc__)(train.train)
-app.command("evaluate", help=evaluate.evaluate.__doc__)(evaluate.evaluate)
-app.command("predict", help=predict.predict.__doc__)(predict.predict)
-app.command("compare", help=compare.compare.__doc__)(compare.compare)
-app.command("probe", help=probe.probe.__doc__)(probe.probe)
-app.command("curve", help=curve.curve.__doc__)(curve.curve)
-app.command("suggest", help=suggest.suggest.__doc__)(suggest.suggest)
-app.add_typer(cache.app, name="cache", help=cache.__doc__)
-app.add_typer(bench.app, name="bench", help=bench.__doc__)
+COMMANDS = {
+    "prepare": prepare.prepare,
+    "pretrain": pretrain.pretrain,
+    "layers": layers.layers,
+    "extract": extract.extract,
+    "context": context.context,
+    "train": train.train,
+    "evaluate": evaluate.evaluate,
+    "predict": predict.predict,
+    "compare": compare.compare,
+    "probe": probe.probe,
+    "curve": curve.curve,
+    "suggest": suggest.suggest,
+}
+
+
+def _summary(doc: str | None) -> str:
+    """The first paragraph of a docstring on one line: the command list's entry (the
+    docstring's own line breaks would show there as they are)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    text = " ".join(line.strip() for line in first.splitlines())
+    text = re.sub(r"^``[^`]*``:\s*", "", text)  # a module's "``hsicache cache ...``: " lead
+    return text[:1].upper() + text[1:]
+
+
+for _name, _fn in COMMANDS.items():
+    app.command(_name, help=_fn.__doc__, short_help=_summary(_fn.__doc__))(_fn)
+app.add_typer(cache.app, name="cache", help=cache.__doc__, short_help=_summary(cache.__doc__))
+app.add_typer(bench.app, name="bench", help=bench.__doc__, short_help=_summary(bench.__doc__))
 
 
 def _version(value: bool) -> None:

@@ -61,9 +61,10 @@ def evaluate(
                                          context=context_store)  # fmt: skip
             write_evaluation(summary, metrics)
             typer.echo(f"{summary['head']} over {len(seed_list)} seeds, in %: "
-                       + ", ".join(f"{k.upper()} {100 * summary[k]['mean']:.1f} ± "
+                       + ", ".join(f"{name} {100 * summary[k]['mean']:.1f} ± "
                                    f"{100 * summary[k]['std']:.1f}"
-                                   for k in ("oa", "aa", "kappa")))  # fmt: skip
+                                   for k, name in (("oa", "OA"), ("aa", "AA"),
+                                                   ("kappa", "kappa"))))  # fmt: skip
             return
         result, actual, predicted = run_evaluate(scene=scene, cache=features, head=head,
                                                  context=context_store)  # fmt: skip

@@ -79,7 +79,9 @@ def train(
         help="Comma-separated context families to read, e.g. mean7,mean15,emp (default: the "
         "head's `context` entry, else none).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the head's training."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the head's training (default 0).", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", help="Head folder to write."),
     params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,

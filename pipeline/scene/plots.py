@@ -54,9 +54,11 @@ def plot_scene_preview(scene: Scene) -> Figure:
         xs, ys, c=colors[scene.labels[ys, xs]], s=size, edgecolors="white", linewidths=0.6
     )
     rendering = scene.attrs.get("rendering", {})
+    bands = rendering.get("bands")
+    shown_bands = f", bands {','.join(map(str, bands))}" if bands else ""
     ax_rgb.set_title(
-        f"rendering ({rendering.get('mode', '?')}, bands {rendering.get('bands')}, "
-        f"gamma {rendering.get('gamma')}); {ys.size} train px",
+        f"rendering ({rendering.get('mode', '?')}{shown_bands}, gamma "
+        f"{rendering.get('gamma')}); {ys.size} train px",
         fontsize=9,
     )
     # 0 = unlabeled (dark grey), 1 = train or held out (white), 2.. = test pixel of class k
