@@ -226,6 +226,8 @@ def progress_bar(description: str) -> Iterator[Any]:
         yield update
     except BaseException:
         bar.live.transient = True  # an error stands alone: the bar goes
+        if not bar.console.is_terminal:
+            bar.console.quiet = True  # a file or pipe: nothing to take back, so nothing more
         raise
     finally:
         if bar.live.is_started:

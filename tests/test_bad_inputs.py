@@ -4,6 +4,7 @@ one line naming the culprit, shows no traceback, and leaves no output behind."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,31 @@ def test_the_matrix_covers_every_stage():
                                                  "broken.yaml", "misspelt.yaml"), "x")})[0] for c in CASES}  # fmt: skip
     assert {"prepare", "extract", "train", "evaluate", "predict", "cache", "bench"} <= stages
     assert len(CASES) >= 20
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "somewhere")
+
+
+@pytest.mark.parametrize(
+    ("args", "breaks", "outputs"),
+    [
+        (lambda w: ["predict", "--scene", w["a.zarr"], "--features", w["fa.zarr"], "--head",
+                    w["head"], "--out", f"{w['dir']}/m.npy", "--confidence",
+                    f"{w['dir']}/c.npy", "--png", f"{w['dir']}/m.png"],
+         "pipeline.evaluation.scoring._write_png", ["m.npy", "c.npy", "m.png"]),
+        (lambda w: ["evaluate", "--scene", w["a.zarr"], "--features", w["fa.zarr"], "--head",
+                    w["head"], "--metrics", f"{w['dir']}/m.json", "--plot",
+                    f"{w['dir']}/m.csv", "--png", f"{w['dir']}/m.png"],
+         "pipeline.evaluation.scoring.plot_confusion", ["m.json", "m.csv", "m.png"]),
+    ],
+    ids=["predict", "evaluate"],
+)  # fmt: skip
+def test_a_failure_at_the_last_output_leaves_none(runner, world, monkeypatch, args, breaks,
+                                                  outputs):  # fmt: skip
+    monkeypatch.setattr(breaks, _no_space)
+    before = sorted(p.name for p in Path(world["dir"]).iterdir())
+    result = runner.invoke(app, args(world))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "error: No space left on device: `somewhere`\n"  # not even a blank line
+    assert sorted(p.name for p in Path(world["dir"]).iterdir()) == before

@@ -428,25 +428,26 @@ def _write(
 
     from pipeline.evaluation.scoring import METRICS_FORMAT
     from pipeline.io.outputs import MARKDOWN, METRICS
-    from pipeline.io.store import atomic_output, jsonable
+    from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
-    if out is not None:
-        rows = {
-            r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
-            for r in result["rows"]
-        }
-        body = {
-            "format": METRICS_FORMAT,
-            "kind": "compare",
-            "protocol": result["protocol"],
-            "reference": result.get("reference"),
-            "heads": rows,
-        }
-        with atomic_output(out, METRICS, option="out") as tmp:
-            tmp.write_text(json.dumps(jsonable(body), indent=2))
-    if markdown is not None:
-        with atomic_output(markdown, MARKDOWN, option="markdown") as tmp:
-            tmp.write_text(markdown_table(result))
-    if png is not None:
-        save_png(plot_comparison(result), png, option="png")
+    with all_or_nothing():  # several outputs: all of them or none
+        if out is not None:
+            rows = {
+                r["head"]: {k: v for k, v in r.items() if k != "seconds"}  # same run, same file
+                for r in result["rows"]
+            }
+            body = {
+                "format": METRICS_FORMAT,
+                "kind": "compare",
+                "protocol": result["protocol"],
+                "reference": result.get("reference"),
+                "heads": rows,
+            }
+            with atomic_output(out, METRICS, option="out") as tmp:
+                tmp.write_text(json.dumps(jsonable(body), indent=2))
+        if markdown is not None:
+            with atomic_output(markdown, MARKDOWN, option="markdown") as tmp:
+                tmp.write_text(markdown_table(result))
+        if png is not None:
+            save_png(plot_comparison(result), png, option="png")

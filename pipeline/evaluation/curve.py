@@ -149,21 +149,22 @@ def _write(result: dict[str, Any], out: Any, csv_path: Any, png: Any) -> None:
 
     from pipeline.evaluation.scoring import METRICS_FORMAT
     from pipeline.io.outputs import CURVE_CSV, METRICS
-    from pipeline.io.store import atomic_output, jsonable
+    from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
-    if out is not None:
-        body = {"format": METRICS_FORMAT, "kind": "curve", **result}
-        with atomic_output(out, METRICS, option="out") as tmp:
-            tmp.write_text(json.dumps(jsonable(body), indent=2))
-    if csv_path is not None:
-        heads = list(dict.fromkeys(r["head"] for r in result["rows"]))
-        counts = list(dict.fromkeys(r["per_class"] for r in result["rows"]))
-        oa = {(r["head"], r["per_class"]): f"{r['oa_mean']:.6f}" for r in result["rows"]}
-        with atomic_output(csv_path, CURVE_CSV, option="csv") as tmp, tmp.open("w") as f:
-            writer = csv.writer(f)
-            writer.writerow(["per_class", *heads])
-            for n in counts:
-                writer.writerow([n, *(oa[(h, n)] for h in heads)])
-    if png is not None:
-        save_png(plot_curve(result), png, option="png")
+    with all_or_nothing():  # several outputs: all of them or none
+        if out is not None:
+            body = {"format": METRICS_FORMAT, "kind": "curve", **result}
+            with atomic_output(out, METRICS, option="out") as tmp:
+                tmp.write_text(json.dumps(jsonable(body), indent=2))
+        if csv_path is not None:
+            heads = list(dict.fromkeys(r["head"] for r in result["rows"]))
+            counts = list(dict.fromkeys(r["per_class"] for r in result["rows"]))
+            oa = {(r["head"], r["per_class"]): f"{r['oa_mean']:.6f}" for r in result["rows"]}
+            with atomic_output(csv_path, CURVE_CSV, option="csv") as tmp, tmp.open("w") as f:
+                writer = csv.writer(f)
+                writer.writerow(["per_class", *heads])
+                for n in counts:
+                    writer.writerow([n, *(oa[(h, n)] for h in heads)])
+        if png is not None:
+            save_png(plot_curve(result), png, option="png")

@@ -40,7 +40,7 @@ from pipeline.heads.training import (
 )
 from pipeline.io.cluster import as_they_finish, connected
 from pipeline.io.outputs import CONFUSION_CSV, GEOTIFF, METRICS, NPY, check_outputs, mark_npy
-from pipeline.io.store import atomic_output, jsonable
+from pipeline.io.store import all_or_nothing, atomic_output, jsonable
 from pipeline.scene.core import Scene, read_region, scene_array
 from pipeline.scene.splits import make_split
 from pipeline.utils.checks import check_seed
@@ -287,18 +287,19 @@ def write_evaluation(
     from pipeline.scene.plots import save_png
 
     class_names = class_names or list(metrics.get("per_class", {}))
-    with atomic_output(out, METRICS, option="metrics") as tmp:
-        tmp.write_text(json.dumps(jsonable({"format": METRICS_FORMAT, **metrics}), indent=2))
-    if plot is not None and actual is not None and predicted is not None and class_names:
-        with atomic_output(plot, CONFUSION_CSV, option="plot") as tmp:
-            write_confusion_csv(tmp, actual, predicted, class_names)
-    if png is not None and "confusion_matrix" in metrics and class_names:
-        title = (
-            f"{metrics.get('head', '')}: OA {metrics['oa']:.3f}, AA {metrics['aa']:.3f}, "
-            f"kappa {metrics['kappa']:.3f}"
-        )
-        fig = plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, title)
-        save_png(fig, png, option="png")
+    with all_or_nothing():  # several outputs: all of them or none
+        with atomic_output(out, METRICS, option="metrics") as tmp:
+            tmp.write_text(json.dumps(jsonable({"format": METRICS_FORMAT, **metrics}), indent=2))
+        if plot is not None and actual is not None and predicted is not None and class_names:
+            with atomic_output(plot, CONFUSION_CSV, option="plot") as tmp:
+                write_confusion_csv(tmp, actual, predicted, class_names)
+        if png is not None and "confusion_matrix" in metrics and class_names:
+            title = (
+                f"{metrics.get('head', '')}: OA {metrics['oa']:.3f}, AA {metrics['aa']:.3f}, "
+                f"kappa {metrics['kappa']:.3f}"
+            )
+            fig = plot_confusion(np.asarray(metrics["confusion_matrix"]), class_names, title)
+            save_png(fig, png, option="png")
 
 
 def predict_map(
@@ -346,17 +347,20 @@ def predict_map(
         confidence is not None,
         _thread_counts(),
     )
-    with connected(client) as dask:
+
+    def pictures(result: np.ndarray) -> None:
+        if png is not None:
+            _write_png(result, inputs.scene, png, title=f"{trained.meta['name']} map")
+        if geotiff is not None:
+            _write_geotiff(result, inputs.scene, geotiff)
+
+    with connected(client) as dask, all_or_nothing():
         if dask is None:
             blocks: Any = ((b, job.block(inputs.scene.cube, sources, b)) for b in grid)
         else:
             blocks = _predict_on_cluster(dask, job, grid, (scene, cache, context))
-        _write_maps(blocks, (h, w), out, confidence, len(grid), progress)
+        _write_maps(blocks, (h, w), out, confidence, len(grid), progress, then=pictures)
     result = np.load(out, mmap_mode="r")
-    if png is not None:
-        _write_png(result, inputs.scene, png, title=f"{trained.meta['name']} map")
-    if geotiff is not None:
-        _write_geotiff(result, inputs.scene, geotiff)
     names = inputs.scene.class_names
     counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}
     return {"shape": [h, w], "blocks": len(grid), "block": block, "class_pixels": counts}
@@ -430,9 +434,11 @@ def _write_maps(
     confidence: str | Path | None,
     total: int,
     progress: Callable[[int, int], None] | None,
+    then: Callable[[np.ndarray], None] | None = None,
 ) -> None:
     """Stream ``(bounds, (class ids, confidence))`` blocks into the ``.npy`` outputs, each
-    published atomically once every block is in."""
+    published atomically once every block is in; ``then(map)`` runs on the finished map
+    before that (the outputs drawn from it)."""
     conf_out = atomic_output(confidence, NPY, option="confidence") if confidence else nullcontext()
     with atomic_output(out, NPY, option="out") as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=shape)
@@ -454,6 +460,8 @@ def _write_maps(
         mark_npy(tmp_map)
         if tmp_conf is not None:
             mark_npy(tmp_conf)
+        if then is not None:
+            then(np.load(tmp_map, mmap_mode="r"))
 
 
 @dataclass(frozen=True)

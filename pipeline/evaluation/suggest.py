@@ -369,34 +369,37 @@ def _write_suggestions(
     import json
 
     from pipeline.io.outputs import GEOJSON, SUGGEST_CSV
-    from pipeline.io.store import atomic_output
+    from pipeline.io.store import all_or_nothing, atomic_output
     from pipeline.scene.plots import save_png
 
-    fields = ["row", "col", "x", "y", "predicted_class", "score"]
-    with atomic_output(out, SUGGEST_CSV, option="out") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(table)
-    if geojson is not None:
-        lon_lat = _wgs84(sc, [t["x"] for t in table], [t["y"] for t in table])
-        keys = ("row", "col", "x", "y", "predicted_class", "score")
-        body = {
-            "type": "FeatureCollection",
-            "hsicache": "suggest/1",
-            "coordinates": "WGS84 longitude, latitude" if lon_lat else "pixel (column, row)",
-            "features": [
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Point", "coordinates": list(xy)},
-                    "properties": {k: t[k] for k in keys},
-                }
-                for t, xy in zip(table, lon_lat or [(t["x"], t["y"]) for t in table], strict=True)
-            ],
-        }
-        with atomic_output(geojson, GEOJSON, option="geojson") as tmp:
-            tmp.write_text(json.dumps(body))
-    if png is not None:
-        save_png(_plot_suggestions(table, sc), png, option="png")
+    with all_or_nothing():  # several outputs: all of them or none
+        fields = ["row", "col", "x", "y", "predicted_class", "score"]
+        with atomic_output(out, SUGGEST_CSV, option="out") as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(table)
+        if geojson is not None:
+            lon_lat = _wgs84(sc, [t["x"] for t in table], [t["y"] for t in table])
+            keys = ("row", "col", "x", "y", "predicted_class", "score")
+            body = {
+                "type": "FeatureCollection",
+                "hsicache": "suggest/1",
+                "coordinates": "WGS84 longitude, latitude" if lon_lat else "pixel (column, row)",
+                "features": [
+                    {
+                        "type": "Feature",
+                        "geometry": {"type": "Point", "coordinates": list(xy)},
+                        "properties": {k: t[k] for k in keys},
+                    }
+                    for t, xy in zip(
+                        table, lon_lat or [(t["x"], t["y"]) for t in table], strict=True
+                    )
+                ],
+            }
+            with atomic_output(geojson, GEOJSON, option="geojson") as tmp:
+                tmp.write_text(json.dumps(body))
+        if png is not None:
+            save_png(_plot_suggestions(table, sc), png, option="png")
 
 
 def _wgs84(sc: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]] | None:
@@ -460,7 +463,7 @@ def run_simulation(
     from pipeline.evaluation.scoring import METRICS_FORMAT
     from pipeline.heads.training import open_inputs
     from pipeline.io.outputs import METRICS, PNG, check_outputs
-    from pipeline.io.store import atomic_output, jsonable
+    from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
     check_int("n", n, low=1)
@@ -483,12 +486,13 @@ def run_simulation(
         progress=progress,
     )
     result["head"] = head
-    if out is not None:
-        with atomic_output(out, METRICS, option="out") as tmp:
-            body = {"format": METRICS_FORMAT, "kind": "suggest-simulation", **result}
-            tmp.write_text(json.dumps(jsonable(body), indent=2))
-    if png is not None:
-        save_png(_plot_simulation(result), png, option="png")
+    with all_or_nothing():  # several outputs: all of them or none
+        if out is not None:
+            with atomic_output(out, METRICS, option="out") as tmp:
+                body = {"format": METRICS_FORMAT, "kind": "suggest-simulation", **result}
+                tmp.write_text(json.dumps(jsonable(body), indent=2))
+        if png is not None:
+            save_png(_plot_simulation(result), png, option="png")
     return result
 
 

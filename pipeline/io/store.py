@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -19,7 +20,19 @@ import numpy as np
 from pipeline.errors import OutputConflictError
 from pipeline.io.outputs import OutputKind, check_output, local_path
 
-__all__ = ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"]
+__all__ = [
+    "all_or_nothing",
+    "atomic_output",
+    "jsonable",
+    "package_versions",
+    "publish",
+    "sha256_arrays",
+]
+
+#: The outputs finished inside :func:`all_or_nothing`, waiting to be published together.
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path, OutputKind, list[Path], str]] | None] = (
+    contextvars.ContextVar("hsicache_pending_outputs", default=None)
+)
 
 _VERSIONED = (
     "hsicache",
@@ -55,16 +68,63 @@ def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        check_output(final, kind, option=option)  # nothing else appeared there meanwhile
-        publish(tmp, final, kind)
+        pending = _PENDING.get()
+        if pending is not None:  # published with the others when all_or_nothing's block ends
+            pending.append((tmp, final, kind, made, option))
+            return
+        _publish_checked(tmp, final, kind, option)
     except OSError as exc:
         _discard(tmp, made)
-        if exc.filename and Path(exc.filename).name.startswith(f".{final.name}."):
-            raise type(exc)(exc.errno, exc.strerror, str(final)) from exc  # name the user's path
+        _name_the_output(exc, final)
         raise
     except BaseException:
         _discard(tmp, made)
         raise
+
+
+def _name_the_output(exc: BaseException, final: Path) -> None:
+    """An error about a temporary sibling of ``final`` names ``final``, the user's path."""
+    if not isinstance(exc, OSError) or not exc.filename:
+        return
+    if Path(exc.filename).name.startswith(f".{final.name}."):
+        raise type(exc)(exc.errno, exc.strerror, str(final)) from exc
+
+
+def _publish_checked(tmp: Path, final: Path, kind: OutputKind, option: str) -> None:
+    check_output(final, kind, option=option)  # nothing else appeared there meanwhile
+    publish(tmp, final, kind)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Hold back the outputs that :func:`atomic_output` finishes inside this block and publish
+    them together when it ends without error; when it fails, none of them appears.
+
+    A command with several outputs (a map, its PNG and GeoTIFF) then never leaves some written
+    and others not; only a failure of the final renames themselves could. Nested blocks join
+    the outermost one.
+    """
+    if _PENDING.get() is not None:
+        yield
+        return
+    pending: list[tuple[Path, Path, OutputKind, list[Path], str]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _final, _kind, made, _option in reversed(pending):
+            _discard(tmp, made)
+        raise
+    finally:
+        _PENDING.reset(token)
+    for k, (tmp, final, kind, _made, option) in enumerate(pending):
+        try:
+            _publish_checked(tmp, final, kind, option)
+        except BaseException as exc:
+            for rest in reversed(pending[k:]):
+                _discard(rest[0], rest[3])
+            _name_the_output(exc, final)
+            raise
 
 
 def _discard(tmp: Path, made: list[Path]) -> None:
