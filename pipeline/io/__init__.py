@@ -33,7 +33,14 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "mark_npy",
             "png_metadata",
         ],
-        "store": ["atomic_output", "jsonable", "package_versions", "publish", "sha256_arrays"],
+        "store": [
+            "all_or_nothing",
+            "atomic_output",
+            "jsonable",
+            "package_versions",
+            "publish",
+            "sha256_arrays",
+        ],
         "storage": ["Location", "MemoryCache", "StoreLock", "memory_cache", "publish_folder"],
         "cluster": [
             "as_they_finish",
