@@ -485,3 +485,50 @@ def test_python_m_reads_its_own_params_section(world, tmp_path):
     assert done.returncode == 0, done.stderr
     attrs = json.loads((tmp_path / "c.zarr" / "zarr.json").read_text())["attributes"]
     assert attrs["identity"]["config"]["windows"] == [5] and list(attrs["families"]) == ["mean5"]
+
+
+class TestAllOrNothing:
+    """``all_or_nothing``: outputs finished in the block appear together, or none does."""
+
+    @staticmethod
+    def _write(path, kind, text):
+        from pipeline.io.store import atomic_output
+
+        with atomic_output(path, kind, option="out") as tmp:
+            tmp.write_text(text)
+
+    def test_a_conflict_found_at_the_end_publishes_none(self, tmp_path):
+        from pipeline.errors import OutputConflictError
+        from pipeline.io.outputs import MARKDOWN, METRICS
+        from pipeline.io.store import all_or_nothing
+
+        with pytest.raises(OutputConflictError), all_or_nothing():
+            self._write(tmp_path / "m.json", METRICS, '{"format": "hsicache-metrics/1"}')
+            self._write(tmp_path / "t.md", MARKDOWN, "| a |")
+            (tmp_path / "t.md").write_text("the user's notes")  # appears meanwhile
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md"]
+        assert (tmp_path / "t.md").read_text() == "the user's notes"
+
+    def test_a_failure_removes_the_folders_made_for_the_outputs(self, tmp_path):
+        from pipeline.io.outputs import MARKDOWN, METRICS, NPY
+        from pipeline.io.store import all_or_nothing, atomic_output
+
+        with pytest.raises(OSError), all_or_nothing():
+            self._write(tmp_path / "new" / "sub" / "t.md", MARKDOWN, "| a |")
+            with atomic_output(tmp_path / "other" / "m.npy", NPY) as tmp:  # makes other/
+                tmp.write_bytes(b"half")
+                self._write(tmp_path / "other" / "m.json", METRICS, "{}")  # drawn from it
+                raise OSError(errno.ENOSPC, "No space left on device")
+        assert list(tmp_path.iterdir()) == []
+
+    def test_a_nested_failure_caught_inside_drops_only_its_own(self, tmp_path):
+        from pipeline.io.outputs import MARKDOWN, METRICS
+        from pipeline.io.store import all_or_nothing
+
+        with all_or_nothing():
+            self._write(tmp_path / "m.json", METRICS, "{}")
+            with pytest.raises(RuntimeError), all_or_nothing():
+                self._write(tmp_path / "t.md", MARKDOWN, "| a |")
+                raise RuntimeError("inner")
+            assert not (tmp_path / "m.json").exists()  # still held back
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]

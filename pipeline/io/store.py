@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,36 @@ __all__ = [
     "sha256_arrays",
 ]
 
-#: The outputs finished inside :func:`all_or_nothing`, waiting to be published together.
-_PENDING: contextvars.ContextVar[list[tuple[Path, Path, OutputKind, list[Path], str]] | None] = (
-    contextvars.ContextVar("hsicache_pending_outputs", default=None)
-)
+
+@dataclass
+class _Finished:
+    """An output written to its temporary sibling, waiting to take its place."""
+
+    tmp: Path
+    final: Path
+    kind: OutputKind
+    made: list[Path]  # folders created to hold it, innermost first
+    option: str
+
+
+@dataclass
+class _Held:
+    """What an :func:`all_or_nothing` block holds back: finished outputs, and the folders made
+    for outputs that failed (removed, if empty, once the others' temporary files are gone)."""
+
+    outputs: list[_Finished] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+    def drop(self) -> None:
+        for out in reversed(self.outputs):
+            _discard(out.tmp, out.made)
+        for folder in sorted(self.folders, key=lambda f: len(f.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+#: The innermost open :func:`all_or_nothing` block of this thread or task.
+_HELD: contextvars.ContextVar[_Held | None] = contextvars.ContextVar("hsicache_held", default=None)
 
 _VERSIONED = (
     "hsicache",
@@ -66,19 +93,18 @@ def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -
     final = local_path(path)  # the very path the check looked at
     made = _make_parents(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    held = _HELD.get()
     try:
         yield tmp
-        pending = _PENDING.get()
-        if pending is not None:  # published with the others when all_or_nothing's block ends
-            pending.append((tmp, final, kind, made, option))
+        if held is not None:  # published with the others when all_or_nothing's block ends
+            held.outputs.append(_Finished(tmp, final, kind, made, option))
             return
         _publish_checked(tmp, final, kind, option)
-    except OSError as exc:
+    except BaseException as exc:
         _discard(tmp, made)
+        if held is not None:
+            held.folders.extend(made)  # others' temporary files may still be in them
         _name_the_output(exc, final)
-        raise
-    except BaseException:
-        _discard(tmp, made)
         raise
 
 
@@ -101,30 +127,48 @@ def all_or_nothing() -> Iterator[None]:
     them together when it ends without error; when it fails, none of them appears.
 
     A command with several outputs (a map, its PNG and GeoTIFF) then never leaves some written
-    and others not; only a failure of the final renames themselves could. Nested blocks join
-    the outermost one.
+    and others not: every held output is checked once more before the first is put in place,
+    so only a failure of the final renames themselves could. A nested block hands its outputs
+    to the enclosing one when it succeeds and drops them when it fails.
+
+    Not held back: remote stores (``s3://``, published by their own protocol), outputs written
+    by threads this block starts (the hold is per thread), and so code inside the block that
+    reads an output back sees what was there before.
     """
-    if _PENDING.get() is not None:
-        yield
-        return
-    pending: list[tuple[Path, Path, OutputKind, list[Path], str]] = []
-    token = _PENDING.set(pending)
+    outer = _HELD.get()
+    held = _Held()
+    token = _HELD.set(held)
     try:
         yield
     except BaseException:
-        for tmp, _final, _kind, made, _option in reversed(pending):
-            _discard(tmp, made)
+        held.drop()
         raise
     finally:
-        _PENDING.reset(token)
-    for k, (tmp, final, kind, _made, option) in enumerate(pending):
-        try:
-            _publish_checked(tmp, final, kind, option)
-        except BaseException as exc:
-            for rest in reversed(pending[k:]):
-                _discard(rest[0], rest[3])
-            _name_the_output(exc, final)
-            raise
+        _HELD.reset(token)
+    if outer is not None:
+        outer.outputs += held.outputs
+        outer.folders += held.folders
+        return
+    _publish_all(held)
+
+
+def _publish_all(held: _Held) -> None:
+    """Check every held output, then put each in its place."""
+    try:
+        for out in held.outputs:
+            check_output(out.final, out.kind, option=out.option)
+        for k, out in enumerate(held.outputs):
+            try:
+                publish(out.tmp, out.final, out.kind)
+            except BaseException as exc:
+                held.outputs = held.outputs[k:]
+                _name_the_output(exc, out.final)
+                raise
+    except BaseException:
+        held.drop()
+        raise
+    held.outputs = []
+    held.drop()  # the folders of outputs that failed before, now empty
 
 
 def _discard(tmp: Path, made: list[Path]) -> None:
