@@ -68,6 +68,11 @@ SPELLED_AS = {
 }
 
 
+#: Options whose value is a name or location of the user's own (a store path or URL, a head
+#: folder, a backbone): never read as a parameter's name in a message.
+NAMED_BY_USER = frozenset({"scene", "features", "cache", "context_store", "head", "backbone",
+                           "out", "store", "images"})  # fmt: skip
+
 _NAMED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 
 
@@ -90,10 +95,11 @@ def in_flags(message: str, ctx: Any = None) -> str:
         if name not in flags and spelled in flags:
             flags[name] = flags[spelled]
 
-    given = {  # free text a user may give: paths and the variable names of a container file
+    given = {  # free text a user may give: paths, stores and container variable names
         str(v)
         for k, v in (ctx.params or {}).items()
-        if isinstance(v, PurePath) or (k.endswith("key") and isinstance(v, str))
+        if isinstance(v, PurePath)
+        or (isinstance(v, str) and (k in NAMED_BY_USER or k.endswith("key")))
     }
 
     def flag(m: re.Match[str]) -> str:

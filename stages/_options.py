@@ -140,7 +140,7 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
                 known.setdefault(opt[2:].replace("-", "_"), p.name)
     defaults: dict[str, Any] = {}
     with user_errors(debug=False):  # --debug is not parsed yet: eager options come first
-        for key, val in load_section(value, section).items():
+        for key, val in load_section(value, section, known).items():
             name = known.get(str(key).replace("-", "_"), "")
             if not name or name in ("params", "debug"):
                 raise ConfigError(

@@ -108,10 +108,10 @@ CASES = [
     ("params-broken-yaml", lambda w: _extract(w, "--params", w["broken.yaml"]),
      "broken.yaml", ["new.zarr"]),
     ("params-misspelt-section", lambda w: _extract(w, "--params", w["misspelt.yaml"]),
-     "has `extrac`", ["new.zarr"]),
+     "has `extrac:`", ["new.zarr"]),
     ("params-misspelt-heads", lambda w: ["train", "--scene", w["a.zarr"], "--head", "spectral",
                                          "--params", w["misspelt.yaml"], "--out",
-                                         f"{w['dir']}/h2"], "has `heds`", ["h2"]),
+                                         f"{w['dir']}/h2"], "has `heds:`", ["h2"]),
     ("params-missing-file", lambda w: _extract(w, "--params", "/no/params.yaml"),
      "/no/params.yaml", ["new.zarr"]),
     # heads

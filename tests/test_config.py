@@ -146,6 +146,10 @@ def test_in_flags_leaves_the_users_own_values_alone():
     assert in_flags("`labels` has no variable `cube` (`key`); `gamma`", ctx) == (
         "`labels` has no variable `cube` (`--key`); `--gamma`"
     )
+    argv = ["--scene", "scene", "--features", "features", "--head", "h", "--seeds", "0"]
+    ctx = _command("evaluate").make_context("evaluate", argv, resilient_parsing=True)
+    said = in_flags("scene store `scene`; feature cache `features`; give `seeds`", ctx)
+    assert said == "scene store `scene`; feature cache `features`; give `--seeds`"
 
 
 def test_library_messages_name_parameters_not_flags():
@@ -190,9 +194,37 @@ def test_public_stage_functions_take_inputs_outputs_and_a_config():
 def test_every_section_a_command_reads_is_known_to_the_spelling_check():
     from pipeline.io.params import SECTIONS
 
-    click_app = get_command(app)
-    with_params = set()
-    for name, command in click_app.commands.items():
-        if any(p.name == "params" for p in getattr(command, "params", [])):
-            with_params.add(name)
+    def commands(group):  # every command, in groups too (cache, bench)
+        for name, command in group.commands.items():
+            yield name, command
+            if hasattr(command, "commands"):
+                yield from commands(command)
+
+    with_params = {
+        name
+        for name, command in commands(get_command(app))
+        if any(p.name == "params" for p in command.params)
+    }
     assert with_params | {"heads"} == set(SECTIONS)
+
+
+def test_a_misspelt_section_is_refused_a_users_own_is_not(tmp_path):
+    from pipeline.io.params import load_section
+
+    p = tmp_path / "p.yaml"
+    p.write_text("extrac:\n  stride: 8\ntraining:\n  epochs: 3\nhead:\n  note: mine\n")
+    with pytest.raises(ConfigError, match=r"has no `extract:` section but has `extrac:`"):
+        load_section(p, "extract", {"stride", "sites"})
+    assert load_section(p, "train", {"seed", "timesteps"}) == {}  # training: is the user's
+    assert load_section(p, "heads") == {}  # head: holds no recipes
+    p.write_text("head:\n  film: {width: 8}\n")
+    with pytest.raises(ConfigError, match=r"has no `heads:` section but has `head:`"):
+        load_section(p, "heads")
+
+
+def test_compare_names_the_heads_section_not_a_flag(runner, tmp_path):
+    (tmp_path / "p.yaml").write_text("heds:\n  film: {width: 8}\n")
+    result = runner.invoke(app, ["compare", "--scene", "s.zarr", "--heads", "film",
+                                 "--params", str(tmp_path / "p.yaml")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "has no `heads:` section but has `heds:`" in result.stderr, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,12 @@ SECTIONS = (
 )
 
 
-def load_section(path: Path, section: str) -> dict[str, Any]:
-    """The mapping under ``section`` in the YAML file ``path`` (empty when absent)."""
+def load_section(path: Path, section: str, known: Collection[str] | None = None) -> dict[str, Any]:
+    """The mapping under ``section`` in the YAML file ``path`` (empty when absent).
+
+    ``known``: the keys ``section`` may hold (a command's options), to tell a misspelt section
+    from a section of the user's own; ``None`` for ``heads`` (a mapping of head recipes).
+    """
     import yaml
 
     if not path.is_file():
@@ -39,25 +44,34 @@ def load_section(path: Path, section: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"params file `{path}` must hold a mapping of stage sections")
     if section not in data:
-        _check_spelling(path, data, section)
+        _check_spelling(path, data, section, known)
     table = data.get(section) or {}
     if not isinstance(table, dict):
-        raise ConfigError(f"`{section}` in `{path}` must be a mapping of option names to values")
+        raise ConfigError(f"`{section}:` in `{path}` must be a mapping of option names to values")
     return table
 
 
-def _check_spelling(path: Path, data: dict[Any, Any], section: str) -> None:
-    """Refuse a file without ``section`` whose top level has a near miss of it (``contxt:``):
-    its settings would otherwise be ignored in silence. Other sections of a user's own are
-    left alone."""
+def _check_spelling(
+    path: Path, data: dict[Any, Any], section: str, known: Collection[str] | None
+) -> None:
+    """Refuse a file without ``section`` whose top level has a near miss of it (``contxt:``)
+    holding what ``section`` would hold: its settings would otherwise be ignored in silence.
+    Sections of a user's own (other names, or other keys) are left alone."""
     import difflib
 
-    others = [str(key) for key in data if key not in SECTIONS]
-    near = difflib.get_close_matches(section, others, n=1, cutoff=0.75)
-    if near:
+    others = {str(key): value for key, value in data.items() if key not in SECTIONS}
+    near = difflib.get_close_matches(section, list(others), n=1, cutoff=0.75)
+    body = others[near[0]] if near else None
+    if not isinstance(body, dict) or not body:
+        return
+    if known is None:  # heads: every entry a recipe
+        alike = all(isinstance(v, dict) for v in body.values())
+    else:
+        alike = any(str(k).replace("-", "_") in known for k in body)
+    if alike:
         raise ConfigError(
-            f"params file `{path}` has no `{section}` section but has `{near[0]}`: "
-            f"did you mean `{section}`?"
+            f"params file `{path}` has no `{section}:` section but has `{near[0]}:`, with "
+            f"{section} settings in it: did you mean `{section}:`?"
         )
 
 

@@ -323,17 +323,15 @@ def prepare(
         {k: kwargs.get(k) for k in _INPUT_FILES},
     )
     scene = build_scene(config, **kwargs)
-    if preview is None:
-        write_scene(scene, out)
-        return scene
     from pipeline.io.outputs import png_metadata
-    from pipeline.io.store import atomic_output
+    from pipeline.io.store import all_or_nothing, atomic_output
     from pipeline.scene.plots import plot_scene_preview
 
-    # the preview is published only once the scene is written: a failure leaves neither
-    with atomic_output(preview, PNG, option="preview") as tmp_png:
-        fig = plot_scene_preview(scene)
-        fig.savefig(tmp_png, format="png", dpi=110, metadata=png_metadata())
+    with all_or_nothing():  # the scene and its preview, or neither
+        if preview is not None:
+            with atomic_output(preview, PNG, option="preview") as tmp_png:
+                fig = plot_scene_preview(scene)
+                fig.savefig(tmp_png, format="png", dpi=110, metadata=png_metadata())
         write_scene(scene, out)
     return scene
 
