@@ -184,7 +184,7 @@ def _bad_inputs(scenes, tmp_path):
         ("label shape", [*npy, "--labels", wrong_shape], r"label map `.*wrong_shape.npy` has shape \(5, 5\) but the cube is 12x10"),
         ("non-integer labels", [*npy, "--labels", fractional], r"non-integer values \(e.g. 1.5\)"),
         ("negative labels", [*npy, "--labels", negative], r"110 negative values \(min -11\)"),
-        ("nan in cube", ["--cube", nan_cube, *gt], r"2 missing values \(NaN/inf\) in 1 pixel: pass `--nan-policy zero`"),
+        ("nan in cube", ["--cube", nan_cube, *gt], r"1 pixel without data \(NaN/inf values\): pass `--nan-policy zero`"),
         ("band index", [*npy, *gt, "--rgb-bands", "6,1,0"], r"`--rgb-bands` index 6 is out of range: the cube has 6 bands"),
         ("overlapping masks", [*npy, "--train-mask", scenes / "tiny_gt.npy", "--test-mask", scenes / "tiny_gt.npy"], r"overlap in 110 pixels"),
         ("empty train", [*npy, *gt, "--train-mask", empty_train, "--test-mask", scenes / "tiny_gt.npy"], r"train set is empty"),
@@ -305,8 +305,9 @@ class TestMissingValues:
         from pipeline.errors import NonFiniteError
         from pipeline.scene.preparation import build_scene
 
-        with pytest.raises(NonFiniteError, match=r"30 missing values \(NaN/inf or the file's "
-                                                 r"no-data value -32768\) in 6 pixels"):  # fmt: skip
+        with pytest.raises(NonFiniteError, match=r"6 pixels without data \(NaN/inf values, or "
+                                                 r"every band at the file's no-data value "
+                                                 r"-32768\)"):  # fmt: skip
             build_scene(cube=files[0], labels=files[1], per_class=3)
 
     @pytest.mark.parametrize("split", [{"per_class": 3}, {"split": "fraction", "fraction": 0.9}])
@@ -322,6 +323,56 @@ class TestMissingValues:
         assert not (scene.train | scene.test)[corner].any()
         assert (scene.train | scene.test)[~corner].all()
         assert np.isfinite(scene.cube).all() and (scene.cube[corner] > 100).all()
+
+    def test_a_dead_band_is_not_a_pixel_without_data(self, tmp_path):
+        from pipeline.scene.preparation import build_scene
+        from tests.test_readers import _geotiff
+
+        cube = np.random.default_rng(1).integers(1, 9, size=(8, 8, 4)).astype(np.uint16)
+        cube[..., 2] = 0  # a dead band, at the no-data value
+        cube[0, 0] = 0  # one pixel without data
+        _geotiff(tmp_path / "c.tif", cube, nodata=0)
+        np.save(tmp_path / "gt.npy", np.repeat([1, 2], 32).reshape(8, 8))
+        with pytest.warns(match="1 labelled pixel of .* left out of the split"):
+            scene = build_scene(cube=tmp_path / "c.tif", labels=tmp_path / "gt.npy",
+                                per_class=2, nan_policy="zero")  # fmt: skip
+        assert scene.labels[0, 0] == -1 and (scene.labels.ravel()[1:] >= 0).all()
+
+    def test_per_band_no_data_values(self):
+        from pipeline.scene.readers import _geotiff_nodata
+
+        assert _geotiff_nodata((None, None)) is None
+        assert _geotiff_nodata((-1.0, -1.0)) == -1.0
+        per_band = _geotiff_nodata((-1.0, None))
+        assert per_band[0] == -1.0 and np.isnan(per_band[1])
+
+        from pipeline.scene.preparation import _no_data_pixels, _Source
+
+        data = np.array([[[-1, -2], [-1, 5]], [[-1, -2], [-1, -2]]], dtype=np.int16)
+        found = _no_data_pixels(_Source(data, {"source": "s"}, nodata=(-1.0, -2.0)))
+        np.testing.assert_array_equal(found, [[True, False], [True, True]])
+
+    def test_a_class_with_no_data_at_all_is_an_error(self, files, tmp_path):
+        from pipeline.errors import LabelError
+        from pipeline.scene.preparation import build_scene
+
+        labels = np.load(files[1])
+        labels[:2, :3] = 9  # class 9 lies only on the no-data corner
+        np.save(tmp_path / "gt9.npy", labels)
+        with pytest.raises(LabelError, match=r"every labelled pixel of class 9 has no data"):
+            build_scene(cube=files[0], labels=tmp_path / "gt9.npy", nan_policy="zero",
+                        split="fraction", fraction=0.5)  # fmt: skip
+
+    def test_values_beyond_float32_are_missing_too(self, tmp_path):
+        from pipeline.errors import NonFiniteError
+        from pipeline.scene.preparation import build_scene
+
+        cube = np.random.default_rng(2).random((6, 6, 3))
+        cube[1, 1, 1] = 1e39  # a float64 sentinel: inf once the cube is float32
+        np.save(tmp_path / "c.npy", cube)
+        np.save(tmp_path / "gt.npy", np.repeat([1, 2], 18).reshape(6, 6))
+        with pytest.raises(NonFiniteError, match=r"1 pixel without data \(NaN/inf values\)"):
+            build_scene(cube=tmp_path / "c.npy", labels=tmp_path / "gt.npy", per_class=2)
 
     def test_official_masks_lose_them_too(self, files, tmp_path):
         from pipeline.scene.preparation import build_scene
@@ -364,3 +415,21 @@ def test_a_label_map_placed_elsewhere_is_refused(tmp_path):
     build_scene(cube=tmp_path / "cube.tif", labels=tmp_path / "here.tif", per_class=2)
     with pytest.raises(ShapeMismatchError, match=r"there.tif` is georeferenced differently"):
         build_scene(cube=tmp_path / "cube.tif", labels=tmp_path / "there.tif", per_class=2)
+
+
+def test_a_test_mask_placed_elsewhere_is_refused(tmp_path):
+    from pipeline.errors import ShapeMismatchError
+    from pipeline.scene.preparation import build_scene
+    from tests.test_readers import _geotiff
+
+    cube = np.random.default_rng(0).integers(1, 9, size=(8, 8, 4)).astype(np.int16)
+    train = np.zeros((8, 8), np.uint8)
+    train[0, :2], train[7, :2] = 1, 2
+    test = np.where(train > 0, 0, np.repeat([1, 2], 32).reshape(8, 8)).astype(np.uint8)
+    _geotiff(tmp_path / "cube.tif", cube, nodata=None)
+    _geotiff(tmp_path / "tr.tif", train, nodata=None)
+    _geotiff(tmp_path / "te.tif", test, nodata=None, x0=600015)  # half a pixel off
+    with pytest.raises(ShapeMismatchError, match=r"mask `.*te.tif` is georeferenced differently"
+                                                 r".*its transform"):  # fmt: skip
+        build_scene(cube=tmp_path / "cube.tif", train_mask=tmp_path / "tr.tif",
+                    test_mask=tmp_path / "te.tif")  # fmt: skip

@@ -71,9 +71,10 @@ def build_scene(
     names = _class_names(class_names or src.class_names, class_ids)
     # 3. the cube's values: a pixel with a missing value (NaN/inf, the file's no-data value) is
     #    filled as `nan_policy` says and left out of the split
-    missing = _missing_values(src)
-    cube_f = _fill_missing(np.asarray(src.data, dtype=np.float32), missing, cfg, src)
-    index_map, masks = _leave_out(missing.any(axis=-1), index_map, masks, src.source)
+    cube_f = np.asarray(src.data, dtype=np.float32)
+    missing = ~np.isfinite(cube_f) | _no_data_pixels(src)[..., None]
+    cube_f = _fill_missing(cube_f, missing, cfg, src)
+    index_map, masks = _leave_out(missing.any(axis=-1), index_map, class_ids, masks, src.source)
     # 4. the split
     train, test, record = _split(index_map, class_ids, cfg, masks)
     # 5. the rendering the backbone will see
@@ -98,7 +99,7 @@ class _Masks:
     test: np.ndarray
     train_path: str | Path
     test_path: str | Path
-    placed: Raster | None = None  # the train mask's georeferencing, when it has one
+    placed: tuple[Raster, ...] = ()  # the masks as read, with their georeferencing
 
     @property
     def names(self) -> str:
@@ -120,7 +121,7 @@ class _Source:
     label_ids: np.ndarray | None = None
     label_source: str = "label map"
     class_names: Sequence[str] | None = None
-    nodata: float | None = None
+    nodata: float | tuple[float, ...] | None = None
 
     @property
     def source(self) -> str:
@@ -133,14 +134,14 @@ def _read_masks(
     if train_mask is None or test_mask is None:
         return None
     train_map = read_map(train_mask, mask_key, role="train mask", key_option="mask_key")
-    test = read_map(test_mask, mask_key, role="test mask", key_option="mask_key").data
-    train = train_map.data
+    test_map = read_map(test_mask, mask_key, role="test mask", key_option="mask_key")
+    train, test = train_map.data, test_map.data
     if train.shape != test.shape:
         raise ShapeMismatchError(
             f"train mask `{train_mask}` has shape {train.shape} but test mask "
             f"`{test_mask}` has {test.shape}"
         )
-    return _Masks(train, test, train_mask, test_mask, placed=train_map)
+    return _Masks(train, test, train_mask, test_mask, placed=(train_map, test_map))
 
 
 def _read_source(
@@ -181,20 +182,22 @@ def _check_placement(src: _Source, other: Raster, what: str) -> None:
         return
     from rasterio.crs import CRS
 
-    same = CRS.from_wkt(src.crs) == CRS.from_wkt(other.crs) and np.allclose(
-        src.transform, other.transform, rtol=1e-9, atol=1e-6 * abs(src.transform[0])
+    if CRS.from_wkt(src.crs) != CRS.from_wkt(other.crs):
+        differs = "its CRS is not the cube's"
+    else:
+        pixel = max(abs(v) for v in (*src.transform[:2], *src.transform[3:5]))
+        if np.allclose(src.transform, other.transform, rtol=0, atol=1e-3 * pixel):
+            return
+        differs = f"its transform {tuple(other.transform)} is not the cube's {tuple(src.transform)}"
+    raise ShapeMismatchError(
+        f"{what} is georeferenced differently from the cube `{src.source}`: {differs}; they "
+        "must cover the same pixels"
     )
-    if not same:
-        raise ShapeMismatchError(
-            f"{what} is georeferenced differently from the cube `{src.source}` (CRS or "
-            f"transform {tuple(other.transform)} against {tuple(src.transform)}): they must "
-            "cover the same pixels"
-        )
 
 
 def _check_shapes(src: _Source, masks: _Masks | None) -> None:
-    if masks is not None and masks.placed is not None:
-        _check_placement(src, masks.placed, f"train mask `{masks.train_path}`")
+    for raster in masks.placed if masks is not None else ():
+        _check_placement(src, raster, f"mask `{raster.source}`")
     height, width = src.data.shape[:2]
     if src.label_ids.shape != (height, width):
         hint = (
@@ -393,28 +396,31 @@ def _union_of_masks(
     return a + b
 
 
-def _missing_values(src: _Source) -> np.ndarray:
-    """Where the cube has no value: NaN/inf, or the no-data value its file declares."""
+def _no_data_pixels(src: _Source) -> np.ndarray:
+    """``(H, W)``: the pixels whose every band holds the file's no-data value (GDAL's rule:
+    a band that is no-data throughout, such as a sensor's dead band, leaves its pixels valid)."""
     data = np.asarray(src.data)
-    missing = ~np.isfinite(data) if data.dtype.kind in "fc" else np.zeros(data.shape, bool)
-    if src.nodata is not None and np.isfinite(src.nodata):
-        missing |= data == src.nodata
-    return missing
+    if src.nodata is None:
+        return np.zeros(data.shape[:2], dtype=bool)
+    values = np.broadcast_to(np.asarray(src.nodata, dtype=np.float64), data.shape[-1:])
+    hit = data == values
+    if np.isnan(values).any():
+        hit |= np.isnan(values) & np.isnan(data)
+    return hit.all(axis=-1)
 
 
 def _fill_missing(
     cube: np.ndarray, bad: np.ndarray, cfg: PrepareConfig, src: _Source
 ) -> np.ndarray:
     """The cube with its missing values filled as ``cfg.nan_policy`` says, or an error."""
-    n_bad = int(bad.sum())
-    if n_bad == 0:
+    if not bad.any():
         return cube
     if cfg.nan_policy == "error":
-        declared = f" or the file's no-data value {src.nodata:g}" if src.nodata is not None else ""
+        pixels = counted(int(bad.any(axis=-1).sum()), "pixel")
         raise NonFiniteError(
-            f"cube `{src.source}` holds {counted(n_bad, 'missing value')} (NaN/inf{declared}) "
-            f"in {counted(int(bad.any(axis=-1).sum()), 'pixel')}: pass `nan_policy=zero` or "
-            "`nan_policy=band-mean` to fill them (those pixels are then left out of the split)"
+            f"cube `{src.source}` has {pixels} without data (NaN/inf values"
+            f"{_declared(src.nodata)}): pass `nan_policy=zero` or `nan_policy=band-mean` to "
+            "fill them (they then take no part in the split)"
         )
     cube = cube.copy()
     if cfg.nan_policy == "zero":
@@ -427,21 +433,43 @@ def _fill_missing(
     return cube
 
 
+def _declared(nodata: float | tuple[float, ...] | None) -> str:
+    """How a message names the file's no-data value(s)."""
+    if nodata is None or (np.isscalar(nodata) and np.isnan(nodata)):
+        return ""
+    if not np.isscalar(nodata):
+        return ", or every band at its no-data value in the file"
+
+    value = float(np.asarray(nodata))
+    shown = str(int(value)) if value.is_integer() else repr(value)
+    return f", or every band at the file's no-data value {shown}"
+
+
 def _leave_out(
-    empty: np.ndarray, index_map: np.ndarray, masks: _Masks | None, source: str
+    empty: np.ndarray,
+    index_map: np.ndarray,
+    class_ids: np.ndarray,
+    masks: _Masks | None,
+    source: str,
 ) -> tuple[np.ndarray, _Masks | None]:
     """Pixels without data are neither train nor test pixels: a classifier is not fitted or
-    judged on values made up for them."""
+    judged on values made up for them. A class left without pixels is an error."""
     dropped = int((empty & (index_map >= 0)).sum())
     if not dropped:
         return index_map, masks
+    index_map = np.where(empty, -1, index_map).astype(index_map.dtype)
+    left = np.bincount(index_map[index_map >= 0], minlength=len(class_ids))
+    if (left == 0).any():
+        k = int(np.flatnonzero(left == 0)[0])
+        raise LabelError(
+            f"every labelled pixel of class {class_ids[k]} has no data in `{source}` (NaN/inf "
+            "or the file's no-data value): no split can hold that class"
+        )
     warnings.warn(
-        f"{counted(dropped, 'labelled pixel')} of `{source}` with missing values left out of "
-        "the split",
+        f"{counted(dropped, 'labelled pixel')} of `{source}` without data left out of the split",
         HsicacheWarning,
         stacklevel=3,
     )
-    index_map = np.where(empty, -1, index_map).astype(index_map.dtype)
     if masks is not None:
         masks = _Masks(
             np.where(empty, 0, masks.train),

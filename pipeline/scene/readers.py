@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.errors import (
     HsicacheError,
+    HsicacheWarning,
     KeyAmbiguityError,
     SceneFormatError,
     SceneNotFoundError,
@@ -50,9 +51,10 @@ class Raster:
         transform: affine pixel-to-map transform ``(a, b, c, d, e, f)`` as in rasterio.
         source: the path that was read.
         key: the variable name inside a container file, when there was one.
-        nodata: the value the file declares for "no data" (a GeoTIFF's ``nodata``, an ENVI
-            header's ``data ignore value``). A map's no-data pixels are read as 0 (unlabelled);
-            a cube keeps the value, and ``prepare`` treats it as missing.
+        nodata: the value the file declares for "no data" (a GeoTIFF's ``nodata``, per band
+            when its bands differ; an ENVI header's ``data ignore value``). A map's no-data
+            pixels are read as 0 (unlabelled); a cube keeps its values, and ``prepare`` takes
+            a pixel whose every band is no-data as a pixel without data.
     """
 
     data: np.ndarray
@@ -61,7 +63,7 @@ class Raster:
     transform: tuple[float, ...] | None = None
     source: str = ""
     key: str | None = None
-    nodata: float | None = None
+    nodata: float | tuple[float, ...] | None = None
 
 
 def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "key") -> Raster:
@@ -255,8 +257,18 @@ def _read_geotiff(path: Path, ndim: int, role: str) -> Raster:
             crs = ds.crs.to_wkt() if ds.crs else None
             transform = tuple(ds.transform)[:6] if ds.crs or not ds.transform.is_identity else None
             wavelengths = _geotiff_wavelengths(ds)
-            nodata = ds.nodata
+            nodata = _geotiff_nodata(ds.nodatavals)
     return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
+
+
+def _geotiff_nodata(values: tuple[float | None, ...]) -> float | tuple[float, ...] | None:
+    """The bands' no-data values: one value, one per band (NaN where a band has none), or
+    ``None`` when no band declares one."""
+    if all(v is None for v in values):
+        return None
+    per_band = tuple(np.nan if v is None else float(v) for v in values)
+    same = len(set(per_band)) == 1 or all(np.isnan(v) for v in per_band)
+    return per_band[0] if same else per_band
 
 
 def _geotiff_wavelengths(ds: object) -> np.ndarray | None:
@@ -310,23 +322,38 @@ def _read_envi(path: Path) -> Raster:
         if unit.startswith("micro") or unit in ("um", "µm") or (not unit and wl.max() < 100):
             wl = wl * 1000.0
         wavelengths = wl
-    crs, transform = _envi_georeferencing(image.filename) if "map info" in fields else (None, None)
+    crs, transform = (
+        _envi_georeferencing(image.filename, header) if "map info" in fields else (None, None)
+    )
     nodata = _envi_ignore_value(fields, header)
     return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
 
 
-def _envi_georeferencing(data_file: str) -> tuple[str | None, tuple[float, ...] | None]:
+def _envi_georeferencing(
+    data_file: str, header: Path
+) -> tuple[str | None, tuple[float, ...] | None]:
     """CRS (WKT) and affine transform from the header's ``map info``, read by GDAL's ENVI
-    driver as for a GeoTIFF."""
+    driver as for a GeoTIFF; a warning and none when GDAL cannot read them."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(data_file) as ds:
-            crs = ds.crs.to_wkt() if ds.crs else None
-            placed = ds.crs or not ds.transform.is_identity
-            return crs, tuple(v + 0.0 for v in ds.transform[:6]) if placed else None  # no -0.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(data_file) as ds:
+                crs = ds.crs.to_wkt() if ds.crs else None
+                placed = ds.crs or not ds.transform.is_identity
+                transform = tuple(v + 0.0 for v in ds.transform[:6]) if placed else None  # no -0
+    except Exception as exc:  # the cube itself was read: only its placement is lost
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warnings.warn(
+            f"ENVI header `{header}` has `map info`, but GDAL cannot read it ({reason}): the "
+            "scene is not georeferenced",
+            HsicacheWarning,
+            stacklevel=2,
+        )
+        return None, None
+    return crs, transform
 
 
 def _envi_ignore_value(fields: dict[str, object], header: Path) -> float | None:
