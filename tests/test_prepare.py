@@ -433,3 +433,44 @@ def test_a_test_mask_placed_elsewhere_is_refused(tmp_path):
                                                  r".*its transform"):  # fmt: skip
         build_scene(cube=tmp_path / "cube.tif", train_mask=tmp_path / "tr.tif",
                     test_mask=tmp_path / "te.tif")  # fmt: skip
+
+
+def test_pixels_without_data_have_no_class_in_maps_and_are_never_suggested(tmp_path):
+    import rasterio
+
+    from pipeline.evaluation.scoring import predict_map
+    from pipeline.heads.training import train_head
+    from pipeline.scene.core import open_scene
+    from pipeline.scene.preparation import prepare
+    from tests.test_readers import _geotiff
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat([1, 2], 32).reshape(8, 8).astype(np.uint8)
+    cube = (rng.normal(size=(8, 8, 4)) + 3 * labels[..., None]).astype(np.float32) * 100
+    cube[:2, :2] = -9999
+    _geotiff(tmp_path / "c.tif", cube, nodata=-9999)
+    np.save(tmp_path / "gt.npy", labels)
+    with pytest.warns(match="left out of the split"):
+        prepare(cube=tmp_path / "c.tif", labels=tmp_path / "gt.npy", per_class=3,
+                nan_policy="band-mean", out=tmp_path / "s.zarr")  # fmt: skip
+    sc = open_scene(tmp_path / "s.zarr")
+    assert sc.no_data[:2, :2].all() and sc.no_data.sum() == 4
+    train_head(scene=tmp_path / "s.zarr", cache=None, head="logreg", params={"use": "spectral"},
+               out=tmp_path / "h")  # fmt: skip
+    predict_map(scene=tmp_path / "s.zarr", cache=None, head=tmp_path / "h",
+                out=tmp_path / "m.npy", confidence=tmp_path / "c.npy",
+                geotiff=tmp_path / "m.tif", png=tmp_path / "m.png")  # fmt: skip
+    found = np.load(tmp_path / "m.npy")
+    assert (found[:2, :2] == -1).all() and set(np.unique(found[sc.no_data == 0])) <= {1, 2}
+    assert np.isnan(np.load(tmp_path / "c.npy")[:2, :2]).all()
+    with rasterio.open(tmp_path / "m.tif") as ds:
+        assert ds.nodata == -1 and (ds.read(1)[:2, :2] == -1).all()
+    from pipeline.errors import ConfigError
+    from pipeline.evaluation.suggest import suggest_pixels
+    from pipeline.heads.training import open_inputs
+
+    inputs = open_inputs(tmp_path / "s.zarr", None, None)
+    picks = suggest_pixels(inputs, "logreg", {"use": "spectral"}, n=54)  # 64 - 6 train - 4
+    assert not sc.no_data[picks["rows"], picks["cols"]].any()
+    with pytest.raises(ConfigError, match="more than the 54 pixels"):
+        suggest_pixels(inputs, "logreg", {"use": "spectral"}, n=55)

@@ -320,7 +320,7 @@ def predict_map(
 
     Args:
         scene, cache, head: inputs (the head must have been trained on this scene image/cache).
-        out: ``.npy`` map of original class ids (``int32``).
+        out: ``.npy`` map of original class ids (``int32``; -1 where the scene has no data).
         png: a colour map with a legend of class names.
         geotiff: a GeoTIFF of the map with the scene's CRS/transform (the scene must have them).
         confidence: ``.npy`` of the winning class probability (``float32``).
@@ -359,7 +359,8 @@ def predict_map(
             blocks: Any = ((b, job.block(inputs.scene.cube, sources, b)) for b in grid)
         else:
             blocks = _predict_on_cluster(dask, job, grid, (scene, cache, context))
-        _write_maps(blocks, (h, w), out, confidence, len(grid), progress, then=pictures)
+        _write_maps(blocks, (h, w), out, confidence, len(grid), progress, then=pictures,
+                    no_data=inputs.scene.no_data)  # fmt: skip
     result = np.load(out, mmap_mode="r")
     names = inputs.scene.class_names
     counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}
@@ -435,10 +436,12 @@ def _write_maps(
     total: int,
     progress: Callable[[int, int], None] | None,
     then: Callable[[np.ndarray], None] | None = None,
+    no_data: np.ndarray | None = None,
 ) -> None:
     """Stream ``(bounds, (class ids, confidence))`` blocks into the ``.npy`` outputs, each
     published atomically once every block is in; ``then(map)`` runs on the finished map
-    before that (the outputs drawn from it)."""
+    before that (the outputs drawn from it). The scene's pixels without data (``no_data``)
+    get class -1 and confidence NaN."""
     conf_out = atomic_output(confidence, NPY, option="confidence") if confidence else nullcontext()
     with atomic_output(out, NPY, option="out") as tmp_map, conf_out as tmp_conf:
         labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=shape)
@@ -448,9 +451,10 @@ def _write_maps(
             else None
         )
         for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
-            labels[y0:y1, x0:x1] = pred
+            empty = no_data[y0:y1, x0:x1] if no_data is not None else False
+            labels[y0:y1, x0:x1] = np.where(empty, -1, pred)
             if conf is not None:
-                conf[y0:y1, x0:x1] = best
+                conf[y0:y1, x0:x1] = np.where(empty, np.nan, best)
             if progress:
                 progress(k + 1, total)
         labels.flush()
@@ -568,15 +572,23 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
     index = np.zeros(result.shape, dtype=np.int32)
     for i, cid in enumerate(sc.class_ids):
         index[np.asarray(result) == cid] = i
+    empty = np.asarray(result) == -1  # no data: left blank
     h, w = result.shape
     fig, ax = plt.subplots(figsize=(min(12, 3 + w / 60), min(12, 1 + h / 60)))
     ax.imshow(
-        index, cmap=ListedColormap(colors), vmin=0, vmax=len(colors) - 1, interpolation="nearest"
+        np.ma.masked_where(empty, index),
+        cmap=ListedColormap(colors),
+        vmin=0,
+        vmax=len(colors) - 1,
+        interpolation="nearest",
     )
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
+    handles = [Patch(color=c, label=n) for c, n in zip(colors, sc.class_names, strict=True)]
+    if empty.any():
+        handles.append(Patch(facecolor="white", edgecolor="0.6", label="no data"))
     ax.legend(
-        handles=[Patch(color=c, label=n) for c, n in zip(colors, sc.class_names, strict=True)],
+        handles=handles,
         loc="center left",
         bbox_to_anchor=(1.01, 0.5),
         fontsize=7,

@@ -64,6 +64,8 @@ class Scene:
         wavelengths: ``(B,)`` nm, or ``None``.
         crs: WKT or ``None``; transform: affine 6-tuple or ``None``.
         attrs: provenance (source, rendering, split, attribution, fingerprint...).
+        no_data: ``(H, W)`` bool, the pixels the file had no data for (filled as
+            ``nan_policy`` said, never in the split, no class in a map); ``None`` when none.
     """
 
     cube: np.ndarray
@@ -77,6 +79,7 @@ class Scene:
     crs: str | None = None
     transform: tuple[float, ...] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    no_data: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,6 +160,10 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
         has_wavelengths=scene.wavelengths is not None,
         package_versions=package_versions(),
     )
+    extra = {}  # written only when there is one, so other scenes' stores stay as they were
+    if scene.no_data is not None and scene.no_data.any():
+        attrs["has_no_data"] = True
+        extra["no_data"] = (("y", "x"), scene.no_data.astype(bool))
     ds = xr.Dataset(
         {
             "cube": (("y", "x", "band"), cube),
@@ -168,6 +175,7 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
             "band_std": (("band",), band_std.astype(np.float32)),
             "class_id": (("class",), np.asarray(scene.class_ids, dtype=np.int64)),
             "class_name": (("class",), np.asarray(scene.class_names, dtype=object)),
+            **extra,
         },
         coords={
             "wavelength": (("band",), wl.astype(np.float64)),
@@ -182,6 +190,7 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
         "labels": {"chunks": (cy, cx)},
         "train": {"chunks": (cy, cx)},
         "test": {"chunks": (cy, cx)},
+        **({"no_data": {"chunks": (cy, cx)}} if extra else {}),
     }
     where = Location.of(path)
     if where.is_local:
@@ -269,6 +278,7 @@ def _read_scene(p: Location, *, lazy: bool) -> Scene:
         crs=attrs.get("crs"),
         transform=tuple(transform) if transform is not None else None,
         attrs=attrs,
+        no_data=read("no_data") if attrs.get("has_no_data") else None,
     )
     for value in vars(scene).values():
         if isinstance(value, np.ndarray):

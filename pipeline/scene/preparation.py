@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,9 @@ def build_scene(
     )
     _check_degenerate(cube_f, rgb, class_ids, test, src.source, cfg.allow_degenerate)
     extra = {"split": record, "nan_policy": cfg.nan_policy}
-    return _scene(src, cube_f, rgb, rendering, index_map, class_ids, names, train, test, extra)
+    scene = _scene(src, cube_f, rgb, rendering, index_map, class_ids, names, train, test, extra)
+    empty = missing.any(axis=-1)
+    return replace(scene, no_data=empty if empty.any() else None)
 
 
 @dataclass
