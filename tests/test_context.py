@@ -322,3 +322,25 @@ def test_bad_head_context_and_seeds_are_one_line(runner, stores, tmp_path):
                                    "svm", "--seeds", ","])  # fmt: skip
     assert no_seeds.exit_code == 2 and "--seeds" in no_seeds.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_window_means_skip_pixels_without_data():
+    from pipeline.features.context import mean_family
+
+    rng = np.random.default_rng(0)
+    pcs = rng.normal(size=(9, 9, 2)).astype(np.float32)
+    valid = np.ones((9, 9), bool)
+    valid[3:5, 3:6] = False
+    pcs[~valid] = 1e3  # made-up values: must not reach any valid pixel's mean
+    got = mean_family(pcs, 3, "box", valid)
+    for y, x in [(2, 2), (4, 6), (5, 4), (7, 7)]:
+        window = (slice(y - 1, y + 2), slice(x - 1, x + 2))
+        expect = pcs[window][valid[window]].mean(axis=0)
+        np.testing.assert_allclose(got[y, x], expect, rtol=1e-5, atol=1e-6)
+    everywhere = np.ones((9, 9), bool)
+    np.testing.assert_allclose(
+        mean_family(pcs, 3, "gaussian", everywhere), mean_family(pcs, 3, "gaussian"), atol=1e-3
+    )
+    cube = rng.normal(size=(9, 9, 4)).astype(np.float32)
+    _, info = reduce_spectra(cube, np.zeros(4, np.float32), np.ones(4, np.float32), 2, 0, valid)
+    assert info["fitted_on_pixels"] == valid.sum()

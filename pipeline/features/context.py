@@ -56,13 +56,19 @@ ProgressFn = Callable[[int, int], None]
 
 
 def reduce_spectra(
-    cube: Any, band_mean: np.ndarray, band_std: np.ndarray, components: int, seed: int
+    cube: Any,
+    band_mean: np.ndarray,
+    band_std: np.ndarray,
+    components: int,
+    seed: int,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The standardised cube projected on its first principal components.
 
     The components are fitted (scikit-learn's PCA) on a seeded sample of at most
-    65,536 pixels, labelled or not, and the whole cube is projected a block of rows at a time,
-    so memory stays near the size of the result.
+    65,536 pixels, labelled or not (only ``valid`` ones: not the pixels without data), and the
+    whole cube is projected a block of rows at a time, so memory stays near the size of the
+    result.
 
     Returns:
         ``((H, W, components) float32, provenance)``.
@@ -72,8 +78,8 @@ def reduce_spectra(
     h, w, b = cube.shape
     scale = np.where(band_std > 0, band_std, 1.0).astype(np.float32)
     rng = np.random.default_rng(seed)
-    n = h * w
-    picks = np.sort(rng.choice(n, size=min(n, _PCA_SAMPLE), replace=False))
+    pool = np.arange(h * w) if valid is None else np.flatnonzero(valid.ravel())
+    picks = np.sort(rng.choice(pool, size=min(pool.size, _PCA_SAMPLE), replace=False))
     sample = _standardised(cube, picks // w, picks % w, band_mean, scale)
     pca = PCA(n_components=components, svd_solver="full").fit(sample)
     out = np.empty((h, w, components), dtype=np.float32)
@@ -102,14 +108,27 @@ def _standardised(
     return (np.concatenate(parts) - mean) / scale
 
 
-def mean_family(pcs: np.ndarray, window: int, kind: str = "box") -> np.ndarray:
-    """The components averaged over a ``window`` x ``window`` neighbourhood (reflect border)."""
+def mean_family(
+    pcs: np.ndarray, window: int, kind: str = "box", valid: np.ndarray | None = None
+) -> np.ndarray:
+    """The components averaged over a ``window`` x ``window`` neighbourhood (reflect border);
+    with ``valid``, over its valid pixels only (normalised convolution), so the values filled
+    in where the scene has no data do not bleed into their neighbours' context."""
+    if valid is None:
+        return _smoothed(pcs, window, kind)
+    weight = valid.astype(np.float32)[..., None]
+    total = _smoothed(pcs * weight, window, kind)
+    share = _smoothed(weight, window, kind)
+    return np.where(share > 1e-6, total / np.maximum(share, 1e-6), pcs).astype(np.float32)
+
+
+def _smoothed(values: np.ndarray, window: int, kind: str) -> np.ndarray:
     from scipy import ndimage
 
     if kind == "box":
-        return ndimage.uniform_filter(pcs, size=(window, window, 1), mode="reflect")
+        return ndimage.uniform_filter(values, size=(window, window, 1), mode="reflect")
     sigma = window / 6.0
-    return ndimage.gaussian_filter(pcs, sigma=(sigma, sigma, 0), mode="reflect", truncate=3.0)
+    return ndimage.gaussian_filter(values, sigma=(sigma, sigma, 0), mode="reflect", truncate=3.0)
 
 
 def emp_family(pcs: np.ndarray, n_components: int, radii: Sequence[int]) -> np.ndarray:
@@ -160,14 +179,18 @@ def slic_family(pcs: np.ndarray, size: int, seed_channels: int = 3) -> np.ndarra
 
 
 def context_features(
-    pcs: np.ndarray, config: ContextConfig, progress: ProgressFn | None = None
+    pcs: np.ndarray,
+    config: ContextConfig,
+    progress: ProgressFn | None = None,
+    valid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every family of ``config`` computed from the reduced cube ``pcs``, by name."""
+    """Every family of ``config`` computed from the reduced cube ``pcs``, by name; window
+    means over ``valid`` pixels only when given (``emp`` and ``slicN`` see every pixel)."""
     out: dict[str, np.ndarray] = {}
     names = config.families
     for k, name in enumerate(names):
         if name.startswith("mean"):
-            out[name] = mean_family(pcs, int(name[4:]), config.filter).astype(np.float32)
+            out[name] = mean_family(pcs, int(name[4:]), config.filter, valid).astype(np.float32)
         elif name == "emp":
             out[name] = emp_family(pcs, config.emp_components, config.emp_radii)
         else:
@@ -206,8 +229,9 @@ def write_context(
     cfg.check(sc.shape, int(cube.shape[-1]))
     mean = np.asarray(scene_array(scene, "band_mean")[...], dtype=np.float32)
     std = np.asarray(scene_array(scene, "band_std")[...], dtype=np.float32)
-    pcs, pca = reduce_spectra(cube, mean, std, cfg.components, cfg.seed)
-    families = context_features(pcs, cfg, progress)
+    valid = ~sc.no_data if sc.no_data is not None else None  # None: every pixel has data
+    pcs, pca = reduce_spectra(cube, mean, std, cfg.components, cfg.seed, valid)
+    families = context_features(pcs, cfg, progress, valid)
     attrs = {
         "format": CONTEXT_FORMAT,
         "complete": True,
