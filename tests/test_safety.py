@@ -532,3 +532,24 @@ class TestAllOrNothing:
                 raise RuntimeError("inner")
             assert not (tmp_path / "m.json").exists()  # still held back
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+    def test_an_output_that_cannot_be_moved_leaves_every_old_one(self, tmp_path, monkeypatch):
+        from pipeline.io.outputs import METRICS
+        from pipeline.io.store import all_or_nothing
+
+        self._write(tmp_path / "m.json", METRICS, '{"format": "hsicache-metrics/1", "v": 1}')
+        self._write(tmp_path / "n.json", METRICS, '{"format": "hsicache-metrics/1", "v": 1}')
+        real = Path.rename
+
+        def stuck(self, target):  # n.json is immutable (chattr +i): it cannot be moved
+            if self.name == "n.json":
+                raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+            return real(self, target)
+
+        monkeypatch.setattr(Path, "rename", stuck)
+        with pytest.raises(PermissionError, match=r"n\.json"), all_or_nothing():
+            self._write(tmp_path / "m.json", METRICS, '{"format": "hsicache-metrics/1", "v": 2}')
+            self._write(tmp_path / "n.json", METRICS, '{"format": "hsicache-metrics/1", "v": 2}')
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "n.json"]
+        assert '"v": 1' in (tmp_path / "m.json").read_text()
+        assert '"v": 1' in (tmp_path / "n.json").read_text()

@@ -127,9 +127,9 @@ def all_or_nothing() -> Iterator[None]:
     them together when it ends without error; when it fails, none of them appears.
 
     A command with several outputs (a map, its PNG and GeoTIFF) then never leaves some written
-    and others not: every held output is checked once more before the first is put in place,
-    so only a failure of the final renames themselves could. A nested block hands its outputs
-    to the enclosing one when it succeeds and drops them when it fails.
+    and others not: every held output is checked once more, and the outputs they replace are
+    moved aside, before the first is put in place; a failure puts them back. A nested block
+    hands its outputs to the enclosing one when it succeeds and drops them when it fails.
 
     Not held back: remote stores (``s3://``, published by their own protocol), outputs written
     by threads this block starts (the hold is per thread), and so code inside the block that
@@ -153,22 +153,42 @@ def all_or_nothing() -> Iterator[None]:
 
 
 def _publish_all(held: _Held) -> None:
-    """Check every held output, then put each in its place."""
+    """Check every held output, move the outputs they replace aside, put each in its place,
+    then delete what was moved aside. A failure at any step (a file that cannot be moved:
+    immutable, or in a folder that is not the user's) puts everything back as it was."""
+    aside: list[tuple[Path, Path]] = []  # (final, where its previous content waits)
+    placed: list[_Finished] = []
     try:
         for out in held.outputs:
             check_output(out.final, out.kind, option=out.option)
-        for k, out in enumerate(held.outputs):
-            try:
-                publish(out.tmp, out.final, out.kind)
-            except BaseException as exc:
-                held.outputs = held.outputs[k:]
-                _name_the_output(exc, out.final)
-                raise
-    except BaseException:
+        for out in held.outputs:
+            if out.final.exists() or out.final.is_symlink():
+                old = out.final.with_name(f".{out.final.name}.old-{uuid.uuid4().hex[:8]}")
+                out.final.rename(old)
+                aside.append((out.final, old))
+        for out in held.outputs:
+            publish(out.tmp, out.final, out.kind)  # its place is free now
+            placed.append(out)
+    except BaseException as exc:
+        for out in reversed(placed):
+            out.final.rename(out.tmp)  # back to where drop() removes it
+        for final, old in reversed(aside):
+            old.rename(final)
         held.drop()
+        for out in held.outputs:
+            _name_the_output(exc, out.final)  # a temporary or set-aside name: the user's path
         raise
+    for _final, old in aside:
+        _remove(old)
     held.outputs = []
     held.drop()  # the folders of outputs that failed before, now empty
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _discard(tmp: Path, made: list[Path]) -> None:
