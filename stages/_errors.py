@@ -68,10 +68,12 @@ SPELLED_AS = {
 }
 
 
-#: Options whose value is a name or location of the user's own (a store path or URL, a head
-#: folder, a backbone): never read as a parameter's name in a message.
+#: Options whose value (or each comma-separated part of it) is a name or location of the
+#: user's own (a store path or URL, a head, a backbone, context families, sites): never read as
+#: a parameter's name in a message.
 NAMED_BY_USER = frozenset({"scene", "features", "cache", "context_store", "head", "backbone",
-                           "out", "store", "images"})  # fmt: skip
+                           "out", "store", "images", "context", "sites", "heads",
+                           "class_names"})  # fmt: skip
 
 _NAMED = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 
@@ -95,12 +97,7 @@ def in_flags(message: str, ctx: Any = None) -> str:
         if name not in flags and spelled in flags:
             flags[name] = flags[spelled]
 
-    given = {  # free text a user may give: paths, stores and container variable names
-        str(v)
-        for k, v in (ctx.params or {}).items()
-        if isinstance(v, PurePath)
-        or (isinstance(v, str) and (k in NAMED_BY_USER or k.endswith("key")))
-    }
+    given = _named_by_user(ctx)
 
     def flag(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
@@ -111,6 +108,18 @@ def in_flags(message: str, ctx: Any = None) -> str:
         return f"`{flags[name]} {value.strip(chr(39) + chr(34))}`"
 
     return _NAMED.sub(flag, message)
+
+
+def _named_by_user(ctx: Any) -> set[str]:
+    """The free text given to the running command: paths, stores, names and container
+    variables (each part of a comma-separated list too)."""
+    given = set()
+    for k, v in (ctx.params or {}).items():
+        if isinstance(v, PurePath):
+            given.add(str(v))
+        elif isinstance(v, str) and (k in NAMED_BY_USER or k.endswith("key")):
+            given |= {v, *(part.strip() for part in v.split(","))}
+    return given
 
 
 def _one(text: str) -> str:

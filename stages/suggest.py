@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def suggest(
+    ctx: typer.Context,
     scene: str = SCENE_OPTION,
     features: str | None = FEATURES_OPTION,
     context_store: str | None = CONTEXT_OPTION,
@@ -92,6 +93,7 @@ def suggest(
         typer.echo(f"gain at the end: {100 * result['gain_at_end']:+.1f} points OA -> {out}")
         return
     with user_errors(debug):
+        _only_with_simulate(ctx, per_class)
         result = run_suggest(
             **stores,
             head=head,
@@ -104,6 +106,20 @@ def suggest(
             pool=pool,
         )
     typer.echo(f"wrote {out}: {len(result['suggestions'])} pixels to label next")
+
+
+def _only_with_simulate(ctx: typer.Context, per_class: int | None) -> None:
+    """``--seeds`` and ``--per-class`` set the simulation: refused without ``--simulate``
+    rather than ignored."""
+    from pipeline.errors import ConfigError
+
+    source = ctx.get_parameter_source("seeds")  # typer's own click: compare by name
+    seeds_given = source is not None and source.name == "COMMANDLINE"
+    for flag, given in (("--seeds", seeds_given), ("--per-class", per_class is not None)):
+        if given:
+            raise ConfigError(
+                f"`{flag}` sets the loop of `--simulate ROUNDS`: give both or neither"
+            )
 
 
 if __name__ == "__main__":

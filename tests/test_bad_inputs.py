@@ -112,6 +112,10 @@ CASES = [
     ("params-misspelt-heads", lambda w: ["train", "--scene", w["a.zarr"], "--head", "spectral",
                                          "--params", w["misspelt.yaml"], "--out",
                                          f"{w['dir']}/h2"], "has `heds:`", ["h2"]),
+    ("suggest-seeds-without-simulate", lambda w: ["suggest", "--scene", w["a.zarr"], "--features",
+                                                  w["fa.zarr"], "--head", "logreg", "--n", "2",
+                                                  "--out", f"{w['dir']}/s.csv", "--seeds", "1"],
+     "`--seeds` sets the loop of `--simulate ROUNDS`", ["s.csv"]),
     ("params-missing-file", lambda w: _extract(w, "--params", "/no/params.yaml"),
      "/no/params.yaml", ["new.zarr"]),
     # heads

@@ -150,6 +150,11 @@ def test_in_flags_leaves_the_users_own_values_alone():
     ctx = _command("evaluate").make_context("evaluate", argv, resilient_parsing=True)
     said = in_flags("scene store `scene`; feature cache `features`; give `seeds`", ctx)
     assert said == "scene store `scene`; feature cache `features`; give `--seeds`"
+    argv = ["--scene", "s", "--head", "h", "--context", "mean7,seed", "--sites", "context",
+            "--out", "o"]  # fmt: skip
+    ctx = _command("train").make_context("train", argv, resilient_parsing=True)
+    said = in_flags("family `seed`; site `context`; `mean7`; `out`", ctx)
+    assert said == "family `seed`; site `context`; `mean7`; `--out`"
 
 
 def test_library_messages_name_parameters_not_flags():
@@ -220,6 +225,11 @@ def test_a_misspelt_section_is_refused_a_users_own_is_not(tmp_path):
     p.write_text("head:\n  film: {width: 8}\n")
     with pytest.raises(ConfigError, match=r"has no `heads:` section but has `head:`"):
         load_section(p, "heads")
+    p.write_text("context:\n  components: 5\ncontxt:\n  windows: [7]\ncontex:\n  mine: 1\n")
+    with pytest.raises(ConfigError, match=r"has `contxt:` beside `context:`"):
+        load_section(p, "context", {"components", "windows"})
+    p.write_text("context:\n  components: 5\ncontex:\n  windows: [7]\n  mine: 1\n")
+    assert load_section(p, "context", {"components", "windows"}) == {"components": 5}
 
 
 def test_compare_names_the_heads_section_not_a_flag(runner, tmp_path):

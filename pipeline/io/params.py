@@ -43,8 +43,7 @@ def load_section(path: Path, section: str, known: Collection[str] | None = None)
         raise ConfigError(f"params file `{path}` is not valid YAML: {reason}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"params file `{path}` must hold a mapping of stage sections")
-    if section not in data:
-        _check_spelling(path, data, section, known)
+    _check_spelling(path, data, section, known)
     table = data.get(section) or {}
     if not isinstance(table, dict):
         raise ConfigError(f"`{section}:` in `{path}` must be a mapping of option names to values")
@@ -54,25 +53,34 @@ def load_section(path: Path, section: str, known: Collection[str] | None = None)
 def _check_spelling(
     path: Path, data: dict[Any, Any], section: str, known: Collection[str] | None
 ) -> None:
-    """Refuse a file without ``section`` whose top level has a near miss of it (``contxt:``)
-    holding what ``section`` would hold: its settings would otherwise be ignored in silence.
-    Sections of a user's own (other names, or other keys) are left alone."""
+    """Refuse a near miss of ``section`` (``contxt:``) holding what ``section`` would hold:
+    its settings would otherwise be ignored in silence. Beside ``section`` itself, only a near
+    miss whose every key is one of ``section``'s is taken for a misspelling. Sections of a
+    user's own (other names, or other keys) are left alone."""
     import difflib
 
     others = {str(key): value for key, value in data.items() if key not in SECTIONS}
-    near = difflib.get_close_matches(section, list(others), n=1, cutoff=0.75)
-    body = others[near[0]] if near else None
+    for near in difflib.get_close_matches(section, list(others), n=5, cutoff=0.75):
+        if _holds_settings_of(others[near], known, strict=section in data):
+            beside = section in data
+            raise ConfigError(
+                f"params file `{path}` has `{near}:` beside `{section}:`, with {section} settings "
+                f"in it that would be ignored: move them into `{section}:`"
+                if beside
+                else f"params file `{path}` has no `{section}:` section but has `{near}:`, with "
+                f"{section} settings in it: did you mean `{section}:`?"
+            )
+
+
+def _holds_settings_of(body: Any, known: Collection[str] | None, *, strict: bool) -> bool:
+    """Whether ``body`` looks like the section whose keys are ``known`` (``None``: head
+    recipes): any key of it, or with ``strict`` every key."""
     if not isinstance(body, dict) or not body:
-        return
-    if known is None:  # heads: every entry a recipe
-        alike = all(isinstance(v, dict) for v in body.values())
-    else:
-        alike = any(str(k).replace("-", "_") in known for k in body)
-    if alike:
-        raise ConfigError(
-            f"params file `{path}` has no `{section}:` section but has `{near[0]}:`, with "
-            f"{section} settings in it: did you mean `{section}:`?"
-        )
+        return False
+    if known is None:
+        return all(isinstance(v, dict) for v in body.values())
+    ours = [str(k).replace("-", "_") in known for k in body]
+    return all(ours) if strict else any(ours)
 
 
 def head_settings(path: Path, head: str) -> dict[str, Any]:
