@@ -455,6 +455,8 @@ def test_pixels_without_data_have_no_class_in_maps_and_are_never_suggested(tmp_p
                 nan_policy="band-mean", out=tmp_path / "s.zarr")  # fmt: skip
     sc = open_scene(tmp_path / "s.zarr")
     assert sc.no_data[:2, :2].all() and sc.no_data.sum() == 4
+    stored = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)["band_mean"].values
+    np.testing.assert_allclose(stored, cube[~sc.no_data].mean(axis=0), rtol=1e-5)  # data only
     train_head(scene=tmp_path / "s.zarr", cache=None, head="logreg", params={"use": "spectral"},
                out=tmp_path / "h")  # fmt: skip
     predict_map(scene=tmp_path / "s.zarr", cache=None, head=tmp_path / "h",

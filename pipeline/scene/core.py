@@ -150,8 +150,11 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
     h, w, b = scene.cube.shape
     wl = scene.wavelengths if scene.wavelengths is not None else np.full(b, np.nan)
     cube = scene.cube.astype(np.float32)
-    band_mean = cube.reshape(-1, b).mean(axis=0, dtype=np.float64)
-    band_std = cube.reshape(-1, b).std(axis=0, dtype=np.float64)
+    spectra = cube.reshape(-1, b)
+    if scene.no_data is not None:  # statistics of the data, not of the values filled in
+        spectra = spectra[~scene.no_data.ravel()]
+    band_mean = spectra.mean(axis=0, dtype=np.float64)
+    band_std = spectra.std(axis=0, dtype=np.float64)
     attrs = dict(scene.attrs)
     attrs.update(
         format=SCENE_FORMAT,

@@ -130,16 +130,26 @@ def _read(path: Path, key: str | None, *, ndim: int, role: str, key_option: str)
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
         raise SceneFormatError(f"{role} `{path}` holds non-numeric data of dtype {data.dtype}")
     if ndim == 2 and raster.nodata is not None:
-        data = _unlabelled_where_no_data(data, raster.nodata)
+        data = _unlabelled_where_no_data(data, raster.nodata, f"{role} `{path}`")
     raster.data = data
     raster.source = str(path)
     return raster
 
 
-def _unlabelled_where_no_data(data: np.ndarray, nodata: float) -> np.ndarray:
-    """A map's no-data pixels as 0, the value every map reader takes for "no label"."""
+def _unlabelled_where_no_data(data: np.ndarray, nodata: float, what: str) -> np.ndarray:
+    """A map's no-data pixels as 0, the value every map reader takes for "no label" (said in
+    a warning when the no-data value is another one: it could be a class id)."""
     empty = np.isnan(data) if np.isnan(nodata) else data == nodata
-    return np.where(empty, 0, data).astype(data.dtype) if empty.any() else data
+    if not empty.any():
+        return data
+    if nodata != 0:
+        warnings.warn(
+            f"{what}: {int(empty.sum())} pixels at its no-data value {nodata:g} are read as "
+            "unlabelled",
+            HsicacheWarning,
+            stacklevel=4,
+        )
+    return np.where(empty, 0, data).astype(data.dtype)
 
 
 def _read_by_suffix(path: Path, key: str | None, ndim: int, role: str, key_option: str) -> Raster:
