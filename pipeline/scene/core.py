@@ -150,11 +150,7 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
     h, w, b = scene.cube.shape
     wl = scene.wavelengths if scene.wavelengths is not None else np.full(b, np.nan)
     cube = scene.cube.astype(np.float32)
-    spectra = cube.reshape(-1, b)
-    if scene.no_data is not None:  # statistics of the data, not of the values filled in
-        spectra = spectra[~scene.no_data.ravel()]
-    band_mean = spectra.mean(axis=0, dtype=np.float64)
-    band_std = spectra.std(axis=0, dtype=np.float64)
+    band_mean, band_std = _band_statistics(cube, scene.no_data)
     attrs = dict(scene.attrs)
     attrs.update(
         format=SCENE_FORMAT,
@@ -205,6 +201,14 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
         ds.to_zarr(Path(tmp) / "scene.zarr", zarr_format=3, consolidated=False, encoding=encoding)
         publish_folder(Path(tmp) / "scene.zarr", where)
     return where
+
+
+def _band_statistics(cube: np.ndarray, no_data: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Each band's mean and std over the pixels with data (not over the values filled in)."""
+    spectra = cube.reshape(-1, cube.shape[-1])
+    if no_data is not None:
+        spectra = spectra[~no_data.ravel()]
+    return spectra.mean(axis=0, dtype=np.float64), spectra.std(axis=0, dtype=np.float64)
 
 
 def open_scene(

@@ -69,12 +69,10 @@ def build_scene(
     _check_shapes(src, masks)
     index_map, class_ids = encode_labels(src.label_ids, source=src.label_source)
     names = _class_names(class_names or src.class_names, class_ids)
-    # 3. the cube's values: a pixel with a missing value (NaN/inf, the file's no-data value) is
-    #    filled as `nan_policy` says and left out of the split
-    cube_f = np.asarray(src.data, dtype=np.float32)
-    missing = ~np.isfinite(cube_f) | _no_data_pixels(src)[..., None]
-    cube_f = _fill_missing(cube_f, missing, cfg, src)
-    index_map, masks = _leave_out(missing.any(axis=-1), index_map, class_ids, masks, src.source)
+    # 3. the cube's values: a pixel without data (a NaN/inf band, or every band at the file's
+    #    no-data value) is filled as `nan_policy` says and left out of the split
+    cube_f, empty = _cube_values(src, cfg)
+    index_map, masks = _leave_out(empty, index_map, class_ids, masks, src.source)
     # 4. the split
     train, test, record = _split(index_map, class_ids, cfg, masks)
     # 5. the rendering the backbone will see
@@ -89,7 +87,6 @@ def build_scene(
     _check_degenerate(cube_f, rgb, class_ids, test, src.source, cfg.allow_degenerate)
     extra = {"split": record, "nan_policy": cfg.nan_policy}
     scene = _scene(src, cube_f, rgb, rendering, index_map, class_ids, names, train, test, extra)
-    empty = missing.any(axis=-1)
     return replace(scene, no_data=empty if empty.any() else None)
 
 
@@ -396,6 +393,14 @@ def _union_of_masks(
             "they must be disjoint"
         )
     return a + b
+
+
+def _cube_values(src: _Source, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 cube with its missing values filled (or an error), and ``(H, W)``: the
+    pixels without data."""
+    cube = np.asarray(src.data, dtype=np.float32)
+    missing = ~np.isfinite(cube) | _no_data_pixels(src)[..., None]
+    return _fill_missing(cube, missing, cfg, src), missing.any(axis=-1)
 
 
 def _no_data_pixels(src: _Source) -> np.ndarray:
