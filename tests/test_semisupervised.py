@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,10 @@ class TestPropagateHead:
         assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == rows.size
         r, c, y = fit_rows(sc, sc.train, 100, seed=3)
         assert (y == -1).sum() == 100 and not sc.train[r[y == -1], c[y == -1]].any()
+        empty = np.zeros(sc.shape, bool)
+        empty[: sc.shape[0] // 2] = True  # half the scene without data: never sampled
+        r, c, y = fit_rows(replace(sc, no_data=empty), sc.train & ~empty, 10**6, seed=3)
+        assert not empty[r, c].any() and (y == -1).sum() == (~empty & ~sc.train).sum()
 
     def test_saved_head_evaluates_like_its_refit(self, stores, tmp_path):
         head = tmp_path / "h"

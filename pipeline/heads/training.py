@@ -640,7 +640,7 @@ def fit_rows(
     none for ``None``.
 
     The unlabelled pixels are drawn from every pixel that is not a train pixel, labelled test
-    pixels included (their labels are never read)."""
+    pixels included (their labels are never read), and not a pixel without data."""
     train_mask = np.asarray(train_mask, dtype=bool)
     if unlabeled == "all":
         rows, cols = np.indices(train_mask.shape).reshape(2, -1)
@@ -649,7 +649,8 @@ def fit_rows(
     y = scene.labels[rows, cols]
     if unlabeled is None:
         return rows, cols, y
-    flat = np.flatnonzero(~train_mask.ravel())
+    pool = ~train_mask if scene.no_data is None else ~train_mask & ~scene.no_data
+    flat = np.flatnonzero(pool.ravel())
     if int(unlabeled) < flat.size:
         rng = np.random.default_rng(seed)
         flat = np.sort(rng.choice(flat, int(unlabeled), replace=False))
