@@ -359,8 +359,8 @@ def predict_map(
             blocks: Any = ((b, job.block(inputs.scene.cube, sources, b)) for b in grid)
         else:
             blocks = _predict_on_cluster(dask, job, grid, (scene, cache, context))
-        _write_maps(blocks, (h, w), out, confidence, len(grid), progress, then=pictures,
-                    no_data=inputs.scene.no_data)  # fmt: skip
+        no_data = inputs.scene.no_data
+        _write_maps(blocks, (h, w), out, confidence, len(grid), progress, pictures, no_data)
     result = np.load(out, mmap_mode="r")
     names = inputs.scene.class_names
     counts = {n: int((result == c).sum()) for c, n in zip(job.class_ids, names, strict=True)}

@@ -60,9 +60,9 @@ def _check_spelling(
     import difflib
 
     others = {str(key): value for key, value in data.items() if key not in SECTIONS}
+    beside = section in data
     for near in difflib.get_close_matches(section, list(others), n=5, cutoff=0.75):
-        if _holds_settings_of(others[near], known, strict=section in data):
-            beside = section in data
+        if _holds_settings_of(others[near], known, strict=beside):
             raise ConfigError(
                 f"params file `{path}` has `{near}:` beside `{section}:`, with {section} settings "
                 f"in it that would be ignored: move them into `{section}:`"

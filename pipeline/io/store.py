@@ -179,16 +179,9 @@ def _publish_all(held: _Held) -> None:
             _name_the_output(exc, out.final)  # a temporary or set-aside name: the user's path
         raise
     for _final, old in aside:
-        _remove(old)
+        _discard(old, [])
     held.outputs = []
     held.drop()  # the folders of outputs that failed before, now empty
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _discard(tmp: Path, made: list[Path]) -> None:

@@ -446,7 +446,6 @@ def _declared(nodata: float | tuple[float, ...] | None) -> str:
         return ""
     if not np.isscalar(nodata):
         return ", or every band at its no-data value in the file"
-
     value = float(np.asarray(nodata))
     shown = str(int(value)) if value.is_integer() else repr(value)
     return f", or every band at the file's no-data value {shown}"
@@ -478,10 +477,7 @@ def _leave_out(
         stacklevel=3,
     )
     if masks is not None:
-        masks = _Masks(
-            np.where(empty, 0, masks.train),
-            np.where(empty, 0, masks.test),
-            masks.train_path,
-            masks.test_path,
+        masks = replace(
+            masks, train=np.where(empty, 0, masks.train), test=np.where(empty, 0, masks.test)
         )
     return index_map, masks
