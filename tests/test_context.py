@@ -344,3 +344,25 @@ def test_window_means_skip_pixels_without_data():
     cube = rng.normal(size=(9, 9, 4)).astype(np.float32)
     _, info = reduce_spectra(cube, np.zeros(4, np.float32), np.ones(4, np.float32), 2, 0, valid)
     assert info["fitted_on_pixels"] == valid.sum()
+
+
+@pytest.mark.parametrize("family", ["emp", "slic"])
+def test_profiles_and_superpixels_do_not_see_filled_values(family):
+    from pipeline.features.context import emp_family, slic_family
+
+    rng = np.random.default_rng(1)
+    pcs = np.repeat(np.linspace(-2, 2, 24), 24).reshape(24, 24, 1) + rng.normal(size=(24, 24, 3))
+    pcs = pcs.astype(np.float32)
+    valid = np.ones((24, 24), bool)
+    valid[8:14, 6:12] = False
+    make = {
+        "emp": lambda v, mask: emp_family(v, 2, [1, 3], mask),
+        "slic": lambda v, mask: slic_family(v, 16, valid=mask),
+    }[family]
+    outputs = []
+    for fill in (-50.0, 50.0):  # two made-up fills: the valid pixels' context must not change
+        filled = pcs.copy()
+        filled[~valid] = fill
+        outputs.append(make(filled, valid))
+    np.testing.assert_array_equal(outputs[0][valid], outputs[1][valid])
+    np.testing.assert_array_equal(make(pcs, None), make(pcs, np.ones_like(valid)))

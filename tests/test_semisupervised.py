@@ -109,6 +109,9 @@ class TestPropagateHead:
         empty[: sc.shape[0] // 2] = True  # half the scene without data: never sampled
         r, c, y = fit_rows(replace(sc, no_data=empty), sc.train & ~empty, 10**6, seed=3)
         assert not empty[r, c].any() and (y == -1).sum() == (~empty & ~sc.train).sum()
+        r, c, y = fit_rows(replace(sc, no_data=empty), sc.train & ~empty, "all", seed=0)
+        assert not empty[r, c].any() and r.size == (~empty).sum()  # no graph node without data
+        np.testing.assert_array_equal(y >= 0, (sc.train & ~empty)[r, c])
 
     def test_saved_head_evaluates_like_its_refit(self, stores, tmp_path):
         head = tmp_path / "h"

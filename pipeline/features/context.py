@@ -131,11 +131,16 @@ def _smoothed(values: np.ndarray, window: int, kind: str) -> np.ndarray:
     return ndimage.gaussian_filter(values, sigma=(sigma, sigma, 0), mode="reflect", truncate=3.0)
 
 
-def emp_family(pcs: np.ndarray, n_components: int, radii: Sequence[int]) -> np.ndarray:
+def emp_family(
+    pcs: np.ndarray, n_components: int, radii: Sequence[int], valid: np.ndarray | None = None
+) -> np.ndarray:
     """Extended morphological profile: per component, the component itself and its openings
-    and closings by reconstruction with a disc of each radius (scikit-image)."""
+    and closings by reconstruction with a disc of each radius (scikit-image). With ``valid``,
+    each pixel without data first takes the value of its nearest valid pixel, so the values
+    filled in there make no plateau of their own that openings and closings would spread."""
     from skimage.morphology import dilation, disk, erosion, reconstruction
 
+    pcs = pcs if valid is None else _nearest_valid(pcs, valid)
     layers = []
     for c in range(n_components):
         image = np.ascontiguousarray(pcs[..., c], dtype=np.float64)
@@ -148,26 +153,33 @@ def emp_family(pcs: np.ndarray, n_components: int, radii: Sequence[int]) -> np.n
     return np.stack(layers, axis=-1).astype(np.float32)
 
 
-def slic_family(pcs: np.ndarray, size: int, seed_channels: int = 3) -> np.ndarray:
+def slic_family(
+    pcs: np.ndarray, size: int, seed_channels: int = 3, valid: np.ndarray | None = None
+) -> np.ndarray:
     """Mean of the components over each pixel's SLIC superpixel of about ``size`` pixels.
 
     The superpixels are cut (scikit-image's SLIC) on the first ``seed_channels`` components,
-    scaled to [0, 1] together; every component is then averaged per superpixel.
+    scaled to [0, 1] together; every component is then averaged per superpixel. With ``valid``,
+    superpixels are cut over the valid pixels only (SLIC's ``mask``) and a pixel without data
+    keeps its own components.
     """
     from skimage.segmentation import slic
 
     h, w, k = pcs.shape
+    valid = None if valid is None or np.all(valid) else np.asarray(valid, bool)
+    inside = np.ones((h, w), bool) if valid is None else valid
     guide = pcs[..., : min(seed_channels, k)].astype(np.float64)
-    lo, hi = guide.min(), guide.max()
+    lo, hi = guide[inside].min(), guide[inside].max()
     guide = (guide - lo) / (hi - lo) if hi > lo else np.zeros_like(guide)
     segments = slic(
         guide,
-        n_segments=max(1, round(h * w / size)),
+        n_segments=max(1, round(int(inside.sum()) / size)),
         compactness=0.1,
         channel_axis=-1,
         convert2lab=False,  # principal components are not RGB
-        start_label=0,
+        start_label=0 if valid is None else 1,  # with a mask, 0 is outside it
         enforce_connectivity=True,
+        mask=None if valid is None else inside,
     )
     flat = segments.ravel()
     counts = np.bincount(flat).astype(np.float64)
@@ -175,7 +187,17 @@ def slic_family(pcs: np.ndarray, size: int, seed_channels: int = 3) -> np.ndarra
         [np.bincount(flat, weights=pcs[..., c].ravel()) / np.maximum(counts, 1) for c in range(k)],
         axis=-1,
     )
-    return means[segments].astype(np.float32)
+    return np.where(inside[..., None], means[segments], pcs).astype(np.float32)
+
+
+def _nearest_valid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``values`` with each invalid pixel's replaced by its nearest valid pixel's."""
+    from scipy import ndimage
+
+    if valid.all() or not valid.any():
+        return values
+    nearest = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    return values[nearest[0], nearest[1]]
 
 
 def context_features(
@@ -184,17 +206,18 @@ def context_features(
     progress: ProgressFn | None = None,
     valid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every family of ``config`` computed from the reduced cube ``pcs``, by name; window
-    means over ``valid`` pixels only when given (``emp`` and ``slicN`` see every pixel)."""
+    """Every family of ``config`` computed from the reduced cube ``pcs``, by name; from the
+    ``valid`` pixels only when given (the values filled in where the scene has no data reach
+    no other pixel's context)."""
     out: dict[str, np.ndarray] = {}
     names = config.families
     for k, name in enumerate(names):
         if name.startswith("mean"):
             out[name] = mean_family(pcs, int(name[4:]), config.filter, valid).astype(np.float32)
         elif name == "emp":
-            out[name] = emp_family(pcs, config.emp_components, config.emp_radii)
+            out[name] = emp_family(pcs, config.emp_components, config.emp_radii, valid)
         else:
-            out[name] = slic_family(pcs, int(name[4:]))
+            out[name] = slic_family(pcs, int(name[4:]), valid=valid)
         if progress:
             progress(k + 1, len(names))
     return out

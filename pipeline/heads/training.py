@@ -414,7 +414,7 @@ class Recipe:
 
     def unlabeled(self) -> int | str | None:
         """The unlabelled pixels the head is fitted with: ``"all"`` (a kind registered with
-        ``unlabeled="all"``, such as ``propagate``: every pixel of the scene), a count
+        ``unlabeled="all"``, such as ``propagate``: every pixel of the scene with data), a count
         (``self_training.pool``) or ``None`` (none)."""
         spec = REGISTRY.get(self.kind)
         if spec is not None and spec.unlabeled == "all":
@@ -640,16 +640,18 @@ def fit_rows(
     none for ``None``.
 
     The unlabelled pixels are drawn from every pixel that is not a train pixel, labelled test
-    pixels included (their labels are never read), and not a pixel without data."""
+    pixels included (their labels are never read). Pixels without data are never among them,
+    for ``"all"`` neither: their filled values would be graph nodes of their own."""
     train_mask = np.asarray(train_mask, dtype=bool)
+    has_data = np.ones_like(train_mask) if scene.no_data is None else ~scene.no_data
     if unlabeled == "all":
-        rows, cols = np.indices(train_mask.shape).reshape(2, -1)
-        return rows, cols, np.where(train_mask.ravel(), scene.labels.ravel(), -1)
+        rows, cols = np.nonzero(has_data)
+        return rows, cols, np.where(train_mask[rows, cols], scene.labels[rows, cols], -1)
     rows, cols = np.nonzero(train_mask)
     y = scene.labels[rows, cols]
     if unlabeled is None:
         return rows, cols, y
-    pool = ~train_mask if scene.no_data is None else ~train_mask & ~scene.no_data
+    pool = ~train_mask & has_data
     flat = np.flatnonzero(pool.ravel())
     if int(unlabeled) < flat.size:
         rng = np.random.default_rng(seed)
