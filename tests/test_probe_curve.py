@@ -206,3 +206,21 @@ def test_probe_reads_a_bounded_sample_of_test_pixels(stores, monkeypatch):
     n_train = int(resplit(inputs.scene, 0)[0].sum())
     assert set(read) == {n_train + 50}  # the train pixels and 50 test pixels, nothing else
     assert [r["cv_mean"] for r in sampled["rows"]] == [r["cv_mean"] for r in whole["rows"]]
+
+
+@pytest.mark.parametrize("command", ["compare", "curve"])
+def test_a_bad_recipe_is_refused_before_the_first_fit(stores, command):
+    from pipeline.errors import HsicacheError
+    from pipeline.evaluation.compare import compare_heads
+    from pipeline.evaluation.curve import label_curve
+
+    heads = {"logreg": {"use": "spectral"}, "wide": {"kind": "logreg", "context": ["mean45"]}}
+    fits: list[int] = []
+    with pytest.raises(HsicacheError, match="mean45"):
+        if command == "compare":
+            compare_heads(scene=stores["scene"], cache=None, context=stores["ctx"], heads=heads,
+                          seeds=[0, 1], progress=lambda k, n: fits.append(k))  # fmt: skip
+        else:
+            inputs = open_inputs(stores["scene"], None, stores["ctx"])
+            label_curve(inputs, heads, [2], [0, 1], lambda k, n: fits.append(k))
+    assert fits == []  # `logreg`, first in the table, was never fitted

@@ -133,7 +133,7 @@ def compare_heads(
     Returns:
         ``{"protocol": protocol card, "rows": [one dict per head with COMPARE_KEYS...]}``.
     """
-    from pipeline.evaluation.scoring import refit_over_seeds
+    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds
     from pipeline.heads.training import open_inputs
 
     if not heads:
@@ -141,6 +141,8 @@ def compare_heads(
     reference = _check_reference(reference, heads)
     inputs = open_inputs(scene, cache, context)
     twins = {name: twin_without(name, params) for name, params in heads.items()}
+    for name, params in heads.items():  # every recipe checked before the first fit
+        check_recipe(inputs, name, params)
     total = len(seeds) * (len(heads) + sum(t is not None for t in twins.values()))
     done = [0]
 

@@ -36,7 +36,7 @@ def label_curve(
     Returns:
         ``{"rows": [...CURVE_KEYS, per_seed_oa], "protocol": the card of the last fit}``.
     """
-    from pipeline.evaluation.scoring import refit_over_seeds
+    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
@@ -47,6 +47,8 @@ def label_curve(
     counts = sorted(set(int(n) for n in counts))
     for n in counts:  # a count a class cannot give fails now, before any fit
         _check_count(inputs.scene, seeds, n)
+    for name, params in heads.items():  # and so does a bad recipe
+        check_recipe(inputs, name, params)
     total, done, rows, protocol = len(heads) * len(counts) * len(seeds), [0], [], {}
 
     def step(k: int, n: int) -> None:

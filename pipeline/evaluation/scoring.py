@@ -46,6 +46,7 @@ from pipeline.scene.splits import make_split
 from pipeline.utils.checks import check_seed
 
 __all__ = [
+    "check_recipe",
     "evaluate",
     "evaluate_seeds",
     "predict_map",
@@ -147,6 +148,21 @@ def _card(scene: Scene, seeds: Sequence[int], per_class: int | None) -> dict[str
     return card
 
 
+def check_recipe(
+    inputs: Inputs,
+    name: str,
+    params: dict[str, Any],
+    selection: FeatureSelection | None = None,
+) -> FeatureSelection:
+    """What the recipe ``params`` of head ``name`` reads (``selection``, default: what it
+    names), checked against the stores with the head's arguments, before any pixel is read:
+    a command that fits several heads refuses a bad one before fitting the others."""
+    recipe = split_recipe(name, params)
+    selection = selection or recipe.selection(inputs, name)
+    check_params(build_head(recipe, inputs, selection, 0), name)
+    return selection
+
+
 def refit_over_seeds(
     inputs: Inputs,
     name: str,
@@ -172,8 +188,7 @@ def refit_over_seeds(
         check_seed("seeds", seed)
     sc = inputs.scene
     recipe = split_recipe(name, params)
-    selection = selection or recipe.selection(inputs, name)
-    check_params(build_head(recipe, inputs, selection, 0), name)
+    selection = check_recipe(inputs, name, params, selection)
     plans = [(seed, *resplit(sc, seed, per_class)) for seed in seeds]
     fits = [fit_rows(sc, train, recipe.unlabeled(), seed) for seed, train, _ in plans]
     need = sc.labels >= 0
