@@ -390,6 +390,13 @@ class TestCacheCommands:
         assert info.exit_code == 0, info.output
         rep = json.loads(info.stdout)
         assert rep["complete"] and rep["sites"] == SITES and 0 < rep["cache_to_raw"] < 0.5
+        assert {(a["dtype"], a["compression"]) for a in rep["arrays"].values()} == {
+            ("float16", "blosc zstd 3 bitshuffle")
+        }
+        assert (
+            "stored as float16, blosc zstd 3 bitshuffle"
+            in runner.invoke(app, ["cache", "info", str(out)]).stdout
+        )
         ok = runner.invoke(app, ["cache", "verify", str(out), "--scene", scene])
         assert ok.exit_code == 0 and "ok" in ok.stdout
 

@@ -436,6 +436,8 @@ def cache_info(path: str | Path | Location) -> dict[str, Any]:
         arrays[arr.path] = {
             "shape": list(arr.shape),
             "chunks": list(arr.chunks),
+            "dtype": str(arr.dtype),
+            "compression": describe_codecs(arr),
             "bytes_on_disk": nbytes,
         }
     stored = sum(a["bytes_on_disk"] for a in arrays.values())
@@ -454,6 +456,18 @@ def cache_info(path: str | Path | Location) -> dict[str, Any]:
         "package_versions": cache.attrs.get("package_versions"),
         "kind": "feature cache",
     }
+
+
+def describe_codecs(arr: Any) -> str:
+    """A zarr array's compression in a few words, e.g. ``blosc zstd 3 bitshuffle``."""
+    parts = []
+    for codec in getattr(arr, "compressors", ()) or ():
+        spec = codec.to_dict()
+        config = spec.get("configuration", {})
+        keys = ("cname", "clevel", "level", "shuffle")
+        values = [getattr(config[k], "value", config[k]) for k in keys if k in config]
+        parts.append(" ".join(str(w) for w in [spec.get("name"), *values]))
+    return ", ".join(parts) or "none"
 
 
 def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None = None) -> list[str]:
