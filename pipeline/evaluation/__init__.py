@@ -19,6 +19,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "write_confusion_csv",
         ],
         "scoring": [
+            "check_recipe",
             "evaluate",
             "evaluate_seeds",
             "predict_map",
