@@ -49,7 +49,8 @@ def info(
     typer.echo(
         f"{rep['bytes_on_disk'] / 1e6:.2f} MB on disk = {rep['cache_to_raw']:.3f} of raw fp32"
     )
-    stored = {f"{a['dtype']}, {a['compression']}" for a in rep.get("arrays", {}).values()}
+    arrays = rep.get("arrays", rep.get("families", {}))
+    stored = {f"{a['dtype']}, {a['compression']}" for a in arrays.values()}
     if stored:
         typer.echo(f"stored as {'; '.join(sorted(stored))}")
 

@@ -118,7 +118,13 @@ class TestContextFeatures:
     def test_cache_info_and_verify_know_a_context_store(self, runner, stores, tmp_path):
         info = runner.invoke(app, ["cache", "info", str(stores["ctx.zarr"]), "--json"])
         assert info.exit_code == 0, info.output
-        assert set(json.loads(info.stdout)["families"]) == {"mean3", "mean7", "emp", "slic16"}
+        families = json.loads(info.stdout)["families"]
+        assert set(families) == {"mean3", "mean7", "emp", "slic16"}
+        assert {f["dtype"] for f in families.values()} == {"float32"}
+        assert (
+            "stored as float32, blosc"
+            in runner.invoke(app, ["cache", "info", str(stores["ctx.zarr"])]).stdout
+        )
         assert runner.invoke(app, ["cache", "verify", str(stores["ctx.zarr"])]).exit_code == 0
         broken = tmp_path / "b.zarr"
         shutil.copytree(stores["ctx.zarr"], broken)
@@ -347,14 +353,19 @@ def test_window_means_skip_pixels_without_data():
 
 
 @pytest.mark.parametrize("family", ["emp", "slic"])
-def test_profiles_and_superpixels_do_not_see_filled_values(family):
+@pytest.mark.parametrize("data", ["hole", "small", "island"])
+def test_profiles_and_superpixels_do_not_see_filled_values(family, data):
     from pipeline.features.context import emp_family, slic_family
 
     rng = np.random.default_rng(1)
     pcs = np.repeat(np.linspace(-2, 2, 24), 24).reshape(24, 24, 1) + rng.normal(size=(24, 24, 3))
     pcs = pcs.astype(np.float32)
     valid = np.ones((24, 24), bool)
-    valid[8:14, 6:12] = False
+    valid[8:14, 6:12] = False  # a hole without data
+    if data != "hole":  # data in a 4 x 4 corner only (one superpixel's worth), or beside it
+        valid[:] = False  # a lone pixel far away that no seed of the corner's may reach
+        valid[:4, :4] = True
+        valid[23, 23] = data == "island"
     make = {
         "emp": lambda v, mask: emp_family(v, 2, [1, 3], mask),
         "slic": lambda v, mask: slic_family(v, 16, valid=mask),
@@ -366,3 +377,12 @@ def test_profiles_and_superpixels_do_not_see_filled_values(family):
         outputs.append(make(filled, valid))
     np.testing.assert_array_equal(outputs[0][valid], outputs[1][valid])
     np.testing.assert_array_equal(make(pcs, None), make(pcs, np.ones_like(valid)))
+
+
+def test_a_scene_without_any_data_has_no_context():
+    from pipeline.errors import ConfigError
+    from pipeline.features.context import context_features
+
+    with pytest.raises(ConfigError, match="no pixel with data"):
+        context_features(np.zeros((4, 4, 2), np.float32), ContextConfig(components=2, windows=(3,),
+                         emp_components=0, slic_sizes=()), valid=np.zeros((4, 4), bool))  # fmt: skip

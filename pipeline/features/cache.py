@@ -32,7 +32,7 @@ import numpy as np
 from pipeline.errors import SceneNotFoundError, StoreError
 from pipeline.io import storage
 from pipeline.io.storage import Location
-from pipeline.io.store import jsonable, sha256_arrays
+from pipeline.io.store import describe_codecs, jsonable, sha256_arrays
 
 __all__ = [
     "CACHE_FORMAT",
@@ -456,18 +456,6 @@ def cache_info(path: str | Path | Location) -> dict[str, Any]:
         "package_versions": cache.attrs.get("package_versions"),
         "kind": "feature cache",
     }
-
-
-def describe_codecs(arr: Any) -> str:
-    """A zarr array's compression in a few words, e.g. ``blosc zstd 3 bitshuffle``."""
-    parts = []
-    for codec in getattr(arr, "compressors", ()) or ():
-        spec = codec.to_dict()
-        config = spec.get("configuration", {})
-        keys = ("cname", "clevel", "level", "shuffle")
-        values = [getattr(config[k], "value", config[k]) for k in keys if k in config]
-        parts.append(" ".join(str(w) for w in [spec.get("name"), *values]))
-    return ", ".join(parts) or "none"
 
 
 def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None = None) -> list[str]:

@@ -36,7 +36,7 @@ import numpy as np
 from pipeline.errors import ConfigError, StoreError
 from pipeline.features.config import ContextConfig
 from pipeline.io.storage import Location
-from pipeline.io.store import jsonable, package_versions, sha256_arrays
+from pipeline.io.store import describe_codecs, jsonable, package_versions, sha256_arrays
 
 __all__ = [
     "CONTEXT_FORMAT",
@@ -168,23 +168,33 @@ def slic_family(
     h, w, k = pcs.shape
     valid = None if valid is None or np.all(valid) else np.asarray(valid, bool)
     inside = np.ones((h, w), bool) if valid is None else valid
+    n_segments = max(1, round(int(inside.sum()) / size))
     guide = pcs[..., : min(seed_channels, k)].astype(np.float64)
     lo, hi = guide[inside].min(), guide[inside].max()
     guide = (guide - lo) / (hi - lo) if hi > lo else np.zeros_like(guide)
-    segments = slic(
-        guide,
-        n_segments=max(1, round(int(inside.sum()) / size)),
-        compactness=0.1,
-        channel_axis=-1,
-        convert2lab=False,  # principal components are not RGB
-        start_label=0 if valid is None else 1,  # with a mask, 0 is outside it
-        enforce_connectivity=True,
-        mask=None if valid is None else inside,
-    )
-    flat = segments.ravel()
-    counts = np.bincount(flat).astype(np.float64)
+    if valid is not None and n_segments == 1:  # SLIC's masked seeding needs two seeds
+        segments = inside.astype(np.intp)
+    else:
+        segments = slic(
+            guide,
+            n_segments=n_segments,
+            compactness=0.1,
+            channel_axis=-1,
+            convert2lab=False,  # principal components are not RGB
+            start_label=0 if valid is None else 1,  # with a mask, 0 is outside it
+            enforce_connectivity=True,
+            mask=valid,
+        )
+    if valid is not None:  # label 0: without data, or valid but reached by no seed
+        inside = inside & (segments > 0)
+    flat = np.where(inside, segments, 0).ravel()
+    weight = inside.ravel().astype(np.float64)
+    counts = np.bincount(flat, weights=weight)
     means = np.stack(
-        [np.bincount(flat, weights=pcs[..., c].ravel()) / np.maximum(counts, 1) for c in range(k)],
+        [
+            np.bincount(flat, weights=pcs[..., c].ravel() * weight) / np.maximum(counts, 1e-12)
+            for c in range(k)
+        ],
         axis=-1,
     )
     return np.where(inside[..., None], means[segments], pcs).astype(np.float32)
@@ -209,6 +219,8 @@ def context_features(
     """Every family of ``config`` computed from the reduced cube ``pcs``, by name; from the
     ``valid`` pixels only when given (the values filled in where the scene has no data reach
     no other pixel's context)."""
+    if valid is not None and not valid.any():
+        raise ConfigError("the scene has no pixel with data to compute context from")
     out: dict[str, np.ndarray] = {}
     names = config.families
     for k, name in enumerate(names):
@@ -258,7 +270,7 @@ def write_context(
     attrs = {
         "format": CONTEXT_FORMAT,
         "complete": True,
-        "identity": {"image_fingerprint": sc.image_fingerprint, "config": cfg.to_dict()},
+        "identity": _identity(sc.image_fingerprint, cfg, valid),
         "families": {
             n: {"channels": int(a.shape[-1]), "reach": cfg.reach(n)} for n, a in families.items()
         },
@@ -268,6 +280,16 @@ def write_context(
     }
     _write_store(families, attrs, Location.of(out))
     return ContextStore.open(out, expect_fingerprint=sc.image_fingerprint)
+
+
+def _identity(fingerprint: str, cfg: ContextConfig, valid: np.ndarray | None) -> dict[str, Any]:
+    """The store's identity. On a scene with pixels without data it names the rule that keeps
+    their filled values out of other pixels' context (2: out of emp and slicN too, not only
+    the PCA and window means), so heads fitted on a store made by the earlier rule refuse it."""
+    ident: dict[str, Any] = {"image_fingerprint": fingerprint, "config": cfg.to_dict()}
+    if valid is not None:
+        ident["no_data_rule"] = 2
+    return ident
 
 
 def _write_store(families: dict[str, np.ndarray], attrs: dict[str, Any], where: Location) -> None:
@@ -386,6 +408,8 @@ def context_info(path: str | Path | Location) -> dict[str, Any]:
         families[name] = {
             "shape": list(arr.shape),
             "chunks": list(arr.chunks),
+            "dtype": str(arr.dtype),
+            "compression": describe_codecs(arr),
             "bytes_on_disk": store.path.nbytes(name),
             "reach": store.reach(name),
         }

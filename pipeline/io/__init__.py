@@ -36,6 +36,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
         "store": [
             "all_or_nothing",
             "atomic_output",
+            "describe_codecs",
             "jsonable",
             "package_versions",
             "publish",

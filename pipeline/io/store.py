@@ -24,6 +24,7 @@ from pipeline.io.outputs import OutputKind, check_output, local_path
 __all__ = [
     "all_or_nothing",
     "atomic_output",
+    "describe_codecs",
     "jsonable",
     "package_versions",
     "publish",
@@ -265,3 +266,19 @@ def _package_versions() -> dict[str, str]:  # read once: installed versions do n
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out
+
+
+def describe_codecs(arr: Any) -> str:
+    """A zarr array's compression in a few words, e.g. ``blosc zstd 3 bitshuffle`` (zarr
+    format 3 codecs, or format 2's numcodecs)."""
+    parts = []
+    for codec in getattr(arr, "compressors", ()) or ():
+        if hasattr(codec, "to_dict"):
+            spec = codec.to_dict()
+            name, config = spec.get("name"), spec.get("configuration", {})
+        else:
+            name, config = codec.codec_id, codec.get_config()
+        keys = ("cname", "clevel", "level", "shuffle")
+        values = [getattr(config[k], "value", config[k]) for k in keys if k in config]
+        parts.append(" ".join(str(w) for w in [name, *values]))
+    return ", ".join(parts) or "none"
