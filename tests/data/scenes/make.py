@@ -78,10 +78,18 @@ def write_tif(path: Path, arr: np.ndarray) -> None:
         ds.write(data)
 
 
+def write_mat_v5(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``scipy.io.savemat`` with a fixed header text in place of its "Created on" date, so that
+    running this script again gives the same bytes."""
+    scipy.io.savemat(path, arrays)
+    with path.open("r+b") as f:
+        f.write(b"MATLAB 5.0 MAT-file, written by tests/data/scenes/make.py".ljust(116))
+
+
 def main() -> None:
     cube, labels = make_cube()
-    scipy.io.savemat(HERE / "tiny_v5.mat", {"tiny": cube, "tiny_gt": labels})
-    scipy.io.savemat(HERE / "two_cubes.mat", {"radiance": cube, "reflectance": cube // 2})
+    write_mat_v5(HERE / "tiny_v5.mat", {"tiny": cube, "tiny_gt": labels})
+    write_mat_v5(HERE / "two_cubes.mat", {"radiance": cube, "reflectance": cube // 2})
     write_mat_v73(HERE / "tiny_v73.mat", {"tiny": cube, "tiny_gt": labels})
     np.save(HERE / "tiny.npy", cube)
     np.save(HERE / "tiny_gt.npy", labels)
@@ -95,8 +103,8 @@ def main() -> None:
     cols = np.arange(W)[None, :]
     train = np.where((labels > 0) & (cols % 3 == 0), labels, 0).astype(np.uint8)
     test = np.where((labels > 0) & (cols % 3 != 0), labels, 0)
-    scipy.io.savemat(HERE / "TrainImage.mat", {"TrainImage": train})
-    scipy.io.savemat(HERE / "TestImage.mat", {"TestImage": test.astype(np.float32)})
+    write_mat_v5(HERE / "TrainImage.mat", {"TrainImage": train})
+    write_mat_v5(HERE / "TestImage.mat", {"TestImage": test.astype(np.float32)})
     write_tif(HERE / "tiny_TR.tif", train)
     write_tif(HERE / "tiny_VA.tif", test.astype(np.uint8))
 
