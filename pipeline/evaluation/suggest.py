@@ -149,8 +149,7 @@ def suggest_pixels(
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = recipe.selection(inputs, name)
-    allowed = ~sc.no_data if sc.no_data is not None else np.ones(sc.shape, dtype=bool)
-    candidates = _candidates(sc.train, allowed, pool, seed)
+    candidates = _candidates(sc.train, sc.has_data, pool, seed)
     if n > candidates.size:
         raise ConfigError(f"`n` {n} is more than the {candidates.size} pixels to choose from")
     _check_probabilities(inputs, recipe, selection, name)

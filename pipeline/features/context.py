@@ -167,12 +167,12 @@ def slic_family(
 
     h, w, k = pcs.shape
     valid = None if valid is None or np.all(valid) else np.asarray(valid, bool)
-    inside = np.ones((h, w), bool) if valid is None else valid
+    inside = np.ones((h, w), bool) if valid is None else valid.copy()
     n_segments = max(1, round(int(inside.sum()) / size))
     guide = pcs[..., : min(seed_channels, k)].astype(np.float64)
     lo, hi = guide[inside].min(), guide[inside].max()
     guide = (guide - lo) / (hi - lo) if hi > lo else np.zeros_like(guide)
-    if valid is not None and n_segments == 1:  # SLIC's masked seeding needs two seeds
+    if n_segments == 1:  # one superpixel (SLIC's masked seeding needs two seeds)
         segments = inside.astype(np.intp)
     else:
         segments = slic(
@@ -181,12 +181,11 @@ def slic_family(
             compactness=0.1,
             channel_axis=-1,
             convert2lab=False,  # principal components are not RGB
-            start_label=0 if valid is None else 1,  # with a mask, 0 is outside it
+            start_label=1,  # 0: outside the mask
             enforce_connectivity=True,
             mask=valid,
         )
-    if valid is not None:  # label 0: without data, or valid but reached by no seed
-        inside = inside & (segments > 0)
+    inside &= segments > 0  # label 0: without data, or with data but reached by no seed
     flat = np.where(inside, segments, 0).ravel()
     weight = inside.ravel().astype(np.float64)
     counts = np.bincount(flat, weights=weight)

@@ -643,7 +643,7 @@ def fit_rows(
     pixels included (their labels are never read). Pixels without data are never among them,
     for ``"all"`` neither: their filled values would be graph nodes of their own."""
     train_mask = np.asarray(train_mask, dtype=bool)
-    has_data = np.ones_like(train_mask) if scene.no_data is None else ~scene.no_data
+    has_data = scene.has_data
     if unlabeled == "all":
         rows, cols = np.nonzero(has_data)
         return rows, cols, np.where(train_mask[rows, cols], scene.labels[rows, cols], -1)

@@ -87,6 +87,11 @@ class Scene:
         return self.labels.shape  # type: ignore[return-value]
 
     @property
+    def has_data(self) -> np.ndarray:
+        """``(H, W)`` bool: the pixels with data (every pixel when ``no_data`` is ``None``)."""
+        return np.ones(self.shape, bool) if self.no_data is None else ~self.no_data
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the arrays held in memory (a lazy ``cube``/``rgb`` counts nothing)."""
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
