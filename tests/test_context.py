@@ -197,6 +197,18 @@ class TestCompare:
         assert twin_without("lr", lr) == {"kind": "logreg", "use": "spectral", "C": 0.5}
         assert twin_without("s", {"kind": "svm", "use": "spectral"}) is None
 
+    def test_a_twin_keeps_self_training_and_the_choices_it_can_make(self):
+        loop = {"threshold": 0.9, "max_iter": 3, "pool": 100}
+        film = {"kind": "film", "context": ["mean7"], "self_training": loop}
+        twin = twin_without("f", film)
+        assert twin["self_training"] == loop and twin["kind"] == "spectral"
+        chooses = {"kind": "concat", "select": {"context": [["mean7"], ["mean7", "mean15"]],
+                   "dropout": [0.1, 0.5], "spatial_dropout": [0.0, 0.5], "folds": 3}}  # fmt: skip
+        assert twin_without("c", chooses)["select"] == {
+            "context": [["mean7"], ["mean7", "mean15"]], "dropout": [0.1, 0.5], "folds": 3}  # fmt: skip
+        only_diffusion = {"kind": "film", "select": {"width": [8, 32]}}
+        assert "select" not in twin_without("f", only_diffusion)
+
     def test_json_rows_agree_with_evaluate_seeds(self, runner, stores, tmp_path):
         params = tmp_path / "p.yaml"
         params.write_text("heads:\n  ctx_lr: {kind: logreg, use: spectral, context: [mean7]}\n"

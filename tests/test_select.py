@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from pipeline.evaluation.scoring import evaluate
+from pipeline.evaluation.scoring import evaluate, evaluate_seeds, refit_over_seeds
 from pipeline.features.config import ContextConfig
 from pipeline.features.context import write_context
 from pipeline.heads.select import TrainCVSelect
@@ -90,6 +90,27 @@ class TestThroughTheTrainingLayer:
         assert head.estimator.n_neighbors == chosen["n_neighbors"]
         metrics = evaluate(scene=stores["scene"], cache=None, head=out, context=stores["ctx"])[0]
         assert metrics["oa"] > 0.5
+
+    def test_evaluate_seeds_chooses_the_context_again_on_each_split(self, stores, tmp_path):
+        # The saved head reads the families chosen on the store's split, whose train pixels are
+        # other splits' test pixels: a refit per seed must choose among every candidate again,
+        # exactly as compare and curve do from the recipe.
+        params = {"kind": "logreg", "use": "spectral",
+                  "select": {"context": [["mean3"], ["mean9"], ["mean3", "mean9"]]}}  # fmt: skip
+        out = tmp_path / "logreg_auto"
+        trained = train_head(scene=stores["scene"], cache=None, head="logreg_auto", out=out,
+                             params=params, context_store=stores["ctx"])  # fmt: skip
+        assert trained.meta["selection"]["context"] == ["mean3"]  # the fixture's own choice
+        assert load_head(out).refit_selection.context == ("mean3", "mean9")
+        seeds = [1, 2, 3, 4, 5]
+        refit = evaluate_seeds(scene=stores["scene"], cache=None, head=out, seeds=seeds,
+                               context=stores["ctx"])  # fmt: skip
+        inputs = open_inputs(stores["scene"], None, stores["ctx"])
+        recipe = refit_over_seeds(inputs, "logreg_auto", params, seeds)
+        assert [r["oa"] for r in refit["seeds"]] == [r["oa"] for r in recipe["seeds"]]
+        fixed = refit_over_seeds(inputs, "logreg_auto", {"kind": "logreg", "use": "spectral",
+                                 "context": ["mean3"]}, seeds)  # fmt: skip
+        assert [r["oa"] for r in refit["seeds"]] != [r["oa"] for r in fixed["seeds"]]
 
     def test_test_labels_play_no_part(self, stores):
         inputs = open_inputs(stores["scene"], None, stores["ctx"])

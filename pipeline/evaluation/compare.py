@@ -19,8 +19,9 @@ classic, ``both``   the same classifier with ``use: spectral``
 ==================  ==============================================================
 
 A twin keeps the head's training settings, ``n_members`` included (an ensemble's twin averages
-as many nets), and drops what only the diffusion features concern: ``timesteps``, ``sites``,
-FiLM's ``width`` and ``spatial_dropout``.
+as many nets), its ``self_training`` loop and its ``select`` choices, and drops what only the
+diffusion features concern: ``timesteps``, ``sites``, FiLM's ``width`` and ``spatial_dropout``
+(as parameters and as ``select`` candidates).
 
 Differences are paired (:func:`paired_difference`): the two heads were fitted and scored on the
 same split of each seed, so the table gives the mean of the per-seed differences, their std and
@@ -103,6 +104,12 @@ def twin_without(name: str, params: dict[str, Any]) -> dict[str, Any] | None:
     if recipe.kind == "film":  # FiLM's own defaults where its entry leaves them
         twin.setdefault("spectral_pca", 30)
         twin.setdefault("hidden", 128)
+    if recipe.self_training is not None:
+        twin["self_training"] = dict(recipe.self_training)
+    if recipe.select is not None:  # the choices the twin can make too
+        chosen = {k: v for k, v in recipe.select.items() if k in (*keep, "context", "folds")}
+        if set(chosen) - {"folds"}:
+            twin["select"] = chosen
     return {**twin, "kind": "spectral", "context": list(recipe.context)}
 
 

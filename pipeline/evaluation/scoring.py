@@ -238,7 +238,8 @@ def evaluate_seeds(
 ) -> dict[str, Any]:
     """Refit the saved head's recipe on the split re-drawn with each seed; mean ± std.
 
-    The head's name, parameters and feature selection are reused; each seed draws the scene's
+    The head's name, parameters and feature selection are reused (a ``select`` is made again
+    on each seed's train pixels, its context candidates included); each seed draws the scene's
     split protocol again (an ``official`` split stays fixed and only the head's seed changes)
     and seeds the head. The features of every labeled pixel are read once and shared by all
     seeds; the backbone never runs.
@@ -253,7 +254,7 @@ def evaluate_seeds(
         saved.meta["name"],
         saved.meta["params"],
         seeds,
-        selection=saved.selection,
+        selection=saved.refit_selection,
         progress=progress,
     )
 

@@ -221,6 +221,17 @@ class TrainedHead:
     def selection(self) -> FeatureSelection:
         return FeatureSelection.from_dict(self.meta["selection"])
 
+    @property
+    def refit_selection(self) -> FeatureSelection:
+        """What a refit of this head's recipe on another split reads: :attr:`selection`, except
+        that a recipe whose ``select`` chooses among context families gets every candidate
+        family back. The saved head reads only the families cross-validation chose on its own
+        train pixels, which are test pixels of other splits: a refit must choose again."""
+        recipe = split_recipe(self.meta["name"], self.meta["params"])
+        if recipe.select is None or "context" not in recipe.select:
+            return self.selection
+        return replace(self.selection, context=recipe.context)
+
     def check_inputs(self, inputs: Inputs, *, same_split: bool) -> None:
         """Refuse a scene image, cache or context store other than the ones the head was
         trained on."""
