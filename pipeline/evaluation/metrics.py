@@ -79,7 +79,11 @@ def classification_metrics(
 
 
 def summarise_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation of the summary metrics over runs (one per seed)."""
+    """Mean and standard deviation of the summary metrics over runs (one per seed).
+
+    The std divides by the number of runs (NumPy's default, ddof 0), as every ± hsicache
+    prints does; the sample standard deviation is ``sqrt(n / (n - 1))`` times larger.
+    """
     out: dict[str, Any] = {}
     for key in SUMMARY_KEYS:
         values = np.array([r[key] for r in runs], dtype=np.float64)
