@@ -45,7 +45,10 @@ def suggest(
         "--simulate: both curves).",
     ),
     geojson: Path | None = typer.Option(
-        None, "--geojson", help="GeoJSON points of the suggestions (x, y in the scene's CRS)."
+        None,
+        "--geojson",
+        help="GeoJSON points of the suggestions, in WGS84 longitude/latitude (a scene with a "
+        "CRS only).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the head and the candidate sample."),
     pool: int = typer.Option(

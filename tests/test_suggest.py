@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,9 @@ def _suggest(runner, scene: Path, tmp_path: Path, *extra: str):
 
 class TestSuggest:
     def test_picks_the_ambiguous_region_never_a_train_pixel(self, runner, ambiguous, tmp_path):
-        result = _suggest(runner, ambiguous, tmp_path, "--n", "12", "--png", str(tmp_path / "n.png"), "--geojson",
-                          str(tmp_path / "n.geojson"))  # fmt: skip
+        result = _suggest(
+            runner, ambiguous, tmp_path, "--n", "12", "--png", str(tmp_path / "n.png")
+        )
         assert result.exit_code == 0, result.output
         rows = list(csv.DictReader((tmp_path / "next.csv").open()))
         assert list(rows[0]) == ["row", "col", "x", "y", "predicted_class", "score"]
@@ -58,9 +60,38 @@ class TestSuggest:
         train = open_scene(ambiguous).train
         assert not any(train[p] for p in picked)
         assert all(20 <= r < 40 and 5 <= c < 35 for r, c in picked)  # the ambiguous region
+        assert (tmp_path / "n.png").stat().st_size > 1000
+
+    def test_geojson_points_land_on_their_pixels(self, runner, ambiguous, tmp_path):
+        import rasterio
+        from rasterio.transform import from_origin
+        from rasterio.warp import transform
+
+        d = ambiguous.parent
+        cube = np.load(d / "cube.npy")
+        crs, at = "EPSG:32610", from_origin(500_000.0, 4_200_000.0, 3.7, 3.7)
+        with rasterio.open(tmp_path / "cube.tif", "w", driver="GTiff", height=40, width=40,
+                           count=3, dtype="float32", crs=crs, transform=at) as ds:  # fmt: skip
+            ds.write(cube.transpose(2, 0, 1))
+        prepare(out=tmp_path / "geo.zarr", cube=tmp_path / "cube.tif", labels=d / "labels.npy",
+                train_mask=d / "train.npy", test_mask=d / "test.npy")  # fmt: skip
+        shutil.copy(d / "p.yaml", tmp_path / "p.yaml")
+        result = _suggest(runner, tmp_path / "geo.zarr", tmp_path, "--n", "12", "--geojson",
+                          str(tmp_path / "n.geojson"))  # fmt: skip
+        assert result.exit_code == 0, result.output
         geo = json.loads((tmp_path / "n.geojson").read_text())
         assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 12
-        assert (tmp_path / "n.png").stat().st_size > 1000
+        lon, lat = zip(*(f["geometry"]["coordinates"] for f in geo["features"]), strict=True)
+        xs, ys = transform("EPSG:4326", crs, list(lon), list(lat))
+        for f, x, y in zip(geo["features"], xs, ys, strict=True):
+            row, col = rasterio.transform.rowcol(at, x, y)
+            assert (row, col) == (f["properties"]["row"], f["properties"]["col"])
+
+    def test_geojson_of_a_scene_without_crs_is_refused(self, runner, ambiguous, tmp_path):
+        result = _suggest(runner, ambiguous, tmp_path, "--geojson", str(tmp_path / "n.geojson"))
+        assert result.exit_code == 2
+        assert "has no CRS/transform" in result.output and "drop `--geojson`" in result.output
+        assert list(tmp_path.iterdir()) == []
 
     def test_diversity_spreads_the_picks(self):
         rng = np.random.default_rng(0)

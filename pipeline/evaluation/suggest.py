@@ -340,8 +340,13 @@ def run_suggest(
     )
     params = head_recipe(head, recipes)
     inputs = open_inputs(scene, cache, context)
-    picked = suggest_pixels(inputs, head, params, n=n, seed=seed, pool=pool)
     sc = inputs.scene
+    if geojson is not None and not sc.crs:
+        raise ConfigError(
+            f"scene `{scene}` has no CRS/transform, so its pixels have no place on the Earth for "
+            "GeoJSON (WGS84 only); drop `geojson`: the CSV has each pick's row and column"
+        )
+    picked = suggest_pixels(inputs, head, params, n=n, seed=seed, pool=pool)
     x, y = pixel_coordinates(sc, picked["rows"], picked["cols"])
     names = [sc.class_names[int(i)] for i in picked["predicted"]]
     table = [
@@ -383,16 +388,14 @@ def _write_suggestions(
             body = {
                 "type": "FeatureCollection",
                 "hsicache": "suggest/1",
-                "coordinates": "WGS84 longitude, latitude" if lon_lat else "pixel (column, row)",
+                "coordinates": "WGS84 longitude, latitude",
                 "features": [
                     {
                         "type": "Feature",
                         "geometry": {"type": "Point", "coordinates": list(xy)},
                         "properties": {k: t[k] for k in keys},
                     }
-                    for t, xy in zip(
-                        table, lon_lat or [(t["x"], t["y"]) for t in table], strict=True
-                    )
+                    for t, xy in zip(table, lon_lat, strict=True)
                 ],
             }
             with atomic_output(geojson, GEOJSON, option="geojson") as tmp:
@@ -401,11 +404,8 @@ def _write_suggestions(
             save_png(_plot_suggestions(table, sc), png, option="png")
 
 
-def _wgs84(sc: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]] | None:
-    """Points in the scene's CRS as WGS84 longitude, latitude (GeoJSON's only CRS), or
-    ``None`` for a scene without a CRS (the GeoJSON then holds pixel coordinates)."""
-    if not sc.crs:
-        return None
+def _wgs84(sc: Any, xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    """Points in the scene's CRS as WGS84 longitude, latitude (GeoJSON's only CRS)."""
     from rasterio.crs import CRS
     from rasterio.warp import transform
 
