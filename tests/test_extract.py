@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +99,47 @@ class TestBackbone:
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         with pytest.raises(FileNotFoundError, match=r"huggingface-cli download"):
             load_backbone("nobody/no-such-diffusion-model")
+
+    def test_an_unreachable_hub_is_not_asked(self, monkeypatch):
+        # Offline the hub client retries for half a minute: hsicache looks in the cache at once.
+        import socket
+
+        import huggingface_hub
+
+        def unreachable(*_a, **_k):
+            raise OSError("Network is unreachable")
+
+        def asked(*_a, **_k):
+            raise AssertionError("the hub was asked")
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(socket, "create_connection", unreachable)
+        monkeypatch.setattr(huggingface_hub, "file_exists", asked)
+        with pytest.raises(FileNotFoundError, match="not reachable and it is not in the Hugging"):
+            load_backbone("nobody/no-such-diffusion-model")
+
+    def test_a_builtin_name_without_its_prefix_is_named(self, monkeypatch):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(ConfigError, match="`builtin:natural-s`"):
+            load_backbone("natural-s")
+
+    def test_a_hub_id_in_the_local_cache_loads_offline(self, tiny, tmp_path):
+        # The Hugging Face cache's own layout, as `huggingface-cli download` leaves it.
+        repo = tmp_path / "hub" / "models--nobody--tiny-ddpm"
+        snapshot = repo / "snapshots" / ("0" * 40)
+        tiny.unet.save_pretrained(snapshot / "unet")
+        tiny.scheduler.save_pretrained(snapshot / "scheduler")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+        code = (
+            "from pipeline.backbone.loading import load_backbone;"
+            "print(load_backbone('nobody/tiny-ddpm').weights_sha256)"
+        )
+        env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, cwd=Path(__file__).parents[1])  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == tiny.weights_sha256
 
 
 NATIVE = {"kernels": "AVX512", "native_bf16": True, "features": {}}

@@ -313,47 +313,87 @@ def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
         )
     if not local and (spec.startswith((".", "/", "~")) or path.suffix):
         raise SceneNotFoundError(f"backbone folder `{spec}` does not exist")
+    if not local and spec in (*shipped_backbones(), *BUILTIN_BACKBONES):
+        raise ConfigError(
+            f"backbone `{spec}` is no folder here, and hsicache's own is called "
+            f"`builtin:{spec}`: write that (a bare name means a Hugging Face hub id)"
+        )
+    offline = not local and not _hub_reachable()
     try:
         root = path if local else spec
         sub = "unet" if (local and (path / "unet").is_dir()) else None
         if not local:
-            sub = _hub_subfolder(spec)
-        unet_cls = _unet_class(root, sub)
-        unet = _quietly(unet_cls.from_pretrained, root, subfolder=sub)
+            sub = _hub_subfolder(spec, offline)
+        unet_cls = _unet_class(root, sub, offline)
+        unet = _quietly(unet_cls.from_pretrained, root, subfolder=sub, local_files_only=offline)
         try:
-            scheduler = scheduler_cls.from_pretrained(
-                root, subfolder="scheduler" if sub == "unet" else None
+            scheduler = _quietly(
+                scheduler_cls.from_pretrained,
+                root,
+                subfolder="scheduler" if sub == "unet" else None,
+                local_files_only=offline,
             )
         except Exception:  # a UNet folder without a scheduler: the DDPM default
             scheduler = scheduler_cls(num_train_timesteps=1000)
     except OSError as exc:
         if local:
             raise ConfigError(f"`{spec}` is not a diffusers UNet folder: {exc}") from exc
+        why = (
+            "the hub is not reachable and it is not in the Hugging Face cache"
+            if offline
+            else ("unknown id, or a repository without a diffusers UNet")
+        )
         raise SceneNotFoundError(
-            f"cannot load hub backbone `{spec}` (offline or unknown id). Download it where the "
-            "hub is reachable (`huggingface-cli download "
-            f"{spec} --local-dir DIR`) and pass the folder DIR as `backbone`"
+            f"cannot load hub backbone `{spec}` ({why}). Download it where the hub is reachable "
+            f"(`huggingface-cli download {spec} --local-dir DIR`) and pass the folder DIR as "
+            "`backbone`"
         ) from exc
     return unet, scheduler
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers within ``timeout`` seconds;
+    never asked with ``HF_HUB_OFFLINE`` set. Offline, a hub id is looked up in the local cache
+    only, at once, instead of after the hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with diffusers' logging at error level (no advice about `accelerate`)."""
+    """Call ``fn`` with diffusers' logging at error level (no advice about `accelerate`) and
+    without the hub client's deprecation warnings."""
+    import warnings
+
     from diffusers.utils import logging as dlogging
 
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
     try:
-        return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks")
+            return fn(*args, **kwargs)
     finally:
         dlogging.set_verbosity(level)
 
 
-def _unet_class(root: str | Path, sub: str | None) -> Any:
+def _unet_class(root: str | Path, sub: str | None, offline: bool = False) -> Any:
     """``UNet2DModel`` or ``UNet2DConditionModel``, as the folder's ``config.json`` names it."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    config = UNet2DModel.load_config(root, subfolder=sub)
+    config = _quietly(UNet2DModel.load_config, root, subfolder=sub, local_files_only=offline)
     name = config.get("_class_name", "UNet2DModel")
     classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
     if name not in classes:
@@ -361,9 +401,15 @@ def _unet_class(root: str | Path, sub: str | None) -> Any:
     return classes[name]
 
 
-def _hub_subfolder(spec: str) -> str | None:
-    """Pipelines on the hub keep the UNet in ``unet/``; bare UNet repos at the root."""
+def _hub_subfolder(spec: str, offline: bool = False) -> str | None:
+    """Pipelines on the hub keep the UNet in ``unet/``; bare UNet repos at the root (offline:
+    as the local cache holds it)."""
     try:
+        if offline:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "unet/config.json")
+            return "unet" if isinstance(cached, str) else None
         from huggingface_hub import file_exists
 
         return "unet" if file_exists(spec, "unet/config.json") else None
