@@ -245,6 +245,14 @@ NPY = OutputKind(".npy file", False, _npy)
 GEOTIFF = OutputKind("GeoTIFF", False, _geotiff)
 
 
+#: File name endings a single-file output must have, where other programs go by them.
+_SUFFIXES: dict[OutputKind, tuple[str, ...]] = {
+    PNG: (".png",),
+    NPY: (".npy",),
+    GEOTIFF: (".tif", ".tiff"),
+}
+
+
 def png_metadata() -> dict[str, str]:
     """``savefig(..., metadata=png_metadata())``: the marker :data:`PNG` recognises."""
     return {"Software": PNG_SOFTWARE}
@@ -308,7 +316,7 @@ def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
     Raises:
         OutputConflictError: naming ``option``, the path and what is there.
         ConfigError: a path that names no file of its own, a URL for a single-file output, or
-            a PNG output not named ``.png``.
+            a PNG, ``.npy`` or GeoTIFF output whose name does not end as such files do.
     """
     if not _is_local(path) or _URL_LIKE.match(str(path)):
         if kind.marker is None or "://" not in str(path):  # s3://b/x made a Path: s3:/b/x
@@ -323,8 +331,12 @@ def check_output(path: str | Path, kind: OutputKind, *, option: str) -> None:
             f"`{option}={path}` already holds {describe(p)}, not a {kind.name} hsicache wrote: "
             "hsicache replaces only its own outputs; choose another path, or move that away first"
         )
-    if kind is PNG and p.suffix.lower() != ".png":  # a viewer would take it for what it says
-        raise ConfigError(f"`{option}={path}`: this output is a PNG image; name it `.png`")
+    wanted = _SUFFIXES.get(kind)
+    if wanted and p.suffix.lower() not in wanted:  # a viewer would take it for what it says
+        raise ConfigError(
+            f"`{option}={path}`: this output is a {kind.name}; name it `{wanted[0]}`"
+            + (f" or `{wanted[1]}`" if len(wanted) > 1 else "")
+        )
     _check_parent(p, option, path)
 
 
