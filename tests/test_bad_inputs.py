@@ -212,3 +212,38 @@ def test_a_failure_at_the_last_output_leaves_none(runner, world, monkeypatch, ar
     assert result.exit_code == 2, result.output
     assert result.stderr == "error: No space left on device: `somewhere`\n"  # not even a blank line
     assert sorted(p.name for p in Path(world["dir"]).iterdir()) == before
+
+
+def _tif(path: Path, data, crs: str) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands = data[None] if data.ndim == 2 else data.transpose(2, 0, 1)
+    with rasterio.open(path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2],
+                       count=bands.shape[0], dtype=bands.dtype, crs=crs,
+                       transform=from_origin(600000, 5360000, 30, 30)) as ds:  # fmt: skip
+        ds.write(bands)
+
+
+def test_a_label_map_given_as_the_cube_is_refused(runner, tmp_path):
+    import numpy as np
+
+    labels = np.repeat([1, 2], 32).reshape(8, 8).astype(np.uint8)
+    _tif(tmp_path / "gt.tif", labels, "EPSG:32632")
+    result = runner.invoke(app, ["prepare", "--cube", str(tmp_path / "gt.tif"), "--labels",
+                                 str(tmp_path / "gt.tif"), "--out", str(tmp_path / "s.zarr")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "gt.tif` has 1 band: hsicache classifies spectral cubes of at least 3" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt.tif"]
+
+
+def test_a_crs_mismatch_names_both_crs(runner, tmp_path):
+    import numpy as np
+
+    cube = np.random.default_rng(0).integers(1, 9, size=(8, 8, 4)).astype(np.int16)
+    _tif(tmp_path / "cube.tif", cube, "EPSG:32632")
+    _tif(tmp_path / "gt.tif", np.repeat([1, 2], 32).reshape(8, 8).astype(np.uint8), "EPSG:32633")
+    result = runner.invoke(app, ["prepare", "--cube", str(tmp_path / "cube.tif"), "--labels",
+                                 str(tmp_path / "gt.tif"), "--out", str(tmp_path / "s.zarr")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "its CRS is EPSG:32633, the cube's EPSG:32632" in result.stderr

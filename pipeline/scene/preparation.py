@@ -160,6 +160,12 @@ def _read_source(
             class_names=found.class_names,
         )
     raster = read_cube(cube, key)  # type: ignore[arg-type]
+    if raster.data.shape[-1] < 3:
+        n = raster.data.shape[-1]
+        raise SceneFormatError(
+            f"cube `{cube}` has {n} band{'s' if n > 1 else ''}: hsicache classifies spectral "
+            "cubes of at least 3 bands (is it a label map?)"
+        )
     wavelengths = raster.wavelengths
     if wavelengths is not None and len(wavelengths) != raster.data.shape[-1]:
         warnings.warn(
@@ -182,7 +188,7 @@ def _check_placement(src: _Source, other: Raster, what: str) -> None:
     from rasterio.crs import CRS
 
     if CRS.from_wkt(src.crs) != CRS.from_wkt(other.crs):
-        differs = "its CRS is not the cube's"
+        differs = f"its CRS is {_crs_name(other.crs)}, the cube's {_crs_name(src.crs)}"
     else:
         pixel = max(abs(v) for v in (*src.transform[:2], *src.transform[3:5]))
         if np.allclose(src.transform, other.transform, rtol=0, atol=1e-3 * pixel):
@@ -192,6 +198,15 @@ def _check_placement(src: _Source, other: Raster, what: str) -> None:
         f"{what} is georeferenced differently from the cube `{src.source}`: {differs}; they "
         "must cover the same pixels"
     )
+
+
+def _crs_name(wkt: str) -> str:
+    """A CRS in a few words for messages: its EPSG code when it has one, else its name."""
+    from rasterio.crs import CRS
+
+    crs = CRS.from_wkt(wkt)
+    code = crs.to_epsg()
+    return f"EPSG:{code}" if code else f"`{crs.to_dict().get('proj') or wkt[:60]}`"
 
 
 def _check_shapes(src: _Source, masks: _Masks | None) -> None:
