@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.evaluation.compare import paired_difference, twin_without
 from pipeline.features.config import ContextConfig
 from pipeline.features.context import ContextStore, reduce_spectra, write_context
@@ -196,6 +196,18 @@ class TestCompare:
         lr = {"kind": "logreg", "use": "both", "C": 0.5, "timesteps": [0]}
         assert twin_without("lr", lr) == {"kind": "logreg", "use": "spectral", "C": 0.5}
         assert twin_without("s", {"kind": "svm", "use": "spectral"}) is None
+
+    def test_an_unknown_head_name_says_where_it_looked_and_what_is_close(self, tmp_path):
+        from pipeline.evaluation.compare import head_recipe
+
+        params = tmp_path / "p.yaml"
+        params.write_text("heads:\n  ctx_logreg: {kind: logreg}\n")
+        with pytest.raises(ConfigError, match=r"neither an entry under `heads:` in `.*p.yaml` "
+                           r"nor a head kind; did you mean `ctx_logreg`\?"):  # fmt: skip
+            head_recipe("ctx_logerg", params)
+        with pytest.raises(ConfigError, match="no params file was read: give `recipes`"):
+            head_recipe("ctx_logreg", None)
+        assert head_recipe("ctx_logreg", params) == {"kind": "logreg"}
 
     def test_a_twin_keeps_self_training_and_the_choices_it_can_make(self):
         loop = {"threshold": 0.9, "max_iter": 3, "pool": 100}

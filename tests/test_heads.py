@@ -224,6 +224,17 @@ class TestSavedHeads:
             make_head("film", n_spectral=3, widht=2)
         with pytest.raises(ConfigError, match='no parameter "contxt": did you mean "context"'):
             make_head("logreg", n_spectral=3, contxt=["mean7"])  # an entry's key, misspelt
+
+    def test_a_bad_parameter_names_the_entry_too(self, stage_one, tmp_path):
+        from pipeline.errors import ConfigError
+
+        scene, (cache, _) = stage_one
+        with pytest.raises(
+            ConfigError, match=r'^`heads.lr_spec`: head `logreg` has no parameter "C2"'
+        ):
+            train_head(scene=scene, cache=cache, head="lr_spec", out=tmp_path / "h",
+                       params={"kind": "logreg", "use": "spectral", "C2": 0.5})  # fmt: skip
+        assert not (tmp_path / "h").exists()
         with pytest.raises(ConfigError, match='parameter "n_estimator": did you mean "n_esti'):
             make_head("sklearn.ensemble.ExtraTreesClassifier", n_spectral=3, n_estimator=5)
         with pytest.raises(ConfigError, match="head `lr`: unknown `kind: logregg`: choose one"):

@@ -415,15 +415,23 @@ def head_recipe(name: str, recipes: str | Path | None) -> dict[str, Any]:
     from pipeline.heads.registry import check_kind
     from pipeline.io.params import head_settings, load_section
 
-    if recipes is not None and name in load_section(Path(recipes), "heads"):
-        return head_settings(Path(recipes), name)
+    entries = load_section(Path(recipes), "heads") if recipes is not None else {}
+    if name in entries:
+        return head_settings(Path(recipes), name)  # type: ignore[arg-type]
     try:
         check_kind(name)
     except ConfigError:
-        where = f" under `heads:` in `{recipes}`" if recipes else ""
-        raise ConfigError(
-            f"unknown head `{name}` in `heads`: not a head{where} nor a head kind"
-        ) from None
+        import difflib
+
+        from pipeline.heads.registry import REGISTRY
+
+        if recipes is None:
+            why = "not a head kind, and no params file was read: give `recipes`"
+        else:
+            why = f"neither an entry under `heads:` in `{recipes}` nor a head kind"
+        close = difflib.get_close_matches(name, [*entries, *REGISTRY], n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"unknown head `{name}`: {why}{hint}") from None
     return {}
 
 

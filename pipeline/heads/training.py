@@ -373,6 +373,7 @@ class Recipe:
         mode: the feature mode (``use`` for classic heads; fixed for the torch heads).
         context: context families the head reads.
         timesteps, sites: the cached (timestep, site) arrays it reads (empty: every cached one).
+        name: the entry's name (``heads.<name>``), for messages.
         kwargs: the head's constructor arguments.
         self_training: the checked ``self_training`` section (threshold, max_iter, pool), if any.
         select: the checked ``select`` section (candidates chosen by cross-validation on the
@@ -388,6 +389,7 @@ class Recipe:
     select: dict[str, Any] | None = None
     timesteps: tuple[int, ...] = ()
     sites: tuple[str, ...] = ()
+    name: str = ""
 
     def selection(
         self,
@@ -498,7 +500,7 @@ def split_recipe(name: str, params: dict[str, Any]) -> Recipe:
         key = "timesteps" if timesteps else "sites"
         why = "`use: spectral`" if HEADS.get(kind) is None else f"a `{kind}` head"
         raise ConfigError(f"head `{name}` reads no cached arrays ({why}): drop `{key}:`")
-    return Recipe(kind, mode, tuple(context), kwargs, loop, select, timesteps, sites)
+    return Recipe(kind, mode, tuple(context), kwargs, loop, select, timesteps, sites, name)
 
 
 def fit_head(
@@ -565,9 +567,14 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     """The unfitted estimator of ``recipe`` for the columns ``selection`` assembles."""
     n_spec = int(inputs.scene.cube.shape[-1]) if selection.spectral else 0
     n_ctx = _context_width(inputs, selection)
-    est = make_head(
-        recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
-    )
+    try:
+        est = make_head(
+            recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
+        )
+    except ConfigError as exc:  # name the entry too when its kind differs from it
+        if recipe.name and recipe.name != recipe.kind:
+            raise ConfigError(f"`heads.{recipe.name}`: {exc}") from None
+        raise
     if recipe.select is not None:
         return _selecting(est, recipe, inputs, selection, n_spec, seed)
     if recipe.self_training is None:
