@@ -338,6 +338,54 @@ class TestMissingValues:
                                 per_class=2, nan_policy="zero")  # fmt: skip
         assert scene.labels[0, 0] == -1 and (scene.labels.ravel()[1:] >= 0).all()
 
+    def test_a_geotiff_mask_is_no_data_as_the_value_is(self, files, tmp_path):
+        from pipeline.errors import NonFiniteError
+        from pipeline.scene.preparation import build_scene, prepare
+        from pipeline.scene.readers import read_cube
+        from tests.test_readers import _geotiff
+
+        cube = read_cube(files[0]).data  # the no-data corner at -32768
+        corner = cube[..., 0] == -32768
+        # the same cube without `nodata`: its corner holds values, marked invalid by a mask
+        _geotiff(tmp_path / "masked.tif", np.where(corner[..., None], 500, cube), nodata=None,
+                 mask=~corner)  # fmt: skip
+        with pytest.raises(NonFiniteError, match=r"6 pixels without data"):
+            build_scene(cube=tmp_path / "masked.tif", labels=files[1], per_class=3)
+        scenes = []
+        for name, path in (("value", files[0]), ("mask", tmp_path / "masked.tif")):
+            with pytest.warns(match="6 labelled pixels .* left out of the split"):
+                prepare(cube=path, labels=files[1], per_class=3, nan_policy="band-mean",
+                        out=tmp_path / f"{name}.zarr")  # fmt: skip
+            scenes.append(open_scene(tmp_path / f"{name}.zarr"))
+        by_value, by_mask = scenes
+        np.testing.assert_array_equal(by_mask.no_data, corner)
+        for field in ("no_data", "labels", "train", "test", "cube"):
+            np.testing.assert_array_equal(getattr(by_mask, field), getattr(by_value, field))
+        assert by_mask.attrs["fingerprint"] == by_value.attrs["fingerprint"]
+
+    def test_a_label_map_mask_is_unlabelled_as_the_value_is(self, files, tmp_path):
+        from pipeline.scene.preparation import build_scene
+        from tests.test_readers import _geotiff
+
+        cube = np.random.default_rng(4).integers(100, 900, size=(16, 16, 5)).astype(np.int16)
+        _geotiff(tmp_path / "c.tif", cube, nodata=None)
+        labels = np.load(files[1])
+        corner = np.zeros(labels.shape, bool)
+        corner[:2, :3] = True
+        _geotiff(tmp_path / "by_mask.tif", labels, nodata=None, mask=~corner)
+        _geotiff(tmp_path / "by_value.tif", np.where(corner, 255, labels), nodata=255)
+        scenes = []
+        for name in ("by_value", "by_mask"):
+            with pytest.warns(match="6 .*pixels .* read as unlabelled"):
+                scene = build_scene(cube=tmp_path / "c.tif", labels=tmp_path / f"{name}.tif",
+                                    per_class=3)  # fmt: skip
+            scenes.append(scene)
+        by_value, by_mask = scenes
+        assert (by_mask.labels[corner] == -1).all() and (by_mask.labels[~corner] >= 0).all()
+        for field in ("labels", "train", "test"):
+            np.testing.assert_array_equal(getattr(by_mask, field), getattr(by_value, field))
+        assert by_mask.no_data is None
+
     def test_per_band_no_data_values(self):
         from pipeline.scene.readers import _geotiff_nodata
 
@@ -476,3 +524,37 @@ def test_pixels_without_data_have_no_class_in_maps_and_are_never_suggested(tmp_p
     assert not sc.no_data[picks["rows"], picks["cols"]].any()
     with pytest.raises(ConfigError, match="more than the 54 pixels"):
         suggest_pixels(inputs, "logreg", {"use": "spectral"}, n=55)
+
+
+def test_the_map_geotiff_names_and_colours_its_classes(tmp_path):
+    import json
+
+    import rasterio
+    from matplotlib.colors import to_hex
+
+    from pipeline.evaluation.scoring import predict_map
+    from pipeline.heads.training import train_head
+    from pipeline.scene.plots import class_colors
+    from pipeline.scene.preparation import prepare
+    from tests.test_readers import _geotiff
+
+    rng = np.random.default_rng(5)
+    labels = np.repeat([2, 5, 7], [24, 20, 20]).reshape(8, 8).astype(np.uint8)
+    cube = (rng.normal(size=(8, 8, 4)) + 3 * labels[..., None]).astype(np.float32) * 100
+    _geotiff(tmp_path / "c.tif", cube, nodata=None)
+    np.save(tmp_path / "gt.npy", labels)
+    prepare(cube=tmp_path / "c.tif", labels=tmp_path / "gt.npy", per_class=3,
+            class_names=["asphalt", "grass, healthy", "Wasser"],
+            out=tmp_path / "s.zarr")  # fmt: skip
+    train_head(scene=tmp_path / "s.zarr", cache=None, head="logreg", params={"use": "spectral"},
+               out=tmp_path / "h")  # fmt: skip
+    predict_map(scene=tmp_path / "s.zarr", cache=None, head=tmp_path / "h",
+                out=tmp_path / "m.npy", geotiff=tmp_path / "m.tif")  # fmt: skip
+    with rasterio.open(tmp_path / "m.tif") as ds:
+        assert ds.dtypes == ("int32",) and ds.nodata == -1  # the values are the class ids
+        np.testing.assert_array_equal(ds.read(1), np.load(tmp_path / "m.npy"))
+        tags = ds.tags(1)
+    names = {"2": "asphalt", "5": "grass, healthy", "7": "Wasser"}
+    assert json.loads(tags["CLASS_NAMES"]) == names
+    colours = dict(zip(names, (to_hex(c) for c in class_colors(3)), strict=True))  # the PNG's
+    assert json.loads(tags["CLASS_COLORS"]) == colours

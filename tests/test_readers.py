@@ -105,15 +105,29 @@ class TestReadMap:
             read_map(tmp_path / "TrainImage.mat", role="train mask")
 
 
-def _geotiff(path, data, nodata, x0=600000):
+def _geotiff(path, data, nodata, x0=600000, mask=None, alpha=None, sidecar=False):
+    """Write ``data`` as a GeoTIFF; ``mask`` (``(H, W)`` bool, True = valid) as GDAL's internal
+    per-dataset mask (a ``.msk`` file when ``sidecar``), or as a last band marked alpha when
+    ``alpha`` is True."""
     import rasterio
+    from rasterio.enums import ColorInterp
     from rasterio.transform import from_origin
 
     bands = data[None] if data.ndim == 2 else np.moveaxis(data, -1, 0)
-    with rasterio.open(path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2],
-                       count=bands.shape[0], dtype=bands.dtype, nodata=nodata, crs="EPSG:32632",
-                       transform=from_origin(x0, 5360000, 30, 30)) as ds:  # fmt: skip
+    if alpha:
+        bands = np.concatenate([bands, np.where(mask, 255, 0).astype(bands.dtype)[None]])
+    profile = {"driver": "GTiff", "height": bands.shape[1], "width": bands.shape[2],
+               "count": bands.shape[0], "dtype": bands.dtype, "nodata": nodata,
+               "crs": "EPSG:32632", "transform": from_origin(x0, 5360000, 30, 30)}  # fmt: skip
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=not sidecar),
+        rasterio.open(path, "w", **profile) as ds,
+    ):
+        if alpha:  # before the pixels, or GDAL does not keep it
+            ds.colorinterp = [ColorInterp.gray] * (len(bands) - 1) + [ColorInterp.alpha]
         ds.write(bands)
+        if mask is not None and not alpha:
+            ds.write_mask(np.where(mask, 255, 0).astype(np.uint8))
 
 
 class TestNoData:
@@ -146,6 +160,64 @@ class TestNoData:
         (tmp_path / "c.img").write_bytes((scenes / "tiny_bsq.img").read_bytes())
         with pytest.raises(SceneFormatError, match=r"c.hdr.*data ignore value = none"):
             read_cube(tmp_path / "c.hdr")
+
+
+class TestGeotiffMask:
+    """A GeoTIFF's GDAL mask (internal, ``.msk`` or alpha band) marks no data as ``nodata``
+    does."""
+
+    @pytest.fixture
+    def corner(self):
+        valid = np.ones((8, 8), dtype=bool)
+        valid[:2, :3] = False
+        return valid
+
+    def test_cube_mask_is_nan_and_a_file_without_one_is_unchanged(self, tmp_path, corner):
+        import rasterio
+
+        cube = np.random.default_rng(0).integers(1, 900, size=(8, 8, 4)).astype(np.int16)
+        _geotiff(tmp_path / "masked.tif", cube, nodata=None, mask=corner)
+        _geotiff(tmp_path / "sidecar.tif", cube, nodata=None, mask=corner, sidecar=True)
+        _geotiff(tmp_path / "valid.tif", cube, nodata=None, mask=np.ones((8, 8), bool))
+        _geotiff(tmp_path / "plain.tif", cube, nodata=None)
+        assert (tmp_path / "sidecar.tif.msk").exists()
+        for name in ("masked.tif", "sidecar.tif"):
+            with rasterio.open(tmp_path / name) as ds:  # a real mask, and no nodata
+                assert ds.nodata is None and (ds.read_masks(1) == 0).sum() == 6
+            raster = read_cube(tmp_path / name)
+            assert raster.nodata is None and raster.data.shape == (8, 8, 4)
+            assert np.isnan(raster.data[~corner]).all()
+            np.testing.assert_array_equal(raster.data[corner], cube[corner])
+        for name in ("valid.tif", "plain.tif"):  # a mask that marks nothing, or none at all
+            data = read_cube(tmp_path / name).data
+            assert data.dtype == np.int16
+            np.testing.assert_array_equal(data, cube)
+
+    def test_alpha_band_is_a_mask_not_a_band(self, tmp_path, corner):
+        cube = np.random.default_rng(1).random((8, 8, 3)).astype(np.float32)
+        _geotiff(tmp_path / "rgba.tif", cube, nodata=None, mask=corner, alpha=True)
+        raster = read_cube(tmp_path / "rgba.tif")
+        assert raster.data.shape == (8, 8, 3) and raster.data.dtype == np.float32
+        assert np.isnan(raster.data[~corner]).all()
+        np.testing.assert_array_equal(raster.data[corner], cube[corner])
+
+    @pytest.mark.parametrize("alpha", [False, True])
+    def test_map_mask_is_unlabelled_as_nodata_is(self, tmp_path, corner, alpha):
+        labels = np.repeat(np.arange(1, 5), 16).reshape(8, 8).astype(np.uint8)
+        _geotiff(tmp_path / "gt.tif", labels, nodata=None, mask=corner, alpha=alpha)
+        _geotiff(tmp_path / "gt_nodata.tif", np.where(corner, labels, 255), nodata=255)
+        with pytest.warns(match=r"gt.tif`: 6 labelled pixels its mask marks invalid are read as"):
+            found = read_map(tmp_path / "gt.tif").data
+        with pytest.warns(match=r"6 pixels at its no-data value 255"):
+            expected = read_map(tmp_path / "gt_nodata.tif").data
+        assert found.dtype == np.uint8 and (found[~corner] == 0).all()
+        np.testing.assert_array_equal(found, expected)
+
+    def test_map_with_alpha_and_two_bands_is_refused(self, tmp_path, corner):
+        labels = np.ones((8, 8, 2), dtype=np.uint8)
+        _geotiff(tmp_path / "gt.tif", labels, nodata=None, mask=corner, alpha=True)
+        with pytest.raises(SceneFormatError, match=r"has 2 bands besides its alpha band; a map"):
+            read_map(tmp_path / "gt.tif")
 
 
 def test_envi_map_info_is_georeferencing(scenes, tmp_path):

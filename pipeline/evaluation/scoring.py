@@ -615,6 +615,10 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
 
 
 def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
+    """The map as a one-band int32 GeoTIFF of class ids (-1, its no-data value, where the scene
+    has no data) on the scene's CRS and transform. Its band tags name each class and give its
+    colour in the PNG map (:func:`_class_tags`); GDAL keeps a colour table only for an 8- or
+    16-bit unsigned band, which cannot hold -1, so the file has none."""
     import rasterio
     from affine import Affine
     from rasterio.crs import CRS
@@ -638,3 +642,19 @@ def _write_geotiff(result: np.ndarray, sc: Scene, path: str | Path) -> None:
     ):
         dst.write(np.asarray(result), 1)
         dst.update_tags(TIFFTAG_SOFTWARE=f"hsicache {__version__}")
+        dst.update_tags(1, **_class_tags(sc))
+
+
+def _class_tags(sc: Scene) -> dict[str, str]:
+    """Band tags for GIS software: ``CLASS_NAMES`` and ``CLASS_COLORS``, JSON objects from each
+    class id to its name and to its ``#rrggbb`` colour in the PNG map."""
+    from matplotlib.colors import to_hex
+
+    from pipeline.scene.plots import class_colors
+
+    ids = [str(int(c)) for c in sc.class_ids]
+    colors = [to_hex(c) for c in class_colors(len(ids))]
+    return {
+        "CLASS_NAMES": json.dumps(dict(zip(ids, sc.class_names, strict=True))),
+        "CLASS_COLORS": json.dumps(dict(zip(ids, colors, strict=True))),
+    }

@@ -7,7 +7,8 @@ Supported formats (chosen by file suffix):
 * NumPy ``.npy`` and ``.npz``;
 * ENVI: a ``.hdr`` header beside a binary file, BSQ / BIL / BIP, with wavelengths when the header
   has them (read with the ``spectral`` package);
-* GeoTIFF ``.tif`` / ``.tiff`` (rasterio), keeping the CRS and affine transform.
+* GeoTIFF ``.tif`` / ``.tiff`` (rasterio), keeping the CRS and affine transform, and reading
+  a GDAL mask (internal, ``.msk`` sidecar, or alpha band) as no data (see :class:`Raster`).
 
 A container (``.mat``, ``.npz``) that holds exactly one array of the wanted rank is read without a
 key; otherwise the error lists what it found and asks for a key.
@@ -55,6 +56,12 @@ class Raster:
             when its bands differ; an ENVI header's ``data ignore value``). A map's no-data
             pixels are read as 0 (unlabelled); a cube keeps its values, and ``prepare`` takes
             a pixel whose every band is no-data as a pixel without data.
+
+    A GeoTIFF's GDAL mask (an internal per-dataset mask, a ``.msk`` sidecar, or an alpha band)
+    marks no data too, whether or not the file declares ``nodata``: a map reads the pixels it
+    marks invalid as 0 (unlabelled), and a cube reads them as NaN in every band (as float, for
+    an integer file), which ``prepare`` takes as a pixel without data like any NaN. An alpha
+    band is never read as a band of ``data``.
     """
 
     data: np.ndarray
@@ -254,21 +261,62 @@ def _read_mat(path: Path, key: str | None, ndim: int, role: str, key_option: str
 
 def _read_geotiff(path: Path, ndim: int, role: str) -> Raster:
     import rasterio
+    from rasterio.enums import ColorInterp
     from rasterio.errors import NotGeoreferencedWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
-            if ndim == 2 and ds.count != 1:
+            alphas = [b for b, ci in enumerate(ds.colorinterp, 1) if ci == ColorInterp.alpha]
+            bands = [b for b in range(1, ds.count + 1) if b not in alphas]
+            besides = " besides its alpha band" if alphas else ""
+            if ndim == 2 and len(bands) != 1:
                 raise SceneFormatError(
-                    f"{role} `{path}` has {ds.count} bands; a map must have exactly one"
+                    f"{role} `{path}` has {len(bands)} bands{besides}; a map must have exactly one"
                 )
-            data = ds.read(1) if ndim == 2 else np.moveaxis(ds.read(), 0, -1)
+            if not bands:
+                raise SceneFormatError(f"{role} `{path}` holds an alpha band and no data band")
+            data = ds.read(bands[0]) if ndim == 2 else np.moveaxis(ds.read(bands), 0, -1)
             crs = ds.crs.to_wkt() if ds.crs else None
             transform = tuple(ds.transform)[:6] if ds.crs or not ds.transform.is_identity else None
-            wavelengths = _geotiff_wavelengths(ds)
-            nodata = _geotiff_nodata(ds.nodatavals)
+            wavelengths = _geotiff_wavelengths(ds, bands)
+            nodata = _geotiff_nodata(tuple(ds.nodatavals[b - 1] for b in bands))
+            invalid = _geotiff_mask(ds, bands, alphas)
+    if invalid is not None:
+        data = _no_data_where_masked(data, invalid, f"{role} `{path}`")
     return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
+
+
+def _geotiff_mask(ds: object, bands: list[int], alphas: list[int]) -> np.ndarray | None:
+    """``(H, W)``: the pixels the file's GDAL mask marks invalid (a per-dataset mask, internal or
+    a ``.msk`` sidecar, or an alpha band at 0), or ``None`` when it has no mask or the mask marks
+    nothing. No-data values are not a mask here: ``nodata`` carries them."""
+    from rasterio.enums import MaskFlags
+
+    invalid = np.zeros(ds.shape, dtype=bool)  # type: ignore[attr-defined]
+    for band in alphas:  # GDAL takes only some band layouts' alpha as their mask: read it here
+        invalid |= ds.read(band) == 0  # type: ignore[attr-defined]
+    flags = ds.mask_flag_enums[bands[0] - 1]  # type: ignore[attr-defined]
+    if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
+        invalid |= ds.read_masks(bands[0]) == 0  # type: ignore[attr-defined]
+    return invalid if invalid.any() else None
+
+
+def _no_data_where_masked(data: np.ndarray, invalid: np.ndarray, what: str) -> np.ndarray:
+    """The pixels a mask marks invalid as no data: 0 (unlabelled) in a map, said in a warning
+    when that drops labels; NaN in every band of a cube (made float if it was not)."""
+    if data.ndim == 2:
+        dropped = int((invalid & (data != 0)).sum())
+        if dropped:
+            warnings.warn(
+                f"{what}: {dropped} labelled pixels its mask marks invalid are read as unlabelled",
+                HsicacheWarning,
+                stacklevel=6,
+            )
+        return np.where(invalid, 0, data).astype(data.dtype)
+    cube = data.astype(np.result_type(data.dtype, np.float32))
+    cube[invalid] = np.nan
+    return cube
 
 
 def _geotiff_nodata(values: tuple[float | None, ...]) -> float | tuple[float, ...] | None:
@@ -281,10 +329,11 @@ def _geotiff_nodata(values: tuple[float | None, ...]) -> float | tuple[float, ..
     return per_band[0] if same else per_band
 
 
-def _geotiff_wavelengths(ds: object) -> np.ndarray | None:
-    """Band centres from GDAL band metadata (``wavelength`` / ``WAVELENGTH`` tags), if all set."""
+def _geotiff_wavelengths(ds: object, bands: list[int]) -> np.ndarray | None:
+    """Band centres from GDAL band metadata (``wavelength`` / ``WAVELENGTH`` tags), if all
+    ``bands`` set them."""
     values = []
-    for band in range(1, ds.count + 1):  # type: ignore[attr-defined]
+    for band in bands:
         tags = {k.lower(): v for k, v in ds.tags(band).items()}  # type: ignore[attr-defined]
         if "wavelength" not in tags:
             return None
