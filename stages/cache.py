@@ -42,7 +42,9 @@ def info(
     else:
         typer.echo(f"backbone {ident['backbone']} (weights {ident['weights_sha256'][:12]}), "
                    f"patch {ident['patch']}, stride {ident['stride']}, "
-                   f"noise seed {ident['noise_seed']}")  # fmt: skip
+                   f"noise seed {ident['noise_seed']}, computed in {ident['compute_dtype']}, "
+                   f"zoom {ident.get('zoom', 1)}, "
+                   f"noise draws {ident.get('noise_samples', 1)}")  # fmt: skip
     typer.echo(f"image fingerprint {ident['image_fingerprint'][:12]}")
     for name, a in rep.get("arrays", rep.get("families", {})).items():
         typer.echo(f"  {name:<24} {tuple(a['shape'])!s:<18} {a['bytes_on_disk'] / 1e6:8.2f} MB")

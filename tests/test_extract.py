@@ -438,10 +438,9 @@ class TestCacheCommands:
         assert {(a["dtype"], a["compression"]) for a in rep["arrays"].values()} == {
             ("float16", "blosc zstd 3 bitshuffle")
         }
-        assert (
-            "stored as float16, blosc zstd 3 bitshuffle"
-            in runner.invoke(app, ["cache", "info", str(out)]).stdout
-        )
+        text = runner.invoke(app, ["cache", "info", str(out)]).stdout
+        assert "stored as float16, blosc zstd 3 bitshuffle" in text
+        assert "computed in float32, zoom 1, noise draws 1" in text
         ok = runner.invoke(app, ["cache", "verify", str(out), "--scene", scene])
         assert ok.exit_code == 0 and "ok" in ok.stdout
 
