@@ -128,15 +128,17 @@ def _one(text: str) -> str:
 
 
 @contextlib.contextmanager
-def user_errors(debug: bool) -> Iterator[None]:
+def user_errors(debug: bool, *, resumable: bool = False) -> Iterator[None]:
     """Print any error as one line on stderr and exit with :func:`failure_line`'s code;
-    re-raise it with ``--debug``."""
+    re-raise it with ``--debug``. Ctrl-C exits 130, saying so; a ``resumable`` command
+    (``extract``, ``pretrain``) also says that running it again resumes."""
     try:
         yield
     except (typer.Exit, typer.Abort, _usage.ClickException):
         raise  # the command line's own exits and usage errors pass through
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        again = ": run the same command again to resume where it stopped" if resumable else ""
+        typer.echo(f"interrupted{again}", err=True)
         raise typer.Exit(code=130) from None
     except Exception as exc:
         if debug:

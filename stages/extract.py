@@ -91,7 +91,7 @@ def extract(
     from pipeline.io.cluster import parse_resources
 
     given = dict(locals())
-    with user_errors(debug), progress_bar("extract") as progress:
+    with user_errors(debug, resumable=True), progress_bar("extract") as progress:
         given.update(timesteps=parse_csv_ints(timesteps, "timesteps"), sites=parse_csv(sites))
         config = ExtractConfig.from_given(given)
         extract_features(

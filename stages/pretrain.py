@@ -63,7 +63,7 @@ def pretrain(
     from pipeline.backbone.pretraining import pretrain as run_pretrain
 
     given = dict(locals())
-    with user_errors(debug):
+    with user_errors(debug, resumable=True):
         given["block_out_channels"] = parse_csv_ints(block_out_channels, "block_out_channels")
         config = PretrainConfig.from_given(given)
         with progress_bar("pretrain") as progress:

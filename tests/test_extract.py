@@ -484,3 +484,17 @@ class TestBenchExtract:
         result = runner.invoke(app, ["bench", "extract", "--backbone", "builtin:tiny",
                                      "--sites", "up9.res9"])  # fmt: skip
         assert result.exit_code == 2 and "unknown site `up9.res9`" in result.stderr
+
+
+def test_ctrl_c_says_that_running_again_resumes(runner, scene, tmp_path, monkeypatch):
+    import pipeline.features.extract as extract_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_module, "extract_features", interrupted)
+    result = runner.invoke(app, ["extract", "--scene", scene, "--backbone", "builtin:tiny",
+                                 "--timesteps", "0", "--sites", "up1.res1", "--out",
+                                 str(tmp_path / "f.zarr")])  # fmt: skip
+    assert result.exit_code == 130
+    assert "interrupted: run the same command again to resume" in result.stderr
