@@ -84,6 +84,12 @@ class TestReadCube:
         with pytest.raises(SceneNotFoundError, match=r"ENVI header for `.*lonely.img` not found"):
             read_cube(path)
 
+    def test_envi_header_without_its_data_file(self, scenes, tmp_path):
+        (tmp_path / "orphan.hdr").write_text((scenes / "tiny_bsq.hdr").read_text())
+        with pytest.raises(SceneNotFoundError, match=r"`.*orphan.hdr` has no data file beside it "
+                           r"\(looked for `orphan` with no ending or .img, .dat"):  # fmt: skip
+            read_cube(tmp_path / "orphan.hdr")
+
     def test_wrong_rank(self, scenes):
         with pytest.raises(SceneFormatError, match=r"shape \(12, 10\); expected 3 dimensions"):
             read_cube(scenes / "tiny_gt.npy")

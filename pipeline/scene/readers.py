@@ -369,7 +369,14 @@ def _read_envi(path: Path) -> Raster:
         raise SceneFormatError(
             f"ENVI header `{header}` says `interleave = {interleave}`; it must be bsq, bil or bip"
         )
-    image = envi.open(str(header), None if data_file is None else str(data_file))
+    try:
+        image = envi.open(str(header), None if data_file is None else str(data_file))
+    except envi.EnviDataFileNotFoundError:
+        endings = ", ".join(f".{e}" for e in [*envi.KNOWN_EXTS, interleave])
+        raise SceneNotFoundError(
+            f"ENVI header `{header}` has no data file beside it (looked for `{header.stem}` "
+            f"with no ending or {endings}): put it there, or give the data file as the cube"
+        ) from None
     _check_envi_size(image, header)
     # a memory map in BIP order is (rows, cols, bands) in the file's own dtype
     data = np.array(image.open_memmap(interleave="bip", writable=False))
