@@ -324,6 +324,39 @@ class TestMissingValues:
         assert (scene.train | scene.test)[~corner].all()
         assert np.isfinite(scene.cube).all() and (scene.cube[corner] > 100).all()
 
+    @pytest.mark.parametrize("mode", ["pca", "bands"])
+    def test_the_rendering_never_shows_the_fill(self, files, mode):
+        # The backbone sees the rendering: a filled value there is a flat patch whose edges
+        # change the features of the pixels around it. Each pixel without data shows its nearest
+        # pixel with data instead, and the statistics come from pixels with data alone.
+        from pipeline.errors import HsicacheWarning
+        from pipeline.scene.preparation import build_scene
+
+        bands = {"rgb_bands": (4, 2, 0)} if mode == "bands" else {}
+        kw = {"cube": files[0], "labels": files[1], "per_class": 3, "rgb_mode": mode, **bands}
+        with pytest.warns(HsicacheWarning):
+            zero = build_scene(nan_policy="zero", **kw)
+        with pytest.warns(HsicacheWarning):
+            mean = build_scene(nan_policy="band-mean", **kw)
+        np.testing.assert_array_equal(zero.rgb, mean.rgb)
+        rows, cols = np.nonzero(zero.no_data)
+        data = np.argwhere(~zero.no_data)
+        for r, c in zip(rows, cols, strict=True):  # a nearest pixel with data, by brute force
+            d = ((data - (r, c)) ** 2).sum(axis=1)
+            nearest = [zero.rgb[tuple(x)] for x in data[d == d.min()]]
+            assert any(np.array_equal(zero.rgb[r, c], v) for v in nearest)
+        assert len(rows) == 6
+        assert zero.attrs["rendering"]["no_data_fill"] == "nearest"
+
+    def test_a_scene_with_data_everywhere_renders_as_before(self, tmp_path):
+        from pipeline.scene.render import render_rgb
+
+        cube = np.random.default_rng(0).normal(size=(8, 8, 5))
+        plain = render_rgb(cube)
+        masked = render_rgb(cube, valid=np.ones((8, 8), bool))
+        np.testing.assert_array_equal(plain[0], masked[0])
+        assert "no_data_fill" not in plain[1].to_dict() == masked[1].to_dict()
+
     def test_a_dead_band_is_not_a_pixel_without_data(self, tmp_path):
         from pipeline.scene.preparation import build_scene
         from tests.test_readers import _geotiff

@@ -83,6 +83,7 @@ def build_scene(
         wavelengths=src.wavelengths,
         gamma=cfg.gamma,
         clip=cfg.clip,
+        valid=~empty,
     )
     _check_degenerate(cube_f, rgb, class_ids, test, src.source, cfg.allow_degenerate)
     extra = {"split": record, "nan_policy": cfg.nan_policy}

@@ -13,7 +13,7 @@ Each channel is clipped to its ``clip`` percentiles, scaled to [0, 1], then rais
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -41,13 +41,31 @@ class Rendering:
     bands: tuple[int, int, int] | None
     gamma: float
     clip: tuple[float, float]
+    #: How pixels without data are rendered: ``None`` (a scene that has none) or ``"nearest"``
+    #: (each shows its nearest pixel with data, so the backbone sees no edge around a hole).
+    no_data_fill: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-serialisable form."""
+        """JSON-serialisable form (``no_data_fill`` only when set: the renderings, and so the
+        fingerprints, of scenes without such pixels are what they were)."""
         d = asdict(self)
         d["bands"] = list(self.bands) if self.bands is not None else None
         d["clip"] = list(self.clip)
+        if self.no_data_fill is None:
+            del d["no_data_fill"]
         return d
+
+
+def fill_no_data(rgb: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """``rgb`` with each pixel of ``empty`` showing its nearest pixel with data (scipy's
+    distance transform): a filled value would otherwise be a flat patch with edges that the
+    backbone's features of the pixels around it respond to."""
+    from scipy import ndimage
+
+    if not empty.any() or empty.all():
+        return rgb
+    nearest = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
+    return rgb[nearest[0], nearest[1]]
 
 
 def check_rendering_options(
@@ -86,6 +104,7 @@ def render_rgb(
     wavelengths: np.ndarray | None = None,
     gamma: float = 1.0,
     clip: tuple[float, float] = (2.0, 98.0),
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Rendering]:
     """Render ``cube`` ``(H, W, B)`` to a float32 ``(H, W, 3)`` image in [0, 1].
 
@@ -97,6 +116,10 @@ def render_rgb(
         wavelengths: band centres in nm, ``(B,)``.
         gamma: exponent applied after scaling to [0, 1]; must be > 0.
         clip: lower and upper percentiles for the per-channel contrast stretch.
+        valid: ``(H, W)`` pixels with data, when some have none: the principal components and
+            percentiles come from them alone, and each other pixel shows its nearest pixel
+            with data (``no_data_fill="nearest"``), so whatever filled it never reaches the
+            rendering.
 
     Returns:
         The rendering and the :class:`Rendering` that describes it (with the bands chosen).
@@ -106,12 +129,28 @@ def render_rgb(
             wavelengths.
         ConfigError: as :func:`check_rendering_options`.
     """
-    n_bands = cube.shape[-1]
     check_rendering_options(mode, bands, gamma, clip)
+    holes = None if valid is None or valid.all() or not valid.any() else ~valid
     if mode is None:
         mode = "bands" if bands is not None else "wavelengths" if wavelengths is not None else "pca"
+    raw, chosen = _channels(cube, mode, bands, wavelengths, holes)
+    rgb = _stretch(raw, clip, gamma, holes)
     lo, hi = clip
+    rendering = Rendering(mode=mode, bands=chosen, gamma=float(gamma), clip=(float(lo), float(hi)))
+    if holes is None:
+        return rgb, rendering
+    return fill_no_data(rgb, holes), replace(rendering, no_data_fill="nearest")
 
+
+def _channels(
+    cube: np.ndarray,
+    mode: str,
+    bands: tuple[int, int, int] | None,
+    wavelengths: np.ndarray | None,
+    holes: np.ndarray | None,
+) -> tuple[np.ndarray, tuple[int, int, int] | None]:
+    """The three raw channels ``mode`` takes from ``cube``, and the bands chosen (if any)."""
+    n_bands = cube.shape[-1]
     if mode == "bands":
         if bands is None:
             raise ConfigError("`rgb_mode=bands` needs `rgb_bands=R,G,B` (0-based indices)")
@@ -121,8 +160,7 @@ def render_rgb(
                     f"`rgb_bands` index {b} is out of range: the cube has {n_bands} bands "
                     f"(valid indices 0..{n_bands - 1})"
                 )
-        chosen = tuple(int(b) for b in bands)
-        raw = cube[..., list(chosen)].astype(np.float64)
+        chosen = (int(bands[0]), int(bands[1]), int(bands[2]))
     elif mode == "wavelengths":
         if wavelengths is None:
             raise BandMismatchError(
@@ -130,32 +168,40 @@ def render_rgb(
                 "`rgb_mode=bands` with `rgb_bands=R,G,B` or `rgb_mode=pca`"
             )
         wl = np.asarray(wavelengths, dtype=np.float64)
-        chosen = tuple(int(np.argmin(np.abs(wl - t))) for t in TARGET_WAVELENGTHS_NM)
-        raw = cube[..., list(chosen)].astype(np.float64)
+        r, g, b = (int(np.argmin(np.abs(wl - t))) for t in TARGET_WAVELENGTHS_NM)
+        chosen = (r, g, b)
     else:
-        chosen = None
-        raw = _pca3(cube)
+        return _pca3(cube, holes), None
+    return cube[..., list(chosen)].astype(np.float64), chosen
 
+
+def _stretch(
+    raw: np.ndarray, clip: tuple[float, float], gamma: float, holes: np.ndarray | None
+) -> np.ndarray:
+    """Each channel stretched between its ``clip`` percentiles (over the pixels outside
+    ``holes``) into [0, 1], then raised to ``gamma``."""
     rgb = np.empty(raw.shape, dtype=np.float32)
     for c in range(3):
         ch = raw[..., c]
-        p_lo, p_hi = np.percentile(ch, [lo, hi])
+        p_lo, p_hi = np.percentile(ch if holes is None else ch[~holes], list(clip))
         scale = p_hi - p_lo if p_hi > p_lo else 1.0
         rgb[..., c] = np.clip((ch - p_lo) / scale, 0.0, 1.0)
     if gamma != 1.0:
         np.power(rgb, gamma, out=rgb)
-    return rgb, Rendering(mode=mode, bands=chosen, gamma=float(gamma), clip=(float(lo), float(hi)))
+    return rgb
 
 
-def _pca3(cube: np.ndarray) -> np.ndarray:
-    """First three principal components of the per-band standardised cube, signs fixed."""
+def _pca3(cube: np.ndarray, holes: np.ndarray | None = None) -> np.ndarray:
+    """First three principal components of the per-band standardised cube, signs fixed; fitted
+    on the pixels outside ``holes`` (pixels without data) when given."""
     h, w, b = cube.shape
     x = cube.reshape(-1, b).astype(np.float64)
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    fit = x if holes is None else x[~holes.reshape(-1)]
+    mean = fit.mean(axis=0)
+    std = fit.std(axis=0)
     std[std == 0] = 1.0
-    step = max(1, x.shape[0] // _PCA_MAX_SAMPLES)
-    sample = (x[::step] - mean) / std
+    step = max(1, fit.shape[0] // _PCA_MAX_SAMPLES)
+    sample = (fit[::step] - mean) / std
     _, _, vt = np.linalg.svd(sample, full_matrices=False)
     comps = vt[:3] if vt.shape[0] >= 3 else np.pad(vt, ((0, 3 - vt.shape[0]), (0, 0)))
     # deterministic sign: the largest loading of each component is positive
