@@ -61,13 +61,18 @@ def plot_scene_preview(scene: Scene) -> Figure:
         f"{rendering.get('gamma')}); {ys.size} train px",
         fontsize=9,
     )
-    # 0 = unlabeled (dark grey), 1 = train or held out (white), 2.. = test pixel of class k
+    # -1 = no data (black), 0 = unlabeled (dark grey), 1 = train or held out (white),
+    # 2.. = test pixel of class k
     shown = np.where(scene.test, scene.labels + 2, np.where(scene.labels >= 0, 1, 0))
-    cmap = ListedColormap(np.vstack([[0.3, 0.3, 0.3], [1.0, 1.0, 1.0], colors]))
-    ax_lab.imshow(shown, cmap=cmap, vmin=0, vmax=scene.n_classes + 1, interpolation="nearest")
-    ax_lab.set_title(
-        f"{int(scene.test.sum())} test px by class; white = train, grey = unlabeled", fontsize=9
-    )
+    steps = [[0.3, 0.3, 0.3], [1.0, 1.0, 1.0], *colors]
+    title = f"{int(scene.test.sum())} test px by class; white = train, grey = unlabeled"
+    low = 0
+    if scene.no_data is not None:
+        shown[scene.no_data] = low = -1
+        steps, title = [[0.0, 0.0, 0.0], *steps], title + ", black = no data"
+    ax_lab.imshow(shown, cmap=ListedColormap(np.vstack(steps)), vmin=low,
+                  vmax=scene.n_classes + 1, interpolation="nearest")  # fmt: skip
+    ax_lab.set_title(title, fontsize=9)
     handles = [
         _patch(colors[k], f"{scene.class_ids[k]} {scene.class_names[k]}")
         for k in range(scene.n_classes)
