@@ -301,8 +301,12 @@ class TestCompare:
         assert body["format"] == "hsicache-metrics/1" and "svm" in body["heads"]
         assert body["protocol"]["seeds"] == [0] and "test pixels never" in body["protocol"][
             "model_selection"]  # fmt: skip
+        scene = open_scene(stores["scene.zarr"])
+        assert body["protocol"]["scene"] == scene.attrs["source"]
+        assert body["protocol"]["image_fingerprint"] == scene.image_fingerprint
         table = (tmp_path / "c.md").read_text()
         assert table.startswith("<!-- hsicache compare") and "| vs " not in table
+        assert f"(image {scene.image_fingerprint[:12]})" in table
         assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
 
     def test_a_blocks_split_warns_when_context_reaches_past_its_buffer(self, runner, tmp_path):

@@ -280,6 +280,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = [
         "<!-- hsicache compare: written by `hsicache compare`; do not edit -->",
         "",
+        f"Scene `{card.get('scene')}` (image {str(card.get('image_fingerprint'))[:12]}). "
         f"Split `{card['split']}`"
         + (f", {card['per_class']} labels per class" if card.get("per_class") else "")
         + (f", buffer {card['buffer']} px" if card["split"] == "blocks" else "")

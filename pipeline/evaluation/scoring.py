@@ -123,10 +123,13 @@ MODEL_SELECTION = (
 
 
 def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
-    """How a figure was obtained: the split, labels per class, seeds, the blocks split's
-    buffer, and how models were selected (never on the test pixels)."""
+    """How a figure was obtained: the scene (its source and image fingerprint), the split,
+    labels per class, seeds, the blocks split's buffer, and how models were selected (never on
+    the test pixels)."""
     split = dict(scene.attrs.get("split") or {})
     return {
+        "scene": scene.attrs.get("source"),
+        "image_fingerprint": scene.image_fingerprint,
         "split": split.get("protocol", "per-class"),
         "per_class": split.get("per_class"),
         "fraction": split.get("fraction"),
