@@ -163,6 +163,16 @@ PARAMS_OPTION = typer.Option(
     help="YAML file whose section named after this command gives defaults for its options "
     "(e.g. params.yaml); options on the command line win.",
 )
+#: ``--params`` of the commands that look heads up by name (compare, curve, suggest).
+RECIPES_PARAMS_OPTION = typer.Option(
+    None,
+    "--params",
+    is_eager=True,
+    callback=_load_params,
+    help="YAML file whose `heads:` gives the recipes of the heads named, and whose section "
+    "named after this command gives defaults for its options (options on the command line "
+    "win). Default: ./params.yaml when there is one.",
+)
 
 
 def parse_csv(value: str | None) -> list[str] | None:

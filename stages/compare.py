@@ -13,7 +13,7 @@ from stages._options import (
     DEBUG_OPTION,
     FEATURES_OPTION,
     HEADS_OPTION,
-    PARAMS_OPTION,
+    RECIPES_PARAMS_OPTION,
     SCENE_OPTION,
     SEEDS_OPTION,
     parse_csv,
@@ -46,7 +46,7 @@ def compare(
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of rows (head, oa_mean, oa_std, ...) only."
     ),
-    params: Path | None = PARAMS_OPTION,
+    params: Path | None = RECIPES_PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Heads side by side: OA, AA, kappa (mean ± std) over re-drawn splits, with and without

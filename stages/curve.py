@@ -13,7 +13,7 @@ from stages._options import (
     DEBUG_OPTION,
     FEATURES_OPTION,
     HEADS_OPTION,
-    PARAMS_OPTION,
+    RECIPES_PARAMS_OPTION,
     SCENE_OPTION,
     SEEDS_OPTION,
     parse_csv,
@@ -42,7 +42,7 @@ def curve(
     as_json: bool = typer.Option(
         False, "--json", help="Print a JSON list of rows (head, per_class, oa_mean, ...) only."
     ),
-    params: Path | None = PARAMS_OPTION,
+    params: Path | None = RECIPES_PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Accuracy against labels per class: each head's recipe refitted on the split re-drawn

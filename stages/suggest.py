@@ -11,7 +11,7 @@ from stages._options import (
     CONTEXT_OPTION,
     DEBUG_OPTION,
     FEATURES_OPTION,
-    PARAMS_OPTION,
+    RECIPES_PARAMS_OPTION,
     SCENE_OPTION,
     parse_csv_ints,
     progress_bar,
@@ -66,7 +66,7 @@ def suggest(
         "--per-class",
         help="Labels per class --simulate starts from (default: the scene's split).",
     ),
-    params: Path | None = PARAMS_OPTION,
+    params: Path | None = RECIPES_PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """The next pixels to label: uncertain (small margin between the two likeliest classes),
