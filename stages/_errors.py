@@ -137,7 +137,7 @@ def user_errors(debug: bool, *, resumable: bool = False) -> Iterator[None]:
     except (typer.Exit, typer.Abort, _usage.ClickException):
         raise  # the command line's own exits and usage errors pass through
     except KeyboardInterrupt:
-        again = ": run the same command again to resume where it stopped" if resumable else ""
+        again = ": run the same command again to resume" if resumable else ""
         typer.echo(f"interrupted{again}", err=True)
         raise typer.Exit(code=130) from None
     except Exception as exc:

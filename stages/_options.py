@@ -169,9 +169,9 @@ RECIPES_PARAMS_OPTION = typer.Option(
     "--params",
     is_eager=True,
     callback=_load_params,
-    help="YAML file whose `heads:` gives the recipes of the heads named, and whose section "
-    "named after this command gives defaults for its options (options on the command line "
-    "win). Default: ./params.yaml when there is one.",
+    help="YAML file whose `heads:` gives the recipes of the heads named (without --params: "
+    "./params.yaml's, when there is one), and whose section named after this command gives "
+    "defaults for its options (options on the command line win).",
 )
 
 

@@ -103,20 +103,43 @@ class TestBackbone:
     def test_an_unreachable_hub_is_not_asked(self, monkeypatch):
         # Offline the hub client retries for half a minute: hsicache looks in the cache at once.
         import socket
+        import urllib.request
 
         import huggingface_hub
 
         def unreachable(*_a, **_k):
             raise OSError("Network is unreachable")
 
-        def asked(*_a, **_k):
-            raise AssertionError("the hub was asked")
+        calls = []
+
+        def asked(*a, **_k):
+            calls.append(a)
+            raise OSError("the hub was asked")
 
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(urllib.request, "getproxies", dict)
         monkeypatch.setattr(socket, "create_connection", unreachable)
         monkeypatch.setattr(huggingface_hub, "file_exists", asked)
         with pytest.raises(FileNotFoundError, match="not reachable and it is not in the Hugging"):
             load_backbone("nobody/no-such-diffusion-model")
+        assert calls == []
+
+    def test_behind_a_proxy_the_hub_client_is_left_to_reach_the_hub(self, monkeypatch):
+        import socket
+        import urllib.request
+
+        from pipeline.backbone.loading import _hub_reachable
+
+        def direct(*_a, **_k):
+            raise AssertionError("a direct connection was tried")
+
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(socket, "create_connection", direct)
+        monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+        assert _hub_reachable()
+        monkeypatch.setattr(urllib.request, "getproxies", dict)
+        monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example:notaport")
+        assert not _hub_reachable()
 
     def test_a_builtin_name_without_its_prefix_is_named(self, monkeypatch):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -230,7 +230,7 @@ class TestSavedHeads:
 
         scene, (cache, _) = stage_one
         with pytest.raises(
-            ConfigError, match=r'^`heads.lr_spec`: head `logreg` has no parameter "C2"'
+            ConfigError, match=r'^head `lr_spec` \(kind `logreg`\) has no parameter "C2"'
         ):
             train_head(scene=scene, cache=cache, head="lr_spec", out=tmp_path / "h",
                        params={"kind": "logreg", "use": "spectral", "C2": 0.5})  # fmt: skip

@@ -112,6 +112,18 @@ class TestThroughTheTrainingLayer:
                                  "context": ["mean3"]}, seeds)  # fmt: skip
         assert [r["oa"] for r in refit["seeds"]] != [r["oa"] for r in fixed["seeds"]]
 
+    def test_evaluate_seeds_without_the_store_a_choice_needs_is_one_line(self, stores, tmp_path):
+        from pipeline.errors import ConfigError
+
+        params = {"kind": "logreg", "use": "spectral", "select": {"context": [[], ["mean9"]]}}
+        out = tmp_path / "maybe_none"
+        trained = train_head(scene=stores["scene"], cache=None, head="maybe_none", out=out,
+                             params=params, context_store=stores["ctx"])  # fmt: skip
+        assert trained.meta["select"]["chosen"]["context"] == []  # the fixture's own choice
+        assert trained.meta["select_context"] == ["mean9"]
+        with pytest.raises(ConfigError, match="chooses among context families on each split"):
+            evaluate_seeds(scene=stores["scene"], cache=None, head=out, seeds=[1, 2])
+
     def test_test_labels_play_no_part(self, stores):
         inputs = open_inputs(stores["scene"], None, stores["ctx"])
         sc = inputs.scene

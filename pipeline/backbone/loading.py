@@ -352,21 +352,26 @@ def _load_pretrained(spec: str, scheduler_cls: Any) -> tuple[Any, Any]:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers within ``timeout`` seconds;
-    never asked with ``HF_HUB_OFFLINE`` set. Offline, a hub id is looked up in the local cache
-    only, at once, instead of after the hub client's retries."""
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within
+    ``timeout`` seconds; ``False`` with ``HF_HUB_OFFLINE`` set, ``True`` without asking when a
+    proxy is configured (the hub client goes through it; a direct probe would not). Offline,
+    a hub id is looked up in the local cache only, at once, instead of after the hub client's
+    retries."""
     import os
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (80 if url.scheme == "http" else 443)
+    if url.scheme in getproxies() or "all" in getproxies():
+        return True
     try:
+        port = url.port or (80 if url.scheme == "http" else 443)
         with socket.create_connection((url.hostname or "", port), timeout=timeout):
             return True
-    except OSError:
+    except (OSError, ValueError):  # unreachable, or a port that is no number
         return False
 
 

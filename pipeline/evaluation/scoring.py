@@ -252,14 +252,16 @@ def evaluate_seeds(
     inputs = open_inputs(scene, cache, context)
     saved = load_head(head)
     saved.check_inputs(inputs, same_split=False)
+    selection = saved.refit_selection
+    if selection.context and inputs.context is None:  # a choice of no family, made once
+        raise ConfigError(
+            f"head `{saved.meta['name']}` chooses among context families on each split: give "
+            "`context=CONTEXT.zarr`"
+        )
     return refit_over_seeds(
-        inputs,
-        saved.meta["name"],
-        saved.meta["params"],
-        seeds,
-        selection=saved.refit_selection,
+        inputs, saved.meta["name"], saved.meta["params"], seeds, selection=selection,
         progress=progress,
-    )
+    )  # fmt: skip
 
 
 METRICS_FORMAT = "hsicache-metrics/1"

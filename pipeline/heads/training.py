@@ -230,7 +230,8 @@ class TrainedHead:
         recipe = split_recipe(self.meta["name"], self.meta["params"])
         if recipe.select is None or "context" not in recipe.select:
             return self.selection
-        return replace(self.selection, context=recipe.context)
+        pool = self.meta.get("select_context", recipe.context)  # what the choice was among
+        return replace(self.selection, context=tuple(pool))
 
     def check_inputs(self, inputs: Inputs, *, same_split: bool) -> None:
         """Refuse a scene image, cache or context store other than the ones the head was
@@ -533,6 +534,7 @@ def fit_head(
     started = time.perf_counter()
     X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
     est, loop = unwrap(fit_estimator(est, X, y, name))
+    pool = list(selection.context)
     est, selection, chosen = _chosen_head(est, selection)
     n_ctx = _context_width(inputs, selection)
     scene, cache, ctx = inputs.scene, inputs.cache, inputs.context
@@ -557,6 +559,7 @@ def fit_head(
         "n_unlabeled": int((y < 0).sum()),
         "self_training": loop,
         "select": chosen,
+        **({"select_context": pool} if chosen and "context" in chosen["chosen"] else {}),
         "train_seconds": time.perf_counter() - started,
         "package_versions": package_versions(),
     }
@@ -571,10 +574,8 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
         est = make_head(
             recipe.kind, n_spectral=n_spec, n_context=n_ctx, random_state=seed, **recipe.kwargs
         )
-    except ConfigError as exc:  # name the entry too when its kind differs from it
-        if recipe.name and recipe.name != recipe.kind:
-            raise ConfigError(f"`heads.{recipe.name}`: {exc}") from None
-        raise
+    except ConfigError as exc:  # name the head too when its kind differs from it
+        raise ConfigError(_named(str(exc), recipe)) from None
     if recipe.select is not None:
         return _selecting(est, recipe, inputs, selection, n_spec, seed)
     if recipe.self_training is None:
@@ -582,6 +583,15 @@ def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed
     require_probabilities(est, recipe.kind, "`self_training`")
     loop = recipe.self_training
     return self_training(est, threshold=loop["threshold"], max_iter=loop["max_iter"])
+
+
+def _named(message: str, recipe: Recipe) -> str:
+    """``message`` about head kind ``recipe.kind`` naming the head itself too, when its name
+    differs (``ctx_logreg`` and ``ctx_logreg_st`` are both ``logreg``)."""
+    if not recipe.name or recipe.name == recipe.kind:
+        return message
+    kind = f"head `{recipe.kind}`"
+    return message.replace(kind, f"head `{recipe.name}` (kind `{recipe.kind}`)", 1)
 
 
 def _context_spans(
@@ -629,8 +639,13 @@ def _selecting(
             candidate = wrapper._candidate(params, start)[0]
         except ValueError as exc:  # scikit-learn's "Invalid parameter ..." for an unknown name
             reason = str(exc).split(" for estimator")[0]
-            raise ConfigError(f"`select` of head `{recipe.kind}`: {reason}") from None
-        check_params(candidate, recipe.kind)
+            raise ConfigError(
+                _named(f"`select` of head `{recipe.kind}`: {reason}", recipe)
+            ) from None
+        try:
+            check_params(candidate, recipe.kind)
+        except ConfigError as exc:
+            raise ConfigError(_named(str(exc), recipe)) from None
     return wrapper
 
 

@@ -189,7 +189,10 @@ def _check_placement(src: _Source, other: Raster, what: str) -> None:
     from rasterio.crs import CRS
 
     if CRS.from_wkt(src.crs) != CRS.from_wkt(other.crs):
-        differs = f"its CRS is {_crs_name(other.crs)}, the cube's {_crs_name(src.crs)}"
+        theirs, ours = _crs_name(other.crs), _crs_name(src.crs)
+        if theirs == ours:  # two CRSs that print alike: their WKT tells them apart
+            theirs, ours = f"`{other.crs}`", f"`{src.crs}`"
+        differs = f"its CRS is {theirs}, the cube's {ours}"
     else:
         pixel = max(abs(v) for v in (*src.transform[:2], *src.transform[3:5]))
         if np.allclose(src.transform, other.transform, rtol=0, atol=1e-3 * pixel):
@@ -202,12 +205,13 @@ def _check_placement(src: _Source, other: Raster, what: str) -> None:
 
 
 def _crs_name(wkt: str) -> str:
-    """A CRS in a few words for messages: its EPSG code when it has one, else its name."""
+    """A CRS in a few words for messages: its EPSG code when it has one, else its PROJ
+    string."""
     from rasterio.crs import CRS
 
     crs = CRS.from_wkt(wkt)
     code = crs.to_epsg()
-    return f"EPSG:{code}" if code else f"`{crs.to_dict().get('proj') or wkt[:60]}`"
+    return f"EPSG:{code}" if code else f"`{crs.to_string()}`"
 
 
 def _check_shapes(src: _Source, masks: _Masks | None) -> None:
