@@ -73,10 +73,15 @@ def prepare(
     clip_low: float | None = option("clip_low", help="Lower stretch percentile."),
     clip_high: float | None = option("clip_high", help="Upper stretch percentile."),
     nan_policy: str | None = option(
-        "nan_policy", help="NaN/inf in the cube: error | zero | band-mean."
+        "nan_policy",
+        help="Pixels without data (NaN/inf, the file's no-data value or mask): error | zero | "
+        "band-mean (filled, and left out of the split).",
     ),
     class_names: str | None = typer.Option(
-        None, "--class-names", help="Comma-separated class names, in order of class id."
+        None,
+        "--class-names",
+        help="Comma-separated class names: one per class id the labels hold, in increasing id "
+        "order (SalinasA: 6 names for ids 1, 10-14).",
     ),
     preview: Path | None = typer.Option(
         None, "--preview", help="PNG of the rendering with train/test pixels drawn on it."

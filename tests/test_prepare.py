@@ -307,7 +307,7 @@ class TestMissingValues:
 
         with pytest.raises(NonFiniteError, match=r"6 pixels without data \(NaN/inf values, or "
                                                  r"every band at the file's no-data value "
-                                                 r"-32768\)"):  # fmt: skip
+                                                 r"-32768, or invalid in its mask\)"):  # fmt: skip
             build_scene(cube=files[0], labels=files[1], per_class=3)
 
     @pytest.mark.parametrize("split", [{"per_class": 3}, {"split": "fraction", "fraction": 0.9}])

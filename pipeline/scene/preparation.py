@@ -446,7 +446,8 @@ def _fill_missing(
         pixels = counted(int(bad.any(axis=-1).sum()), "pixel")
         raise NonFiniteError(
             f"cube `{src.source}` has {pixels} without data (NaN/inf values"
-            f"{_declared(src.nodata)}): pass `nan_policy=zero` or `nan_policy=band-mean` to "
+            f"{_declared(src.nodata)}{_masked(src.source)}): pass `nan_policy=zero` or "
+            "`nan_policy=band-mean` to "
             "fill them (they then take no part in the split)"
         )
     cube = cube.copy()
@@ -458,6 +459,11 @@ def _fill_missing(
         means = np.nan_to_num(means)
         cube[bad] = np.broadcast_to(means, cube.shape)[bad]
     return cube
+
+
+def _masked(source: str) -> str:
+    """How a message names a GeoTIFF's mask (read as NaN by the reader) among the causes."""
+    return ", or invalid in its mask" if str(source).lower().endswith((".tif", ".tiff")) else ""
 
 
 def _declared(nodata: float | tuple[float, ...] | None) -> str:
