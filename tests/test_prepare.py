@@ -591,3 +591,23 @@ def test_the_map_geotiff_names_and_colours_its_classes(tmp_path):
     assert json.loads(tags["CLASS_NAMES"]) == names
     colours = dict(zip(names, (to_hex(c) for c in class_colors(3)), strict=True))  # the PNG's
     assert json.loads(tags["CLASS_COLORS"]) == colours
+
+
+def test_an_envi_classification_names_its_classes(scenes, tmp_path):
+    # An ENVI classification header names its class ids: `class names` item i is id i.
+    from pipeline.scene.preparation import build_scene
+
+    labels = np.load(scenes / "tiny_gt.npy")  # ids 0 (unlabelled), 1, 10, 11
+    labels.astype(np.uint8).tofile(tmp_path / "gt.img")
+    names = ["Unclassified", "corn", *(f"unused {i}" for i in range(2, 10)), "wheat", "soy"]
+    (tmp_path / "gt.hdr").write_text(
+        "ENVI\nsamples = 10\nlines = 12\nbands = 1\nheader offset = 0\n"
+        "file type = ENVI Classification\ndata type = 1\ninterleave = bsq\nbyte order = 0\n"
+        f"classes = {len(names)}\nclass names = {{{', '.join(names)}}}\n"
+    )
+    scene = build_scene(cube=scenes / "tiny_bsq.hdr", labels=tmp_path / "gt.hdr", per_class=1)
+    assert list(scene.class_ids) == [1, 10, 11]
+    assert scene.class_names == ["corn", "wheat", "soy"]
+    given = build_scene(cube=scenes / "tiny_bsq.hdr", labels=tmp_path / "gt.hdr", per_class=1,
+                        class_names=["a", "b", "c"])  # fmt: skip
+    assert given.class_names == ["a", "b", "c"]  # --class-names wins

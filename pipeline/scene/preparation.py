@@ -62,12 +62,15 @@ def build_scene(
         lab = read_map(labels, label_key, role="label map", key_option="label_key")
         _check_placement(src, lab, f"label map `{labels}`")
         src.label_ids, src.label_source = lab.data, f"label map `{labels}`"
+        src.label_names = lab.class_names
     elif src.label_ids is None:
         if masks is None:
             raise ConfigError("no labels: give `labels=PATH` or `train_mask`/`test_mask`")
         src.label_ids, src.label_source = masks.union(), f"masks {masks.names}"
     _check_shapes(src, masks)
     index_map, class_ids = encode_labels(src.label_ids, source=src.label_source)
+    if src.label_names:  # the label file names its ids (an ENVI classification header)
+        src.class_names = [src.label_names.get(int(c), f"class {c}") for c in class_ids]
     names = _class_names(class_names or src.class_names, class_ids)
     # 3. the cube's values: a pixel without data (a NaN/inf band, or every band at the file's
     #    no-data value) is filled as `nan_policy` says and left out of the split
@@ -122,6 +125,7 @@ class _Source:
     label_source: str = "label map"
     class_names: Sequence[str] | None = None
     nodata: float | tuple[float, ...] | None = None
+    label_names: dict[int, str] | None = None  # what the label file calls its ids
 
     @property
     def source(self) -> str:

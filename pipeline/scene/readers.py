@@ -56,6 +56,8 @@ class Raster:
             when its bands differ; an ENVI header's ``data ignore value``). A map's no-data
             pixels are read as 0 (unlabelled); a cube keeps its values, and ``prepare`` takes
             a pixel whose every band is no-data as a pixel without data.
+        class_names: the names a map's file gives its class ids (an ENVI classification
+            header's ``class names``: id ``i`` is the ``i``-th name), when it gives them.
 
     A GeoTIFF's GDAL mask (an internal per-dataset mask, a ``.msk`` sidecar, or an alpha band)
     marks no data too, whether or not the file declares ``nodata``: a map reads the pixels it
@@ -71,6 +73,7 @@ class Raster:
     source: str = ""
     key: str | None = None
     nodata: float | tuple[float, ...] | None = None
+    class_names: dict[int, str] | None = None
 
 
 def read_cube(path: str | Path, key: str | None = None, *, key_option: str = "key") -> Raster:
@@ -392,7 +395,15 @@ def _read_envi(path: Path) -> Raster:
         _envi_georeferencing(image.filename, header) if "map info" in fields else (None, None)
     )
     nodata = _envi_ignore_value(fields, header)
-    return Raster(data, wavelengths=wavelengths, crs=crs, transform=transform, nodata=nodata)
+    names = fields.get("class names")
+    return Raster(
+        data,
+        wavelengths=wavelengths,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        class_names=dict(enumerate(map(str, names))) if isinstance(names, list) else None,
+    )
 
 
 def _envi_georeferencing(
