@@ -258,10 +258,8 @@ def evaluate_seeds(
             f"head `{saved.meta['name']}` chooses among context families on each split: give "
             "`context=CONTEXT.zarr`"
         )
-    return refit_over_seeds(
-        inputs, saved.meta["name"], saved.meta["params"], seeds, selection=selection,
-        progress=progress,
-    )  # fmt: skip
+    name, params = saved.meta["name"], saved.meta["params"]
+    return refit_over_seeds(inputs, name, params, seeds, selection=selection, progress=progress)
 
 
 METRICS_FORMAT = "hsicache-metrics/1"

@@ -37,6 +37,7 @@ from pipeline.errors import ConfigError, StoreError
 from pipeline.features.config import ContextConfig
 from pipeline.io.storage import Location
 from pipeline.io.store import describe_codecs, jsonable, package_versions, sha256_arrays
+from pipeline.scene.render import fill_no_data
 
 __all__ = [
     "CONTEXT_FORMAT",
@@ -140,7 +141,7 @@ def emp_family(
     filled in there make no plateau of their own that openings and closings would spread."""
     from skimage.morphology import dilation, disk, erosion, reconstruction
 
-    pcs = pcs if valid is None else _nearest_valid(pcs, valid)
+    pcs = pcs if valid is None else fill_no_data(pcs, ~valid)
     layers = []
     for c in range(n_components):
         image = np.ascontiguousarray(pcs[..., c], dtype=np.float64)
@@ -197,16 +198,6 @@ def slic_family(
         axis=-1,
     )
     return np.where(inside[..., None], means[segments], pcs).astype(np.float32)
-
-
-def _nearest_valid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """``values`` with each invalid pixel's replaced by its nearest valid pixel's."""
-    from scipy import ndimage
-
-    if valid.all() or not valid.any():
-        return values
-    nearest = ndimage.distance_transform_edt(~valid, return_distances=False, return_indices=True)
-    return values[nearest[0], nearest[1]]
 
 
 def context_features(

@@ -70,8 +70,8 @@ def plot_scene_preview(scene: Scene) -> Figure:
     if scene.no_data is not None:
         shown[scene.no_data] = low = -1
         steps, title = [[0.0, 0.0, 0.0], *steps], title + ", black = no data"
-    ax_lab.imshow(shown, cmap=ListedColormap(np.vstack(steps)), vmin=low,
-                  vmax=scene.n_classes + 1, interpolation="nearest")  # fmt: skip
+    cmap = ListedColormap(np.vstack(steps))
+    ax_lab.imshow(shown, cmap=cmap, vmin=low, vmax=scene.n_classes + 1, interpolation="nearest")
     ax_lab.set_title(title, fontsize=9)
     handles = [
         _patch(colors[k], f"{scene.class_ids[k]} {scene.class_names[k]}")

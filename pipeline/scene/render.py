@@ -56,16 +56,16 @@ class Rendering:
         return d
 
 
-def fill_no_data(rgb: np.ndarray, empty: np.ndarray) -> np.ndarray:
-    """``rgb`` with each pixel of ``empty`` showing its nearest pixel with data (scipy's
-    distance transform): a filled value would otherwise be a flat patch with edges that the
-    backbone's features of the pixels around it respond to."""
+def fill_no_data(values: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """``values`` ``(H, W, ...)`` with each pixel of ``empty`` taking its nearest pixel with
+    data's values (scipy's distance transform), so no filled value reaches what is computed
+    from them: the backbone's features around a hole in the rendering, a context window."""
     from scipy import ndimage
 
     if not empty.any() or empty.all():
-        return rgb
+        return values
     nearest = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
-    return rgb[nearest[0], nearest[1]]
+    return values[nearest[0], nearest[1]]
 
 
 def check_rendering_options(
