@@ -10,6 +10,7 @@ import typer
 from stages._errors import run_app, user_errors
 from stages._options import (
     DEBUG_OPTION,
+    PARAMS_OPTION,
     SCENE_OPTION,
     SEEDS_OPTION,
     STORE_HELP,
@@ -42,6 +43,7 @@ def probe(
     ),
     out: Path | None = typer.Option(None, "--out", help="JSON file of the ranking to write."),
     as_json: bool = typer.Option(False, "--json", help="Print the ranking as JSON only."),
+    params: Path | None = PARAMS_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Rank every cached (timestep, site) array and context family, alone and in the best

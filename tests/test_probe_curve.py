@@ -131,6 +131,21 @@ class TestProbe:
         assert result.exit_code == 2 and culprit in result.stderr, result.output
         assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
 
+    def test_params_section_gives_its_options(self, runner, stores, tmp_path):
+        """`probe:` in a params file sets its options, as every pipeline command's section."""
+        params = tmp_path / "params.yaml"
+        params.write_text("probe:\n  seeds: [0]\n  pairs_of: 0\n")
+        args = ["probe", "--scene", str(stores["scene"]), "--context", str(stores["ctx"]),
+                "--params", str(params), "--json"]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.stdout)
+        assert body["protocol"]["seeds"] == [0]
+        assert not [r for r in body["rows"] if "+" in r["selection"]]  # no pairs
+        params.write_text("probe:\n  folds: 1\n")
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "--folds" in result.stderr, result.output
+
     def test_nothing_to_probe(self, runner, stores):
         result = runner.invoke(app, ["probe", "--scene", str(stores["scene"])])
         assert result.exit_code == 2 and "nothing to probe" in result.stderr

@@ -358,7 +358,7 @@ def pretrain(
     Args:
         out: the backbone folder to write.
         config: the recipe and how it runs (:class:`~pipeline.backbone.config.PretrainConfig`;
-            its defaults finish in about 7 minutes on two CPU cores with AVX-512).
+            its defaults finish in about 11 minutes on two CPU cores with AVX-512).
         images, scene, builtin_photos: the training images (see :func:`load_photos`).
         shipped: instead of training, write hsicache's shipped backbone of this name
             (``natural-s``: trained by this function with the recipe in its ``pretrain.json``),

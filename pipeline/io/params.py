@@ -21,6 +21,7 @@ SECTIONS = (
     "predict",
     "compare",
     "curve",
+    "probe",
     "suggest",
     "heads",
 )
