@@ -239,3 +239,49 @@ def test_a_bad_recipe_is_refused_before_the_first_fit(stores, command):
             inputs = open_inputs(stores["scene"], None, stores["ctx"])
             label_curve(inputs, heads, [2], [0, 1], lambda k, n: fits.append(k))
     assert fits == []  # `logreg`, first in the table, was never fitted
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory) -> dict[str, Path]:
+    """The tiny scene with the Augsburg-style official masks, and its context store."""
+    d, scenes = tmp_path_factory.mktemp("official"), Path(__file__).parent / "data" / "scenes"
+    prepare(out=d / "scene.zarr", cube=scenes / "tiny.npy", train_mask=scenes / "TrainImage.mat",
+            test_mask=scenes / "TestImage.mat")  # fmt: skip
+    cfg = ContextConfig(components=3, windows=(3,), emp_components=0, slic_sizes=())
+    write_context(scene=d / "scene.zarr", out=d / "ctx.zarr", config=cfg)
+    return {"scene": d / "scene.zarr", "ctx": d / "ctx.zarr"}
+
+
+class TestOfficialSplit:
+    """Seeds cannot re-draw an official split: every command that takes seeds says what they
+    did instead, as a warning and in its protocol card."""
+
+    def _run(self, runner, official, tmp_path, *args):
+        params = tmp_path / "params.yaml"
+        params.write_text("heads:\n  ctx: {kind: logreg, use: spectral, context: [mean3]}\n")
+        recipes = [] if args[0] == "probe" else ["--params", str(params)]
+        result = runner.invoke(app, [*args, "--scene", str(official["scene"]), "--context",
+                                     str(official["ctx"]), *recipes, "--json"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result
+
+    def test_compare_says_seeds_vary_only_the_heads(self, runner, official, tmp_path):
+        md = tmp_path / "t.md"
+        args = ["compare", "--heads", "ctx", "--seeds", "0,1", "--markdown", str(md)]
+        result = self._run(runner, official, tmp_path, *args)
+        assert result.stderr.count("warning: the scene's split is official and fixed") == 1
+        assert "Note: the scene's split is official and fixed" in md.read_text()
+        one = self._run(runner, official, tmp_path, "compare", "--heads", "ctx", "--seeds", "0")
+        assert "warning" not in one.stderr  # one seed: nothing to say
+
+    def test_curve_says_it_draws_from_every_labelled_pixel(self, runner, official, tmp_path):
+        args = ["curve", "--heads", "ctx", "--per-class", "1,2", "--seeds", "0,1",
+                "--out", str(tmp_path / "c.json")]  # fmt: skip
+        result = self._run(runner, official, tmp_path, *args)
+        assert result.stderr.count("official split is not used") == 1  # once, not per count
+        note = json.loads((tmp_path / "c.json").read_text())["protocol"]["split_note"]
+        assert "train and test pixels together" in note
+
+    def test_probe_warns_that_its_folds_lie_together(self, runner, official, tmp_path):
+        result = self._run(runner, official, tmp_path, "probe", "--seeds", "0", "--folds", "2")
+        assert "train pixels lie together" in result.stderr

@@ -140,7 +140,7 @@ def compare_heads(
     Returns:
         ``{"protocol": protocol card, "rows": [one dict per head with COMPARE_KEYS...]}``.
     """
-    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds
+    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds, warn_split
     from pipeline.heads.training import open_inputs
 
     if not heads:
@@ -158,6 +158,7 @@ def compare_heads(
             done[0] += 1
             progress(done[0], total)
 
+    warn_split(inputs.scene, seeds)
     rows, protocol = [], None
     for name, params in heads.items():
         started = time.perf_counter()
@@ -285,6 +286,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         + (f", {card['per_class']} labels per class" if card.get("per_class") else "")
         + (f", buffer {card['buffer']} px" if card["split"] == "blocks" else "")
         + f"; seeds {', '.join(map(str, card['seeds']))}; OA / AA / kappa in %, mean ± std.",
+        *([f"Note: {card['split_note']}."] if card.get("split_note") else []),
         f"Model selection: {card['model_selection']}.",
         "Differences are paired: both heads were fitted and scored on the same split of each "
         "seed; mean ± std of the per-seed differences, and on how many seeds the head came out "

@@ -36,7 +36,7 @@ def label_curve(
     Returns:
         ``{"rows": [...CURVE_KEYS, per_seed_oa], "protocol": the card of the last fit}``.
     """
-    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds
+    from pipeline.evaluation.scoring import check_recipe, refit_over_seeds, warn_split
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
@@ -49,6 +49,7 @@ def label_curve(
         _check_count(inputs.scene, seeds, n)
     for name, params in heads.items():  # and so does a bad recipe
         check_recipe(inputs, name, params)
+    warn_split(inputs.scene, seeds, counts[0])
     total, done, rows, protocol = len(heads) * len(counts) * len(seeds), [0], [], {}
 
     def step(k: int, n: int) -> None:

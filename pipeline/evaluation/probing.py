@@ -14,13 +14,14 @@ flags.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, HsicacheWarning
 from pipeline.utils.checks import check_int, check_seed
 
 __all__ = [
@@ -168,9 +169,12 @@ def probe(
         ``rows`` (best first; :data:`PROBE_KEYS`), ``recommended`` (:func:`recommend`) and
         ``protocol``.
     """
-    from pipeline.evaluation.scoring import protocol_card
+    from pipeline.evaluation.scoring import protocol_card, split_note
 
     _check_probe(inputs, seeds, per_class, folds, pairs_of)
+    notes = [split_note(inputs.scene, seeds, per_class), _clustered_note(inputs.scene, per_class)]
+    for note in filter(None, notes):
+        warnings.warn(note, HsicacheWarning, stacklevel=2)
     rows, cols, y, splits = _draws(inputs.scene, seeds, per_class)
     singles = candidates(inputs)
     blocks = {c.name: _columns(inputs, c, rows, cols) for c in singles}
@@ -195,11 +199,27 @@ def probe(
     card = protocol_card(inputs.scene, seeds)
     if per_class is not None:
         card["per_class"] = per_class
+    if notes[0]:
+        card["split_note"] = notes[0]
     card["ranking"] = (
         f"{folds}-fold stratified cross-validation of a linear probe on the train pixels alone; "
         "test_oa is reported beside it and never ranks"
     )
     return {"rows": rows_out, "recommended": recommend(rows_out), "protocol": card}
+
+
+def _clustered_note(sc: Any, per_class: int | None) -> str | None:
+    """A warning for a split whose train pixels lie together (``official`` fields, ``blocks``):
+    cross-validation among them rates what neighbouring pixels share (wide context, diffusion
+    features) higher than the test pixels, which lie elsewhere, will."""
+    protocol = (sc.attrs.get("split") or {}).get("protocol", "per-class")
+    if protocol == "blocks" or (protocol == "official" and per_class is None):
+        return (
+            f"on a {protocol} split the train pixels lie together, and cross-validation among "
+            "them favours what neighbouring pixels share (wide context windows, diffusion "
+            "features), which may not carry over to test pixels that lie elsewhere"
+        )
+    return None
 
 
 def _check_probe(

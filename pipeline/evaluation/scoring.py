@@ -8,6 +8,7 @@ not the scene size.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, HsicacheWarning
 from pipeline.evaluation.metrics import (
     classification_metrics,
     plot_confusion,
@@ -53,6 +54,8 @@ __all__ = [
     "protocol_card",
     "refit_over_seeds",
     "resplit",
+    "split_note",
+    "warn_split",
     "write_evaluation",
 ]
 
@@ -142,13 +145,49 @@ def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
 
 
 def _card(scene: Scene, seeds: Sequence[int], per_class: int | None) -> dict[str, Any]:
-    """The protocol card of splits re-drawn with ``per_class`` (when given) by :func:`resplit`."""
+    """The protocol card of splits re-drawn with ``per_class`` (when given) by :func:`resplit`,
+    with its :func:`split_note` when there is one."""
     card = protocol_card(scene, seeds)
+    note = split_note(scene, seeds, per_class)
     if per_class is not None:
         card["per_class"] = per_class
         if card["split"] != "blocks":
             card["split"] = "per-class"
+    if note:
+        card["split_note"] = note
     return card
+
+
+def split_note(scene: Scene, seeds: Sequence[int], per_class: int | None = None) -> str | None:
+    """What seeds do not do on this scene's split, for the protocol card and a warning; None
+    when each seed draws the scene's own protocol again.
+
+    An ``official`` split is fixed, so seeds vary only the heads' own seeds; a count of train
+    pixels per class on an ``official`` or ``fraction`` scene replaces its split by random
+    per-class draws from every labelled pixel, which are not spatially disjoint.
+    """
+    protocol = (scene.attrs.get("split") or {}).get("protocol", "per-class")
+    if per_class is not None and protocol in ("official", "fraction"):
+        pool = "its train and test pixels together" if protocol == "official" else "all of them"
+        return (
+            f"the scene's {protocol} split is not used: each seed draws its train pixels per "
+            f"class at random from every labelled pixel ({pool}), so train and test pixels lie "
+            "side by side"
+        )
+    if protocol == "official" and len(set(seeds)) > 1:
+        return (
+            "the scene's split is official and fixed: the seeds vary only the heads' own seeds "
+            "(initialisation, validation part), not the split"
+        )
+    return None
+
+
+def warn_split(scene: Scene, seeds: Sequence[int], per_class: int | None = None) -> None:
+    """Warn once, before a command's fits, when its seeds do not re-draw the scene's split
+    (:func:`split_note`)."""
+    note = split_note(scene, seeds, per_class)
+    if note:
+        warnings.warn(note, HsicacheWarning, stacklevel=2)
 
 
 def check_recipe(
@@ -192,6 +231,7 @@ def refit_over_seeds(
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = check_recipe(inputs, name, params, selection)
+    card = _card(sc, seeds, per_class)
     plans = [(seed, *resplit(sc, seed, per_class)) for seed in seeds]
     fits = [fit_rows(sc, train, recipe.unlabeled(), seed) for seed, train, _ in plans]
     need = sc.labels >= 0
@@ -226,7 +266,7 @@ def refit_over_seeds(
         **summarise_seeds(runs),
         "seeds": runs,
         "selection": selection.to_dict(),
-        "protocol": _card(sc, seeds, per_class),
+        "protocol": card,
     }
 
 
@@ -259,6 +299,7 @@ def evaluate_seeds(
             "`context=CONTEXT.zarr`"
         )
     name, params = saved.meta["name"], saved.meta["params"]
+    warn_split(inputs.scene, seeds)
     return refit_over_seeds(inputs, name, params, seeds, selection=selection, progress=progress)
 
 
