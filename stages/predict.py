@@ -51,7 +51,8 @@ def predict(
                               context=context_store)  # fmt: skip
     h, w = summary["shape"]
     n = summary["blocks"]
-    typer.echo(f"wrote {out} ({h}x{w}, {n} block{'' if n == 1 else 's'})")
+    also = "".join(f", {p}" for p in (png, geotiff, confidence) if p is not None)
+    typer.echo(f"wrote {out} ({h}x{w}, {n} block{'' if n == 1 else 's'}){also}")
 
 
 if __name__ == "__main__":

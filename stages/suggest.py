@@ -93,7 +93,8 @@ def suggest(
         for strategy in ("suggested", "random"):
             oa = " ".join(f"{100 * v:.1f}" for v in result[strategy]["oa_mean"])
             typer.echo(f"{strategy:<10} OA by round: {oa}")
-        typer.echo(f"gain at the end: {100 * result['gain_at_end']:+.1f} points OA -> {out}")
+        also = f", {png}" if png is not None else ""
+        typer.echo(f"gain at the end: {100 * result['gain_at_end']:+.1f} points OA -> {out}{also}")
         return
     with user_errors(debug):
         _only_with_simulate(ctx, per_class)
@@ -108,7 +109,8 @@ def suggest(
             seed=seed,
             pool=pool,
         )
-    typer.echo(f"wrote {out}: {len(result['suggestions'])} pixels to label next")
+    also = "".join(f", {p}" for p in (png, geojson) if p is not None)
+    typer.echo(f"wrote {out}{also}: {len(result['suggestions'])} pixels to label next")
 
 
 def _only_with_simulate(ctx: typer.Context, per_class: int | None) -> None:

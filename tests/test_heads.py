@@ -367,6 +367,7 @@ class TestCli:
                                      "--png", str(tmp_path / "map.png"),
                                      "--confidence", str(tmp_path / "conf.npy")])  # fmt: skip
         assert result.exit_code == 0, result.output
+        assert f"{tmp_path / 'map.png'}, {tmp_path / 'conf.npy'}" in result.stdout  # every output
         conf = np.load(tmp_path / "conf.npy")
         assert conf.min() > 0 and conf.max() <= 1
         result = runner.invoke(app, ["evaluate", *base, "--head", str(tmp_path / "film"),

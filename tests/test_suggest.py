@@ -53,6 +53,7 @@ class TestSuggest:
             runner, ambiguous, tmp_path, "--n", "12", "--png", str(tmp_path / "n.png")
         )
         assert result.exit_code == 0, result.output
+        assert f"next.csv, {tmp_path / 'n.png'}:" in result.stdout  # every output it wrote
         rows = list(csv.DictReader((tmp_path / "next.csv").open()))
         assert list(rows[0]) == ["row", "col", "x", "y", "predicted_class", "score"]
         picked = {(int(r["row"]), int(r["col"])) for r in rows}
