@@ -16,6 +16,7 @@ from stages._options import (
     SCENE_OPTION,
     parse_csv,
     parse_csv_ints,
+    progress_bar,
 )
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -89,7 +90,7 @@ def train(
     """Fit a head on the train pixels (the backbone never runs) and save it."""
     from pipeline.heads.training import train_head
 
-    with user_errors(debug):
+    with user_errors(debug), progress_bar("train") as progress:
         trained = train_head(
             scene=scene,
             cache=features,
@@ -101,6 +102,7 @@ def train(
             seed=seed,
             context_store=context_store,
             context=parse_csv(context) if context else None,
+            progress=progress,
         )
     meta = trained.meta
     typer.echo(f"wrote {out}: {meta['name']} on {meta['n_train']} pixels x "

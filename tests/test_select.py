@@ -79,9 +79,11 @@ AUTO = {
 
 class TestThroughTheTrainingLayer:
     def test_saved_head_reads_the_chosen_families(self, stores, tmp_path):
-        out = tmp_path / "auto"
+        out, steps = tmp_path / "auto", []
         trained = train_head(scene=stores["scene"], cache=None, head="auto", out=out,
-                             params=AUTO, context_store=stores["ctx"])  # fmt: skip
+                             params=AUTO, context_store=stores["ctx"],
+                             progress=lambda done, total: steps.append((done, total)))  # fmt: skip
+        assert steps == [(k, 6) for k in range(1, 7)]  # features read, 4 candidates, the refit
         chosen = trained.meta["select"]["chosen"]
         assert trained.meta["selection"]["context"] == chosen["context"]
         assert len(trained.meta["select"]["cv"]) == 4

@@ -53,9 +53,9 @@ def require_probabilities(est: Any, name: str, needed_by: str) -> None:
         )
 
 
-def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
-    """``est.fit(X, y)``, with a head's bad parameter value or failure to fit as one
-    :class:`ConfigError` naming the head (scikit-learn checks parameters before any work).
+def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str, **fit_params: Any) -> Any:
+    """``est.fit(X, y, **fit_params)``, with a head's bad parameter value or failure to fit as
+    one :class:`ConfigError` naming the head (scikit-learn checks parameters before any work).
     ``y = -1`` marks unlabelled rows (semi-supervised heads)."""
     classes = np.unique(y[y >= 0])
     if classes.size < 2:
@@ -64,7 +64,7 @@ def fit_estimator(est: Any, X: np.ndarray, y: np.ndarray, name: str) -> Any:
             "classifier needs at least two"
         )
     try:
-        return est.fit(X, y)
+        return est.fit(X, y, **fit_params)
     except InvalidParameterError as exc:
         raise ConfigError(f"bad parameter for head `{name}`: {exc}") from None
     except (ValueError, TypeError) as exc:

@@ -13,7 +13,7 @@ gives their true class, further ties by the candidates' order. Test pixels are n
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,15 +148,21 @@ class TrainCVSelect(ClassifierMixin, BaseEstimator):
             return 0.0, 0.0
         return float(np.mean(hits)), float(np.mean(probs))
 
-    def fit(self, X: Any, y: Any) -> TrainCVSelect:
+    def fit(
+        self, X: Any, y: Any, progress: Callable[[int, int], None] | None = None
+    ) -> TrainCVSelect:
+        """Cross-validate every candidate, then refit the best on every row; ``progress(done,
+        total)`` is called after each candidate's folds and after the refit."""
         X, y = np.asarray(X), np.asarray(y)
         if not self.grid:
             raise ConfigError("`select` needs at least one candidate")
         fold = self._fold_of(y)
         results = []
-        for params in self.grid:
+        for k, params in enumerate(self.grid):
             est, cols = self._candidate(params, X.shape[1])
             accuracy, probability = self._score(est, X[:, cols], y, fold)
+            if progress:
+                progress(k + 1, len(self.grid) + 1)
             results.append(
                 {"params": dict(params), "accuracy": accuracy, "probability": probability}
             )
@@ -170,6 +176,8 @@ class TrainCVSelect(ClassifierMixin, BaseEstimator):
         self.estimator_ = est.fit(X[:, self.columns_], y)
         self.classes_ = self.estimator_.classes_
         self.n_features_in_ = X.shape[1]
+        if progress:
+            progress(len(self.grid) + 1, len(self.grid) + 1)
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -514,6 +514,7 @@ def fit_head(
     timesteps: list[int] | None = None,
     sites: list[str] | None = None,
     context: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainedHead:
     """Fit head ``name`` with ``params`` on the pixels of ``train_mask``.
 
@@ -521,7 +522,8 @@ def fit_head(
     import path; default: ``name`` itself), so several configurations of one kind can coexist
     (``film_skip: {kind: film, spectral_skip: true}``), ``context``, ``timesteps`` and
     ``sites`` (what it reads; the arguments of the same names win) and for classic heads
-    ``use``.
+    ``use``. ``progress(done, total)``: the features read, then each fit (a ``select`` head's
+    candidates one by one).
     """
     check_seed("seed", seed)
     recipe = split_recipe(name, params)
@@ -533,7 +535,7 @@ def fit_head(
     rows, cols, y = fit_rows(inputs.scene, train_mask, recipe.unlabeled(), seed)
     started = time.perf_counter()
     X, (n_spec, n_ctx) = assemble(inputs, rows, cols, selection)
-    est, loop = unwrap(fit_estimator(est, X, y, name))
+    est, loop = unwrap(_fit_reporting(est, X, y, name, progress))
     pool = list(selection.context)
     est, selection, chosen = _chosen_head(est, selection)
     n_ctx = _context_width(inputs, selection)
@@ -564,6 +566,24 @@ def fit_head(
         "package_versions": package_versions(),
     }
     return TrainedHead(estimator=est, meta=meta)
+
+
+def _fit_reporting(
+    est: Any, X: np.ndarray, y: np.ndarray, name: str, progress: Callable[[int, int], None] | None
+) -> Any:
+    """:func:`fit_estimator`, reporting the features as read (one step) and then the fit: a
+    ``select`` head candidate by candidate, any other head as one step."""
+    if progress is None:
+        return fit_estimator(est, X, y, name)
+    if not isinstance(est, TrainCVSelect):
+        progress(1, 2)
+        fitted = fit_estimator(est, X, y, name)
+        progress(2, 2)
+        return fitted
+    progress(1, len(est.grid) + 2)
+    return fit_estimator(
+        est, X, y, name, progress=lambda done, total: progress(done + 1, total + 1)
+    )
 
 
 def build_head(recipe: Recipe, inputs: Inputs, selection: FeatureSelection, seed: int) -> Any:
@@ -737,11 +757,13 @@ def train_head(
     seed: int = 0,
     context_store: str | Path | None = None,
     context: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainedHead:
     """Fit one head on the scene's train pixels and save it to ``out``.
 
     ``context_store`` is the context store to read families from; ``context`` names them
-    (default: the ``context`` entry of ``params``).
+    (default: the ``context`` entry of ``params``); ``progress(done, total)`` as
+    :func:`fit_head` reports it.
     """
     read = {"scene": scene, "cache": cache, "context_store": context_store}
     check_outputs({"out": (out, HEAD)}, read)
@@ -755,6 +777,7 @@ def train_head(
         timesteps=timesteps,
         sites=sites,
         context=context,
+        progress=progress,
     )
     trained.save(out)
     return trained
