@@ -39,6 +39,28 @@ class TestPrepareCli:
         assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
         assert leftovers(tmp_path) == ["preview.png", "scene.zarr"]
 
+    def test_a_wide_scene_previews_its_panels_one_above_the_other(self, runner, tmp_path):
+        """A scene 7x wider than tall (as the Houston 2013 masks): side by side, matplotlib
+        collapsed both panels to strips and warned; stacked, each keeps the figure's width."""
+        import warnings
+
+        from pipeline.scene.plots import plot_scene_preview
+
+        rng = np.random.default_rng(0)
+        cube, labels = rng.random((12, 84, 5)), np.repeat(np.arange(1, 4), 28)[None].repeat(12, 0)
+        np.save(tmp_path / "c.npy", cube)
+        np.save(tmp_path / "gt.npy", labels)
+        out = tmp_path / "s.zarr"
+        result = _prepare(runner, "--cube", tmp_path / "c.npy", "--labels", tmp_path / "gt.npy",
+                          "--per-class", 2, "--out", out, "--preview", tmp_path / "p.png")  # fmt: skip
+        assert result.exit_code == 0 and "warning" not in result.output, result.output
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # constrained layout's "axes sizes collapsed"
+            fig = plot_scene_preview(open_scene(out))
+            fig.draw_without_rendering()
+        top, bottom = (ax.get_position() for ax in fig.axes[:2])
+        assert top.y0 > bottom.y1 and top.width > 0.8 and bottom.width > 0.8
+
     def test_envi_wavelengths_drive_the_default_rendering(self, runner, scenes, tmp_path):
         out = tmp_path / "s.zarr"
         result = _prepare(

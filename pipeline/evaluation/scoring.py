@@ -626,15 +626,16 @@ def _write_png(result: np.ndarray, sc: Scene, path: str | Path, *, title: str) -
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from pipeline.scene.plots import class_colors, save_png
+    from pipeline.scene.plots import class_colors, image_inches, save_png
 
     colors = class_colors(len(sc.class_ids))
     index = np.zeros(result.shape, dtype=np.int32)
     for i, cid in enumerate(sc.class_ids):
         index[np.asarray(result) == cid] = i
     empty = np.asarray(result) == -1  # no data: left blank
-    h, w = result.shape
-    fig, ax = plt.subplots(figsize=(min(12, 3 + w / 60), min(12, 1 + h / 60)))
+    image_w, image_h = image_inches(*result.shape)
+    rows = len(sc.class_ids) + int(empty.any())  # the legend's, on the right
+    fig, ax = plt.subplots(figsize=(image_w + 3, max(image_h + 1, 0.6 + 0.17 * rows)))
     ax.imshow(
         np.ma.masked_where(empty, index),
         cmap=ListedColormap(colors),

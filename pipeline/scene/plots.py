@@ -37,16 +37,31 @@ def class_colors(n: int) -> np.ndarray:
     return np.asarray(matplotlib.colormaps["hsv"](np.linspace(0, 1, n, endpoint=False)))[:, :3]
 
 
+def image_inches(h: int, w: int, longest: float = 9.0) -> tuple[float, float]:
+    """Width and height in inches for an ``h`` x ``w`` image: 60 pixels per inch, shrunk so
+    that its longest side is at most ``longest`` (a wide scene keeps its aspect, not a fixed
+    box)."""
+    scale = min(1 / 60, longest / max(h, w, 1))
+    return w * scale, h * scale
+
+
 def plot_scene_preview(scene: Scene) -> Figure:
     """The backbone's 3-band rendering with train pixels marked, beside the labels and test set.
 
     Left: the rendering, train pixels as class-coloured dots with a white edge. Right: the label
-    map, test pixels in full colour and everything else dimmed.
+    map, test pixels in full colour and everything else dimmed. A scene more than twice as wide
+    as tall has the two one above the other, the legend below.
     """
     h, w = scene.shape
     colors = class_colors(scene.n_classes)
-    fig = Figure(figsize=(11, 4.2 * h / max(w, 1) + 0.8), layout="constrained")
-    ax_rgb, ax_lab = fig.subplots(1, 2)
+    wide = w > 2 * h
+    if wide:
+        legend_rows = -(-scene.n_classes // 4)
+        fig = Figure(figsize=(11, 2 * 11 * h / w + 0.8 + 0.2 * legend_rows), layout="constrained")
+        ax_rgb, ax_lab = fig.subplots(2, 1)
+    else:
+        fig = Figure(figsize=(11, 4.2 * h / max(w, 1) + 0.8), layout="constrained")
+        ax_rgb, ax_lab = fig.subplots(1, 2)
     ax_rgb.imshow(scene.rgb, interpolation="nearest")
     ys, xs = np.nonzero(scene.train)
     size = 30 if ys.size < 200 else 8
@@ -77,7 +92,10 @@ def plot_scene_preview(scene: Scene) -> Figure:
         _patch(colors[k], f"{scene.class_ids[k]} {scene.class_names[k]}")
         for k in range(scene.n_classes)
     ]
-    ax_lab.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    if wide:
+        fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=7)
+    else:
+        ax_lab.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
     for ax in (ax_rgb, ax_lab):
         ax.set_xticks([])
         ax.set_yticks([])
