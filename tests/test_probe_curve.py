@@ -274,6 +274,14 @@ class TestOfficialSplit:
         one = self._run(runner, official, tmp_path, "compare", "--heads", "ctx", "--seeds", "0")
         assert "warning" not in one.stderr  # one seed: nothing to say
 
+    @pytest.mark.parametrize("command", ["compare", "curve"])
+    def test_a_bad_seed_is_one_line_without_the_warning(self, runner, official, command):
+        result = runner.invoke(app, [command, "--scene", str(official["scene"]), "--context",
+                                     str(official["ctx"]), "--heads", "svm",
+                                     "--seeds", "0,-1"])  # fmt: skip
+        assert result.exit_code == 2 and "`--seeds` must be" in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+
     def test_curve_says_it_draws_from_every_labelled_pixel(self, runner, official, tmp_path):
         args = ["curve", "--heads", "ctx", "--per-class", "1,2", "--seeds", "0,1",
                 "--out", str(tmp_path / "c.json")]  # fmt: skip
@@ -285,3 +293,31 @@ class TestOfficialSplit:
     def test_probe_warns_that_its_folds_lie_together(self, runner, official, tmp_path):
         result = self._run(runner, official, tmp_path, "probe", "--seeds", "0", "--folds", "2")
         assert "train pixels lie together" in result.stderr
+        assert "train pixels lie together" in json.loads(result.stdout)["protocol"]["cv_note"]
+        args = ["probe", "--seeds", "0,1", "--folds", "2", "--per-class", "2"]
+        card = json.loads(self._run(runner, official, tmp_path, *args).stdout)["protocol"]
+        assert card["split"] == "per-class" and "cv_note" not in card  # drawn, not clustered
+        assert "official split is not used" in card["split_note"]
+
+    def test_evaluate_seeds_warns_too(self, runner, official, tmp_path):
+        head = tmp_path / "h"
+        train = runner.invoke(app, ["train", "--scene", str(official["scene"]), "--head", "svm",
+                                    "--head-params", '{"use": "spectral"}',
+                                    "--out", str(head)])  # fmt: skip
+        assert train.exit_code == 0, train.output
+        result = runner.invoke(app, ["evaluate", "--scene", str(official["scene"]), "--head",
+                                     str(head), "--metrics", str(tmp_path / "m.json"),
+                                     "--seeds", "0,1"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "seeds vary only the heads' own seeds" in result.stderr
+
+
+def test_seeds_that_redraw_the_split_say_nothing(runner, stores, tmp_path):
+    """The default: a per-class scene, whose every seed draws its split again."""
+    for args in (["curve", "--heads", "svm", "--per-class", "2", "--seeds", "0,1"],
+                 ["probe", "--seeds", "0,1", "--folds", "2"]):  # fmt: skip
+        result = runner.invoke(app, [*args, "--scene", str(stores["scene"]), "--context",
+                                     str(stores["ctx"]), "--out", str(tmp_path / f"{args[0]}.json")])  # fmt: skip
+        assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+        out = json.loads((tmp_path / f"{args[0]}.json").read_text())
+        assert "split_note" not in out["protocol"]

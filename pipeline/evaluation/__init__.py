@@ -26,6 +26,8 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "protocol_card",
             "refit_over_seeds",
             "resplit",
+            "split_note",
+            "warn_split",
             "write_evaluation",
         ],
         "compare": [

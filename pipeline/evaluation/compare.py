@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.utils.checks import check_seeds
 
 __all__ = [
     "COMPARE_KEYS",
@@ -392,8 +393,7 @@ def run_comparison(
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,film`")
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
+    check_seeds("seeds", seeds)
     check_outputs(
         {"out": (out, METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},

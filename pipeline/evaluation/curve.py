@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
-from pipeline.utils.checks import check_int
+from pipeline.utils.checks import check_int, check_seeds
 
 __all__ = ["CURVE_KEYS", "label_curve", "plot_curve", "run_curve"]
 
@@ -135,8 +135,7 @@ def run_curve(
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
+    check_seeds("seeds", seeds)
     check_outputs(
         {"out": (out, METRICS), "csv_path": (csv_path, CURVE_CSV), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, HsicacheWarning
-from pipeline.utils.checks import check_int, check_seed
+from pipeline.utils.checks import check_int, check_seeds
 
 __all__ = [
     "PROBE_KEYS",
@@ -169,11 +169,14 @@ def probe(
         ``rows`` (best first; :data:`PROBE_KEYS`), ``recommended`` (:func:`recommend`) and
         ``protocol``.
     """
-    from pipeline.evaluation.scoring import protocol_card, split_note
+    from pipeline.evaluation.scoring import protocol_card
 
     _check_probe(inputs, seeds, per_class, folds, pairs_of)
-    notes = [split_note(inputs.scene, seeds, per_class), _clustered_note(inputs.scene, per_class)]
-    for note in filter(None, notes):
+    card = protocol_card(inputs.scene, seeds, per_class, varies=_PROBE_SEEDS)
+    clustered = _clustered_note(inputs.scene, per_class)
+    if clustered:
+        card["cv_note"] = clustered
+    for note in filter(None, (card.get("split_note"), clustered)):
         warnings.warn(note, HsicacheWarning, stacklevel=2)
     rows, cols, y, splits = _draws(inputs.scene, seeds, per_class)
     singles = candidates(inputs)
@@ -196,16 +199,15 @@ def probe(
         scored(a["candidate"] + b["candidate"]) for a, b in itertools.combinations(best, 2)
     ]
     rows_out.sort(key=lambda r: (-r["cv_mean"], r["columns"]))
-    card = protocol_card(inputs.scene, seeds)
-    if per_class is not None:
-        card["per_class"] = per_class
-    if notes[0]:
-        card["split_note"] = notes[0]
     card["ranking"] = (
         f"{folds}-fold stratified cross-validation of a linear probe on the train pixels alone; "
         "test_oa is reported beside it and never ranks"
     )
     return {"rows": rows_out, "recommended": recommend(rows_out), "protocol": card}
+
+
+#: What probe's seeds vary on a fixed split (:func:`~pipeline.evaluation.scoring.split_note`).
+_PROBE_SEEDS = "the cross-validation folds and the sample of test pixels"
 
 
 def _clustered_note(sc: Any, per_class: int | None) -> str | None:
@@ -225,10 +227,7 @@ def _clustered_note(sc: Any, per_class: int | None) -> str | None:
 def _check_probe(
     inputs: Any, seeds: Sequence[int], per_class: int | None, folds: int, pairs_of: int
 ) -> None:
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
-    for seed in seeds:
-        check_seed("seeds", seed)
+    check_seeds("seeds", seeds)
     check_int("folds", folds, low=2)
     check_int("pairs_of", pairs_of, low=0)
     if per_class is not None:

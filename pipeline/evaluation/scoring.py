@@ -44,7 +44,7 @@ from pipeline.io.outputs import CONFUSION_CSV, GEOTIFF, METRICS, NPY, check_outp
 from pipeline.io.store import all_or_nothing, atomic_output, jsonable
 from pipeline.scene.core import Scene, read_region, scene_array
 from pipeline.scene.splits import make_split
-from pipeline.utils.checks import check_seed
+from pipeline.utils.checks import check_seeds
 
 __all__ = [
     "check_recipe",
@@ -125,12 +125,20 @@ MODEL_SELECTION = (
 )
 
 
-def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
+#: What seeds vary on a fixed split, for heads refitted on it (:func:`split_note`).
+HEAD_SEEDS = "the heads' own seeds (initialisation, validation part)"
+
+
+def protocol_card(
+    scene: Scene, seeds: Sequence[int], per_class: int | None = None, varies: str = HEAD_SEEDS
+) -> dict[str, Any]:
     """How a figure was obtained: the scene (its source and image fingerprint), the split,
     labels per class, seeds, the blocks split's buffer, and how models were selected (never on
-    the test pixels)."""
+    the test pixels); for splits re-drawn with ``per_class`` train pixels per class
+    (:func:`resplit`) that count, and a ``split_note`` when the seeds do not re-draw the
+    scene's own split (:func:`split_note`)."""
     split = dict(scene.attrs.get("split") or {})
-    return {
+    card = {
         "scene": scene.attrs.get("source"),
         "image_fingerprint": scene.image_fingerprint,
         "split": split.get("protocol", "per-class"),
@@ -142,13 +150,7 @@ def protocol_card(scene: Scene, seeds: Sequence[int]) -> dict[str, Any]:
         "n_labeled": int((scene.labels >= 0).sum()),
         "model_selection": MODEL_SELECTION,
     }
-
-
-def _card(scene: Scene, seeds: Sequence[int], per_class: int | None) -> dict[str, Any]:
-    """The protocol card of splits re-drawn with ``per_class`` (when given) by :func:`resplit`,
-    with its :func:`split_note` when there is one."""
-    card = protocol_card(scene, seeds)
-    note = split_note(scene, seeds, per_class)
+    note = split_note(scene, seeds, per_class, varies)
     if per_class is not None:
         card["per_class"] = per_class
         if card["split"] != "blocks":
@@ -158,34 +160,38 @@ def _card(scene: Scene, seeds: Sequence[int], per_class: int | None) -> dict[str
     return card
 
 
-def split_note(scene: Scene, seeds: Sequence[int], per_class: int | None = None) -> str | None:
-    """What seeds do not do on this scene's split, for the protocol card and a warning; None
+def split_note(
+    scene: Scene, seeds: Sequence[int], per_class: int | None = None, varies: str = HEAD_SEEDS
+) -> str | None:
+    """What seeds do not do on an ``official`` split, for the protocol card and a warning; None
     when each seed draws the scene's own protocol again.
 
-    An ``official`` split is fixed, so seeds vary only the heads' own seeds; a count of train
-    pixels per class on an ``official`` or ``fraction`` scene replaces its split by random
-    per-class draws from every labelled pixel, which are not spatially disjoint.
+    An official split is fixed, so the seeds vary only ``varies``; with a count of train pixels
+    per class it is replaced by random per-class draws from every labelled pixel, which are not
+    spatially disjoint as the official split may be.
     """
-    protocol = (scene.attrs.get("split") or {}).get("protocol", "per-class")
-    if per_class is not None and protocol in ("official", "fraction"):
-        pool = "its train and test pixels together" if protocol == "official" else "all of them"
+    if (scene.attrs.get("split") or {}).get("protocol") != "official":
+        return None
+    if per_class is not None:
         return (
-            f"the scene's {protocol} split is not used: each seed draws its train pixels per "
-            f"class at random from every labelled pixel ({pool}), so train and test pixels lie "
-            "side by side"
+            "the scene's official split is not used: each seed draws its train pixels per class "
+            "at random from every labelled pixel (its train and test pixels together), so train "
+            "and test pixels lie side by side"
         )
-    if protocol == "official" and len(set(seeds)) > 1:
+    if len(set(seeds)) > 1:
         return (
-            "the scene's split is official and fixed: the seeds vary only the heads' own seeds "
-            "(initialisation, validation part), not the split"
+            f"the scene's split is official and fixed: the seeds vary only {varies}, not the split"
         )
     return None
 
 
-def warn_split(scene: Scene, seeds: Sequence[int], per_class: int | None = None) -> None:
+def warn_split(
+    scene: Scene, seeds: Sequence[int], per_class: int | None = None, varies: str = HEAD_SEEDS
+) -> None:
     """Warn once, before a command's fits, when its seeds do not re-draw the scene's split
-    (:func:`split_note`)."""
-    note = split_note(scene, seeds, per_class)
+    (:func:`split_note`); bad seeds are refused first, alone."""
+    check_seeds("seeds", seeds)
+    note = split_note(scene, seeds, per_class, varies)
     if note:
         warnings.warn(note, HsicacheWarning, stacklevel=2)
 
@@ -224,14 +230,11 @@ def refit_over_seeds(
     seeds; ``selection``
     fixes what the head reads (default: what its recipe names, all cached arrays).
     """
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
-    for seed in seeds:
-        check_seed("seeds", seed)
+    check_seeds("seeds", seeds)
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = check_recipe(inputs, name, params, selection)
-    card = _card(sc, seeds, per_class)
+    card = protocol_card(sc, seeds, per_class)
     plans = [(seed, *resplit(sc, seed, per_class)) for seed in seeds]
     fits = [fit_rows(sc, train, recipe.unlabeled(), seed) for seed, train, _ in plans]
     need = sc.labels >= 0
@@ -287,8 +290,7 @@ def evaluate_seeds(
     and seeds the head. The features of every labeled pixel are read once and shared by all
     seeds; the backbone never runs.
     """
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
+    check_seeds("seeds", seeds)
     inputs = open_inputs(scene, cache, context)
     saved = load_head(head)
     saved.check_inputs(inputs, same_split=False)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.utils.checks import check_int, check_seed
+from pipeline.utils.checks import check_int, check_seed, check_seeds
 
 __all__ = [
     "choose",
@@ -35,6 +35,8 @@ __all__ = [
 ]
 
 _PCA = 16  # dimensions of the diversity space
+#: What the simulation's seeds vary on a fixed split (see scoring.split_note).
+_SIMULATION_SEEDS = "the halves of the test pixels (one the loop may label, one that scores it)"
 
 
 def _fit(
@@ -203,15 +205,12 @@ def simulate(
         ``{"labels": [train pixels after each round], "suggested"/"random": {"oa_mean": [...],
         "oa_std": [...], "per_seed": [[...]]}, "protocol": ...}``; round 0 is the start.
     """
-    from pipeline.evaluation.scoring import protocol_card, resplit
+    from pipeline.evaluation.scoring import protocol_card, resplit, warn_split
     from pipeline.heads.training import split_recipe
 
     check_int("n", n, low=1)
     check_int("simulate", rounds, low=1)
-    if not seeds:
-        raise ConfigError("`seeds` needs at least one seed")
-    for s in seeds:
-        check_seed("seeds", s)
+    check_seeds("seeds", seeds)
     sc = inputs.scene
     recipe = split_recipe(name, params)
     selection = recipe.selection(inputs, name)
@@ -238,8 +237,9 @@ def simulate(
         for strategy, runs in curves.items():
             loop = _Loop(inputs, name, params, selection, oracle, scoring, seed)
             runs.append(loop.run(strategy, start.copy(), n, rounds, tick))
+    warn_split(sc, seeds, per_class, varies=_SIMULATION_SEEDS)  # after the checks on each split
     return _loop_summary(curves, start_sizes, n, rounds) | {
-        "protocol": protocol_card(sc, seeds)
+        "protocol": protocol_card(sc, seeds, per_class, varies=_SIMULATION_SEEDS)
         | {
             "per_class_start": per_class,
             "scoring": "OA on a fixed, seeded half of each split's test pixels that is never "

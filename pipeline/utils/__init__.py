@@ -11,7 +11,14 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=["checks", "config", "devices"],
     submod_attrs={
-        "checks": ["check_choice", "check_int", "check_number", "check_seed", "counted"],
+        "checks": [
+            "check_choice",
+            "check_int",
+            "check_number",
+            "check_seed",
+            "check_seeds",
+            "counted",
+        ],
         "config": ["StageConfig"],
         "devices": ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype"],
     },

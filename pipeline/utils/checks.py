@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pipeline.errors import ConfigError
 
-__all__ = ["check_choice", "check_int", "check_number", "check_seed", "counted"]
+__all__ = [
+    "check_choice",
+    "check_int",
+    "check_number",
+    "check_seed",
+    "check_seeds",
+    "counted",
+]
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
@@ -58,6 +65,13 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 def check_seed(name: str, value: Any) -> int:
     """A random seed: a whole number from 0 to 2**32 - 1 (what NumPy and torch both take)."""
     return check_int(name, value, low=0, high=2**32 - 1)
+
+
+def check_seeds(name: str, values: Sequence[Any]) -> list[int]:
+    """Split seeds: at least one, each a :func:`check_seed`."""
+    if not values:
+        raise ConfigError(f"`{name}` needs at least one seed")
+    return [check_seed(name, v) for v in values]
 
 
 def _range(low: int | None, high: int | None) -> str:
