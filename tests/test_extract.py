@@ -451,8 +451,14 @@ def _small_chunked_cache(scene, tmp_path, until=None):
 class TestCacheCommands:
     def test_info_and_verify(self, runner, scene, tmp_path):
         out = tmp_path / "c.zarr"
-        extract_features(
-            scene=scene, backbone="builtin:tiny", timesteps=[0], sites=SITES, out=out, stride=16
+        extract_features(  # fp32 fixed: `auto` takes bf16 on a CPU with native bf16
+            scene=scene,
+            backbone="builtin:tiny",
+            timesteps=[0],
+            sites=SITES,
+            out=out,
+            stride=16,
+            dtype="fp32",
         )
         info = runner.invoke(app, ["cache", "info", str(out), "--json"])
         assert info.exit_code == 0, info.output
