@@ -149,8 +149,9 @@ def user_errors(debug: bool, *, resumable: bool = False) -> Iterator[None]:
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, **_kw: Any) -> None:
-    """A warning as one line on stderr (Python's default adds a line of source)."""
-    text = str(message).splitlines()[0] if str(message) else category.__name__
+    """A warning as one line on stderr (Python's default adds a line of source), in the
+    command line's words (:func:`in_flags`)."""
+    text = in_flags(str(message).splitlines()[0]) if str(message) else category.__name__
     typer.echo(f"warning: {text}", err=True)
 
 

@@ -98,6 +98,18 @@ class TestPrepareCli:
         train_ref = np.load(scenes / "tiny_gt.npy") * (np.arange(10) % 3 == 0)
         np.testing.assert_array_equal(scene.train, train_ref > 0)
         assert scene.attrs["split"]["protocol"] == "official"
+        assert "warning" not in result.stderr
+
+    def test_masks_with_another_split_warn_that_theirs_is_dropped(self, runner, scenes, tmp_path):
+        """A params file's `split: per-class` beside masks re-splits their labels: say so."""
+        result = _prepare(
+            runner, "--cube", scenes / "tiny.npy", "--train-mask", scenes / "TrainImage.mat",
+            "--test-mask", scenes / "TestImage.mat", "--split", "per-class", "--per-class", 2,
+            "--out", tmp_path / "s.zarr",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "warning: `--split per-class` draws a new split" in result.stderr
+        assert "`--split official` keeps theirs" in result.stderr
 
     def test_fingerprint_follows_the_split_image_fingerprint_does_not(
         self, runner, scenes, tmp_path

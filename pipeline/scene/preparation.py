@@ -292,6 +292,13 @@ def _split(
     protocol = cfg.split or ("official" if masks is not None else "per-class")
     if protocol == "official" and masks is None:
         raise ConfigError("`split=official` needs `train_mask` and `test_mask`")
+    if masks is not None and protocol != "official":
+        warnings.warn(
+            f"`split={protocol}` draws a new split from the labels of `train_mask` and "
+            "`test_mask` together; `split=official` keeps theirs",
+            HsicacheWarning,
+            stacklevel=3,
+        )
     counted = protocol in ("per-class", "blocks")
     train, test = make_split(
         protocol,
