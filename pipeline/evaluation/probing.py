@@ -214,7 +214,7 @@ def _clustered_note(sc: Any, per_class: int | None) -> str | None:
     """A warning for a split whose train pixels lie together (``official`` fields, ``blocks``):
     cross-validation among them rates what neighbouring pixels share (wide context, diffusion
     features) higher than the test pixels, which lie elsewhere, will."""
-    protocol = (sc.attrs.get("split") or {}).get("protocol", "per-class")
+    protocol = sc.split_protocol
     if protocol == "blocks" or (protocol == "official" and per_class is None):
         return (
             f"on a {protocol} split the train pixels lie together, and cross-validation among "

@@ -88,7 +88,7 @@ def evaluate(
     actual, predicted = _test_predictions(trained, inputs, inputs.scene.test)
     metrics = classification_metrics(actual, predicted, inputs.scene.class_names)
     metrics["head"] = trained.meta["name"]
-    split_seed = (inputs.scene.attrs.get("split") or {}).get("seed")
+    split_seed = inputs.scene.split_record.get("seed")
     metrics["protocol"] = protocol_card(inputs.scene, [] if split_seed is None else [split_seed])
     metrics["protocol"]["head_seed"] = int(trained.meta["seed"])
     return metrics, actual, predicted
@@ -98,8 +98,7 @@ def resplit(scene: Scene, seed: int, per_class: int | None = None) -> tuple[np.n
     """The scene's own split protocol drawn again with ``seed`` (``official``: unchanged), or
     with ``per_class`` train pixels per class instead of the scene's count (an ``official`` or
     ``fraction`` split is then drawn ``per-class``; ``blocks`` stays blocks)."""
-    split = scene.attrs.get("split") or {}
-    protocol = split.get("protocol", "per-class")
+    split, protocol = scene.split_record, scene.split_protocol
     if per_class is not None and protocol != "blocks":
         protocol = "per-class"
     if protocol == "official":
@@ -137,11 +136,11 @@ def protocol_card(
     the test pixels); for splits re-drawn with ``per_class`` train pixels per class
     (:func:`resplit`) that count, and a ``split_note`` when the seeds do not re-draw the
     scene's own split (:func:`split_note`)."""
-    split = dict(scene.attrs.get("split") or {})
+    split = scene.split_record
     card = {
         "scene": scene.attrs.get("source"),
         "image_fingerprint": scene.image_fingerprint,
-        "split": split.get("protocol", "per-class"),
+        "split": scene.split_protocol,
         "per_class": split.get("per_class"),
         "fraction": split.get("fraction"),
         "block_size": split.get("block_size"),
@@ -170,7 +169,7 @@ def split_note(
     per class it is replaced by random per-class draws from every labelled pixel, which are not
     spatially disjoint as the official split may be.
     """
-    if (scene.attrs.get("split") or {}).get("protocol") != "official":
+    if scene.split_protocol != "official":
         return None
     if per_class is not None:
         return (

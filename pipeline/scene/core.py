@@ -92,6 +92,17 @@ class Scene:
         return np.ones(self.shape, bool) if self.no_data is None else ~self.no_data
 
     @property
+    def split_record(self) -> dict[str, Any]:
+        """How ``prepare`` drew the split (``protocol``, ``seed``, ``per_class``, ...; empty for
+        a scene made without one), a copy."""
+        return dict(self.attrs.get("split") or {})
+
+    @property
+    def split_protocol(self) -> str:
+        """The split's protocol: official, per-class, fraction or blocks."""
+        return str(self.split_record.get("protocol", "per-class"))
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the arrays held in memory (a lazy ``cube``/``rgb`` counts nothing)."""
         return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
