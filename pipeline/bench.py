@@ -41,11 +41,13 @@ __all__ = [
     "CONTEXT_KEYS",
     "EXTRACT_KEYS",
     "HEADS_KEYS",
+    "PREPARE_KEYS",
     "PROPAGATE_HEAD",
     "PROPAGATE_KEYS",
     "bench_context",
     "bench_extract",
     "bench_heads",
+    "bench_prepare",
     "bench_propagate",
     "default_site",
     "extraction_seconds",
@@ -588,6 +590,65 @@ def bench_context(
             "config": cfg.to_dict(),
         },
     }
+
+
+PREPARE_KEYS = ("seconds", "peak_rss_gb", "cube_gb", "peak_to_cube")
+
+
+def bench_prepare(*, size: int = 1000, bands: int = 224) -> dict[str, Any]:
+    """Time :func:`pipeline.scene.preparation.prepare` and measure its peak memory.
+
+    The cube is a synthetic ``size`` x ``size`` x ``bands`` int16 ``.npy`` file (counts, as a
+    sensor's file holds them) with a label map and no wavelengths; writing them is not timed.
+    ``prepare`` (reading, checks, split, the ``pca`` rendering, which reads the whole cube
+    twice, the preview, the store) runs in a fresh child process (``spawn``): ``peak_rss_gb``
+    is that child's own peak resident memory, interpreter and imports included, and
+    ``peak_to_cube`` its ratio to the float32 cube the store holds (``cube_gb``).
+
+    Returns:
+        :data:`PREPARE_KEYS` figures and ``details`` (shape, rendering).
+    """
+    import multiprocessing as mp
+
+    from pipeline.scene.synthetic import make_synthetic_scene
+    from pipeline.utils.checks import check_int
+
+    check_int("size", size, low=16)
+    check_int("bands", bands, low=3)
+    with tempfile.TemporaryDirectory(prefix="hsicache-bench-prepare-") as tmp:
+        work = Path(tmp)
+        synth = make_synthetic_scene(size, size, bands, seed=0, region_size=48)
+        low, high = float(synth.cube.min()), float(synth.cube.max())
+        counts = (synth.cube - low) * (8000.0 / max(high - low, 1e-12))
+        np.save(work / "cube.npy", counts.astype(np.int16))
+        np.save(work / "labels.npy", synth.labels)
+        del synth, counts
+        with mp.get_context("spawn").Pool(1) as pool:
+            seconds, rss = pool.apply(_prepare_child, (str(work),))
+    cube_gb = size * size * bands * 4 / 2**30
+    return {
+        "seconds": seconds,
+        "peak_rss_gb": rss / 2**30,
+        "cube_gb": cube_gb,
+        "peak_to_cube": rss / 2**30 / cube_gb,
+        "details": {"shape": [size, size, bands], "source_dtype": "int16", "rgb_mode": "pca"},
+    }
+
+
+def _prepare_child(work: str) -> tuple[float, int]:
+    """In the child: ``prepare`` with a preview, its wall seconds and peak resident bytes."""
+    from pipeline.scene.preparation import prepare
+
+    started = time.perf_counter()
+    prepare(
+        out=Path(work) / "scene.zarr",
+        preview=Path(work) / "scene.png",
+        cube=Path(work) / "cube.npy",
+        labels=Path(work) / "labels.npy",
+        per_class=5,
+        rgb_mode="pca",
+    )
+    return time.perf_counter() - started, _peak_rss()
 
 
 PROPAGATE_KEYS = ("train_seconds", "evaluate_seconds", "peak_rss_gb", "oa")

@@ -645,3 +645,17 @@ def test_an_envi_classification_names_its_classes(scenes, tmp_path):
     given = build_scene(cube=scenes / "tiny_bsq.hdr", labels=tmp_path / "gt.hdr", per_class=1,
                         class_names=["a", "b", "c"])  # fmt: skip
     assert given.class_names == ["a", "b", "c"]  # --class-names wins
+
+
+def test_bench_prepare_prints_its_figures(runner):
+    """`hsicache bench prepare` on a tiny synthetic cube: seconds and the child's peak memory
+    (the figures themselves are for the benchmark run, docs/results.md)."""
+    import json
+
+    result = runner.invoke(app, ["bench", "prepare", "--size", "24", "--bands", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.output)
+    assert set(rep) == {"seconds", "peak_rss_gb", "cube_gb", "peak_to_cube"}
+    assert rep["seconds"] > 0 and rep["peak_rss_gb"] > 0
+    assert rep["cube_gb"] == pytest.approx(24 * 24 * 6 * 4 / 2**30)
+    assert rep["peak_to_cube"] == pytest.approx(rep["peak_rss_gb"] / rep["cube_gb"])

@@ -51,3 +51,33 @@ class TestRenderRgb:
     def test_bad_gamma(self, cube):
         with pytest.raises(ConfigError, match=r"`gamma` must be a finite number > 0, got 0"):
             render_rgb(cube, mode="pca", gamma=0)
+
+
+class TestBoundedMemory:
+    """The whole-cube statistics read blocks of rows and give numpy's whole-array bits."""
+
+    @pytest.mark.parametrize("block", [7, 64, 10**6])
+    def test_column_moments_equal_numpy(self, block):
+        from pipeline.utils.arrays import column_moments
+
+        rng = np.random.default_rng(3)
+        x = (rng.standard_normal((1000, 5)) * 300 + 40).astype(np.float32)
+        keep = rng.random(1000) > 0.2
+        for rows, kept in ((x, None), (x[keep], keep)):
+            mean, std = column_moments(x, kept, block=block)
+            assert np.array_equal(mean, rows.mean(axis=0, dtype=np.float64))
+            assert np.array_equal(std, rows.std(axis=0, dtype=np.float64))
+
+    def test_pca_rendering_in_blocks_equals_one_block(self, cube, monkeypatch):
+        import pipeline.scene.render as render
+        import pipeline.utils.arrays as arrays
+
+        holes = np.zeros(cube.shape[:2], dtype=bool)
+        holes[2:5, 3:9] = True
+        whole = [render_rgb(cube, mode="pca", valid=v)[0] for v in (None, ~holes)]
+        monkeypatch.setattr(render, "BLOCK_ROWS", 11)  # 320 rows in 30 blocks
+        monkeypatch.setattr(arrays, "BLOCK_ROWS", 11)
+        monkeypatch.setattr(arrays.column_moments, "__kwdefaults__", {"block": 11})
+        blocks = [render_rgb(cube, mode="pca", valid=v)[0] for v in (None, ~holes)]
+        for a, b in zip(whole, blocks, strict=True):
+            assert np.array_equal(a, b)

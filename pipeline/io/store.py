@@ -236,7 +236,7 @@ def sha256_arrays(*parts: np.ndarray | dict | str) -> str:
         if isinstance(part, np.ndarray):
             arr = np.ascontiguousarray(part)
             h.update(f"{arr.dtype.str}{arr.shape}".encode())
-            h.update(arr.tobytes())
+            h.update(arr.reshape(-1).view(np.uint8))  # the bytes, not a copy of them
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()

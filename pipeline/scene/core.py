@@ -35,6 +35,7 @@ from pipeline.io.outputs import SCENE as SCENE_OUTPUT
 from pipeline.io.outputs import check_output
 from pipeline.io.storage import Location, publish_folder
 from pipeline.io.store import atomic_output, jsonable, package_versions, sha256_arrays
+from pipeline.utils.arrays import column_moments
 
 __all__ = [
     "SCENE_FORMAT",
@@ -165,7 +166,7 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
 
     h, w, b = scene.cube.shape
     wl = scene.wavelengths if scene.wavelengths is not None else np.full(b, np.nan)
-    cube = scene.cube.astype(np.float32)
+    cube = np.asarray(scene.cube, dtype=np.float32)  # a copy only if it is not float32
     band_mean, band_std = _band_statistics(cube, scene.no_data)
     attrs = dict(scene.attrs)
     attrs.update(
@@ -221,10 +222,8 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
 
 def _band_statistics(cube: np.ndarray, no_data: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Each band's mean and std over the pixels with data (not over the values filled in)."""
-    spectra = cube.reshape(-1, cube.shape[-1])
-    if no_data is not None:
-        spectra = spectra[~no_data.ravel()]
-    return spectra.mean(axis=0, dtype=np.float64), spectra.std(axis=0, dtype=np.float64)
+    keep = None if no_data is None else ~no_data.ravel()
+    return column_moments(cube.reshape(-1, cube.shape[-1]), keep)  # no float64 copy of the cube
 
 
 def open_scene(

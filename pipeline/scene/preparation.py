@@ -24,6 +24,7 @@ from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, wri
 from pipeline.scene.readers import Raster, read_cube, read_map
 from pipeline.scene.render import Rendering, render_rgb
 from pipeline.scene.splits import encode_labels, make_split
+from pipeline.utils.arrays import BLOCK_ROWS
 from pipeline.utils.checks import counted
 
 __all__ = ["build_scene", "prepare"]
@@ -428,10 +429,25 @@ def _union_of_masks(
 
 def _cube_values(src: _Source, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarray]:
     """The float32 cube with its missing values filled (or an error), and ``(H, W)``: the
-    pixels without data."""
-    cube = np.asarray(src.data, dtype=np.float32)
-    missing = ~np.isfinite(cube) | _no_data_pixels(src)[..., None]
-    return _fill_missing(cube, missing, cfg, src), missing.any(axis=-1)
+    pixels without data. ``src.data`` becomes the float32 cube: a file's own array (int16
+    counts, say) is not kept beside it."""
+    no_data = _no_data_pixels(src)
+    cube = src.data = np.asarray(src.data, dtype=np.float32)
+    empty = no_data | ~_rows_all(cube, np.isfinite)
+    if not empty.any():
+        return cube, empty
+    missing = ~np.isfinite(cube) | no_data[..., None]
+    return _fill_missing(cube, missing, cfg, src), empty
+
+
+def _rows_all(data: np.ndarray, test: Any) -> np.ndarray:
+    """``(H, W)``: the pixels whose every band passes ``test``, computed a block of image rows
+    at a time (no full-size boolean array beside the cube)."""
+    rows = max(1, BLOCK_ROWS // max(1, data.shape[1]))
+    out = np.empty(data.shape[:2], dtype=bool)
+    for y in range(0, data.shape[0], rows):
+        out[y : y + rows] = test(data[y : y + rows]).all(axis=-1)
+    return out
 
 
 def _no_data_pixels(src: _Source) -> np.ndarray:
@@ -441,10 +457,12 @@ def _no_data_pixels(src: _Source) -> np.ndarray:
     if src.nodata is None:
         return np.zeros(data.shape[:2], dtype=bool)
     values = np.broadcast_to(np.asarray(src.nodata, dtype=np.float64), data.shape[-1:])
-    hit = data == values
-    if np.isnan(values).any():
-        hit |= np.isnan(values) & np.isnan(data)
-    return hit.all(axis=-1)
+
+    def hit(block: np.ndarray) -> np.ndarray:
+        same = block == values
+        return same | (np.isnan(values) & np.isnan(block)) if np.isnan(values).any() else same
+
+    return _rows_all(data, hit)
 
 
 def _fill_missing(

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from pipeline.errors import BandMismatchError, ConfigError
+from pipeline.utils.arrays import BLOCK_ROWS, column_moments
 from pipeline.utils.checks import check_int, check_number
 
 __all__ = [
@@ -195,17 +196,21 @@ def _pca3(cube: np.ndarray, holes: np.ndarray | None = None) -> np.ndarray:
     """First three principal components of the per-band standardised cube, signs fixed; fitted
     on the pixels outside ``holes`` (pixels without data) when given."""
     h, w, b = cube.shape
-    x = cube.reshape(-1, b).astype(np.float64)
-    fit = x if holes is None else x[~holes.reshape(-1)]
-    mean = fit.mean(axis=0)
-    std = fit.std(axis=0)
+    x = cube.reshape(-1, b)  # read in blocks of rows: no float64 copy of the whole cube
+    keep = None if holes is None else ~holes.reshape(-1)
+    mean, std = column_moments(x, keep)
     std[std == 0] = 1.0
-    step = max(1, fit.shape[0] // _PCA_MAX_SAMPLES)
-    sample = (fit[::step] - mean) / std
+    fit = np.arange(len(x)) if keep is None else np.flatnonzero(keep)
+    step = max(1, len(fit) // _PCA_MAX_SAMPLES)
+    sample = (x[fit[::step]].astype(np.float64) - mean) / std
     _, _, vt = np.linalg.svd(sample, full_matrices=False)
     comps = vt[:3] if vt.shape[0] >= 3 else np.pad(vt, ((0, 3 - vt.shape[0]), (0, 0)))
     # deterministic sign: the largest loading of each component is positive
     signs = np.sign(comps[np.arange(3), np.argmax(np.abs(comps), axis=1)])
     signs[signs == 0] = 1.0
     comps = comps * signs[:, None]
-    return (((x - mean) / std) @ comps.T).reshape(h, w, 3)
+    out = np.empty((len(x), 3))
+    for s in range(0, len(x), BLOCK_ROWS):
+        rows = x[s : s + BLOCK_ROWS].astype(np.float64)
+        out[s : s + BLOCK_ROWS] = ((rows - mean) / std) @ comps.T
+    return out.reshape(h, w, 3)

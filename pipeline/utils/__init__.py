@@ -1,5 +1,5 @@
 """Shared helpers: argument checks that name the parameter, the stages" configuration
-base class, torch devices and dtypes.
+base class, torch devices and dtypes, whole-cube statistics in bounded memory.
 
 Submodules and their public names load on first use (SPEC 1 lazy loading, as in scikit-image),
 so importing one part does not import torch or the rest.
@@ -9,8 +9,9 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["checks", "config", "devices"],
+    submodules=["arrays", "checks", "config", "devices"],
     submod_attrs={
+        "arrays": ["column_moments"],
         "checks": [
             "check_choice",
             "check_int",

@@ -1,0 +1,65 @@
+"""Whole-scene array statistics in bounded memory.
+
+A scene's cube can be most of a machine's memory; a float64 copy of it (what ``np.std`` makes)
+is twice as much again. These helpers read the rows in blocks and give the same bits as the
+whole-array numpy calls they replace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+#: Rows per block: 65,536 rows of 224 float64 bands is 117 MB.
+BLOCK_ROWS = 65536
+
+
+def column_moments(
+    x: np.ndarray, keep: np.ndarray | None = None, *, block: int = BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 mean and standard deviation of each column of ``x`` ``(N, B)`` over the rows
+    ``keep`` (a boolean ``(N,)``; ``None``: all), read ``block`` rows at a time.
+
+    Bit for bit ``rows.mean(axis=0)`` and ``rows.std(axis=0)`` of ``rows =
+    x[keep].astype(np.float64)``: numpy sums along the first axis row after row, and so does
+    this, carrying the running sum from block to block.
+    """
+    n = int(x.shape[0] if keep is None else np.count_nonzero(keep))
+    if n == 0:
+        nan = np.full(x.shape[1], np.nan)
+        return nan, nan.copy()
+    mean = _running_sum(_blocks(x, keep, block, lambda rows: rows)) / n
+    squares = _running_sum(_blocks(x, keep, block, lambda rows: _squared(rows - mean)))
+    return mean, np.sqrt(squares / n)
+
+
+def _squared(d: np.ndarray) -> np.ndarray:
+    np.multiply(d, d, out=d)
+    return d
+
+
+def _blocks(
+    x: np.ndarray,
+    keep: np.ndarray | None,
+    block: int,
+    f: Callable[[np.ndarray], np.ndarray],
+) -> Iterator[np.ndarray]:
+    """``f`` of each block of float64 rows of ``x`` (only the rows ``keep`` marks)."""
+    for start in range(0, x.shape[0], block):
+        rows = x[start : start + block]
+        if keep is not None:
+            rows = rows[keep[start : start + block]]
+        if len(rows):
+            yield f(rows.astype(np.float64))
+
+
+def _running_sum(blocks: Iterator[np.ndarray]) -> np.ndarray:
+    """The sum over the first axis of the blocks stacked, added in row order (as numpy does)."""
+    total = None
+    for rows in blocks:
+        if total is not None:  # the running sum becomes the block's first row
+            rows = np.concatenate([total[None], rows])
+        total = np.add.reduce(rows, axis=0)
+    assert total is not None
+    return total
