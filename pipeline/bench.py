@@ -613,7 +613,7 @@ def bench_prepare(*, size: int = 1000, bands: int = 224) -> dict[str, Any]:
     from pipeline.scene.synthetic import make_synthetic_scene
     from pipeline.utils.checks import check_int
 
-    check_int("size", size, low=16)
+    check_int("size", size, low=24)  # smaller synthetic scenes have classes under 5 pixels
     check_int("bands", bands, low=3)
     with tempfile.TemporaryDirectory(prefix="hsicache-bench-prepare-") as tmp:
         work = Path(tmp)

@@ -172,7 +172,7 @@ def context(
 
 @app.command()
 def prepare(
-    size: int = typer.Option(1000, "--size", help="Side of the synthetic scene in pixels."),
+    size: int = typer.Option(1000, "--size", help="Side of the synthetic scene in pixels (>= 24)."),
     bands: int = typer.Option(224, "--bands", help="Bands of the synthetic scene."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object of the figures."),
     debug: bool = DEBUG_OPTION,
@@ -188,7 +188,7 @@ def prepare(
     h, w, b = rep["details"]["shape"]
     typer.echo(f"prepare of a {h}x{w}x{b} int16 cube, {rep['details']['rgb_mode']} rendering")
     typer.echo(f"  seconds            {rep['seconds']:10.1f}")
-    ratio = f"{rep['peak_to_cube']:.2f}x the {rep['cube_gb']:.2f} GB float32 cube"
+    ratio = f"{rep['peak_to_cube']:.2f}x the {rep['cube_gb']:.3g} GB float32 cube"
     typer.echo(f"  peak memory GB     {rep['peak_rss_gb']:10.2f}   ({ratio})")
 
 

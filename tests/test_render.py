@@ -57,16 +57,27 @@ class TestBoundedMemory:
     """The whole-cube statistics read blocks of rows and give numpy's whole-array bits."""
 
     @pytest.mark.parametrize("block", [7, 64, 10**6])
-    def test_column_moments_equal_numpy(self, block):
+    @pytest.mark.parametrize("layout", ["rows", "bands"])  # C order; band-sequential (GeoTIFF)
+    def test_column_moments_equal_numpy(self, block, layout):
         from pipeline.utils.arrays import column_moments
 
         rng = np.random.default_rng(3)
-        x = (rng.standard_normal((1000, 5)) * 300 + 40).astype(np.float32)
-        keep = rng.random(1000) > 0.2
-        for rows, kept in ((x, None), (x[keep], keep)):
-            mean, std = column_moments(x, kept, block=block)
-            assert np.array_equal(mean, rows.mean(axis=0, dtype=np.float64))
-            assert np.array_equal(std, rows.std(axis=0, dtype=np.float64))
+        for seed in range(4):
+            planes = rng.standard_normal((5, 90, 110)) * 10 ** rng.uniform(0, 3) + seed * 1e3
+            cube = np.moveaxis(planes.astype(np.float32), 0, -1)
+            if layout == "rows":
+                cube = np.ascontiguousarray(cube)
+            x = cube.reshape(-1, 5)
+            keep = rng.random(len(x)) > 0.2
+            for kept in (None, keep):
+                rows = x if kept is None else x[kept]
+                wide = rows.astype(np.float64)
+                mean, std = column_moments(x, kept, block=block)
+                assert np.array_equal(mean, wide.mean(axis=0))
+                assert np.array_equal(std, wide.std(axis=0))
+                mean, std = column_moments(x, kept, block=block, cast_first=False)
+                assert np.array_equal(mean, rows.mean(axis=0, dtype=np.float64))
+                assert np.array_equal(std, rows.std(axis=0, dtype=np.float64))
 
     def test_pca_rendering_in_blocks_equals_one_block(self, cube, monkeypatch):
         import pipeline.scene.render as render
@@ -77,7 +88,19 @@ class TestBoundedMemory:
         whole = [render_rgb(cube, mode="pca", valid=v)[0] for v in (None, ~holes)]
         monkeypatch.setattr(render, "BLOCK_ROWS", 11)  # 320 rows in 30 blocks
         monkeypatch.setattr(arrays, "BLOCK_ROWS", 11)
-        monkeypatch.setattr(arrays.column_moments, "__kwdefaults__", {"block": 11})
         blocks = [render_rgb(cube, mode="pca", valid=v)[0] for v in (None, ~holes)]
         for a, b in zip(whole, blocks, strict=True):
             assert np.array_equal(a, b)
+
+    def test_fingerprint_of_a_band_sequential_cube_hashes_its_c_order_bytes(self, monkeypatch):
+        import hashlib
+
+        import pipeline.io.store as store
+
+        planes = np.random.default_rng(5).standard_normal((4, 30, 20)).astype(np.float32)
+        cube = np.moveaxis(planes, 0, -1)  # a GeoTIFF's layout: no C-order bytes to hash
+        copy = np.ascontiguousarray(cube)
+        expected = hashlib.sha256(f"{copy.dtype.str}{copy.shape}".encode() + copy.tobytes())
+        blocks = store._c_order_blocks
+        monkeypatch.setattr(store, "_c_order_blocks", lambda a: blocks(a, size=1000))
+        assert store.sha256_arrays(cube) == store.sha256_arrays(copy) == expected.hexdigest()

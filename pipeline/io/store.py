@@ -234,12 +234,24 @@ def sha256_arrays(*parts: np.ndarray | dict | str) -> str:
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, np.ndarray):
-            arr = np.ascontiguousarray(part)
-            h.update(f"{arr.dtype.str}{arr.shape}".encode())
-            h.update(arr.reshape(-1).view(np.uint8))  # the bytes, not a copy of them
+            part = part.reshape(1) if part.ndim == 0 else part  # as np.ascontiguousarray did
+            h.update(f"{part.dtype.str}{part.shape}".encode())
+            for block in _c_order_blocks(part):  # the C-order bytes, never a whole copy
+                h.update(block.reshape(-1).view(np.uint8))
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _c_order_blocks(arr: np.ndarray, size: int = 1 << 26) -> Any:
+    """``arr``'s bytes in C order: the array itself when it lies so, else C-order copies of
+    blocks along its first axis of about ``size`` bytes (a band-sequential cube)."""
+    if arr.flags.c_contiguous:
+        yield arr
+        return
+    step = max(1, size // max(1, arr[:1].nbytes))
+    for start in range(0, len(arr), step):
+        yield np.ascontiguousarray(arr[start : start + step])
 
 
 def jsonable(value: Any) -> Any:

@@ -223,7 +223,8 @@ def write_scene(scene: Scene, path: str | Path, *, chunk: int = 64) -> Location:
 def _band_statistics(cube: np.ndarray, no_data: np.ndarray | None) -> tuple[np.ndarray, ...]:
     """Each band's mean and std over the pixels with data (not over the values filled in)."""
     keep = None if no_data is None else ~no_data.ravel()
-    return column_moments(cube.reshape(-1, cube.shape[-1]), keep)  # no float64 copy of the cube
+    spectra = cube.reshape(-1, cube.shape[-1])
+    return column_moments(spectra, keep, cast_first=False)  # no float64 copy of the cube
 
 
 def open_scene(

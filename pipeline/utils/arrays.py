@@ -16,22 +16,45 @@ BLOCK_ROWS = 65536
 
 
 def column_moments(
-    x: np.ndarray, keep: np.ndarray | None = None, *, block: int = BLOCK_ROWS
+    x: np.ndarray,
+    keep: np.ndarray | None = None,
+    *,
+    cast_first: bool = True,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The float64 mean and standard deviation of each column of ``x`` ``(N, B)`` over the rows
-    ``keep`` (a boolean ``(N,)``; ``None``: all), read ``block`` rows at a time.
+    ``keep`` (a boolean ``(N,)``; ``None``: all), read ``block`` rows (default
+    :data:`BLOCK_ROWS`) at a time.
 
     Bit for bit ``rows.mean(axis=0)`` and ``rows.std(axis=0)`` of ``rows =
-    x[keep].astype(np.float64)``: numpy sums along the first axis row after row, and so does
-    this, carrying the running sum from block to block.
+    x[keep].astype(np.float64)`` (``cast_first``), or ``rows.mean(axis=0, dtype=np.float64)``
+    and ``rows.std(axis=0, dtype=np.float64)`` of ``rows = x[keep]`` (not ``cast_first``). How
+    numpy adds depends on the layout: rows laid out one after another (a C-order cube, or any
+    ``x[keep]``) are added row after row, and so are the blocks here, the running sum carried
+    from block to block (both forms give the same bits); columns laid out one after another (a
+    band-sequential cube: GeoTIFF, ENVI BSQ) are each summed pairwise (in buffers of a few
+    thousand values when numpy casts as it adds), so each column is taken whole, one at a time.
     """
     n = int(x.shape[0] if keep is None else np.count_nonzero(keep))
     if n == 0:
         nan = np.full(x.shape[1], np.nan)
         return nan, nan.copy()
+    if keep is None and x.ndim == 2 and abs(x.strides[0]) < abs(x.strides[1]):
+        return _by_column(x, cast_first)
+    block = block or BLOCK_ROWS
     mean = _running_sum(_blocks(x, keep, block, lambda rows: rows)) / n
     squares = _running_sum(_blocks(x, keep, block, lambda rows: _squared(rows - mean)))
     return mean, np.sqrt(squares / n)
+
+
+def _by_column(x: np.ndarray, cast_first: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's float64 mean and std, one column in memory at a time."""
+    mean, std = np.empty(x.shape[1]), np.empty(x.shape[1])
+    for j in range(x.shape[1]):
+        column = x[:, j].astype(np.float64) if cast_first else x[:, j]
+        mean[j] = column.mean(dtype=np.float64)
+        std[j] = column.std(dtype=np.float64)
+    return mean, std
 
 
 def _squared(d: np.ndarray) -> np.ndarray:
