@@ -78,6 +78,30 @@ class TestPropagation:
         assert recall > 0.9
         assert (dist >= exact_d - 1e-3).all()  # never nearer than the true neighbours
 
+    def test_spreading_in_row_blocks_gives_the_same_bits(self, monkeypatch):
+        """The sparse product in threaded row blocks and the in-place iteration give the bits
+        of the plain ``F <- alpha S F + (1 - alpha) Y`` loop."""
+        rng = np.random.default_rng(1)
+        X = rng.normal(size=(3000, 6)).astype("f4")
+        y = np.full(3000, -1)
+        y[:12] = np.arange(12) % 3
+        head = PropagationHead(n_components=None, max_iter=60, tol=0.0)
+        _, _, S = head.set_params(random_state=0)._graph(X)
+        head.classes_ = np.arange(3)
+        Y = np.zeros((3000, 3), "f4")
+        Y[np.arange(12), y[:12]] = 1.0
+        Y /= Y.sum(axis=0, keepdims=True)
+        F = Y.copy()
+        for _ in range(60):
+            F = head.alpha * (S @ F) + (1.0 - head.alpha) * Y
+        plain = F / F.sum(axis=1, keepdims=True)
+        whole = head._spread(S, y, y >= 0)
+        blocks = semisupervised._RowBlocks(S, parts=3)
+        assert len(blocks.blocks) == 3
+        monkeypatch.setattr(semisupervised, "_RowBlocks", lambda S: blocks)
+        split = head._spread(S, y, y >= 0)
+        assert np.array_equal(whole, plain) and np.array_equal(split, plain)
+
     @pytest.mark.parametrize("bad,culprit", [
         ({"n_neighbors": 0}, "n_neighbors"),
         ({"n_neighbors": 10**6}, "n_neighbors=1000000 must be below"),

@@ -19,6 +19,7 @@ test pixels included, their labels hidden — so nothing here ever reads a test 
 
 from __future__ import annotations
 
+import itertools
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -149,7 +150,8 @@ def _exclude(d: torch.Tensor, own: torch.Tensor, cand: torch.Tensor, n_base: int
 def _squared(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Squared Euclidean distances between the rows of ``a`` and ``b``."""
     b_sq = (b * b).sum(1) if b_sq is None else b_sq
-    return (a * a).sum(1, keepdim=True) - 2.0 * (a @ b.T) + b_sq[None]
+    d = a @ b.T  # then |a|^2 - 2 a.b + |b|^2 in place: the same bits, no block-sized temporaries
+    return d.mul_(-2.0).add_((a * a).sum(1, keepdim=True)).add_(b_sq[None])
 
 
 class PropagationHead(ClassifierMixin, BaseEstimator):
@@ -291,16 +293,21 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
         Y = np.zeros((len(y), len(self.classes_)), dtype=np.float32)
         Y[np.nonzero(labelled)[0], codes] = 1.0
         Y /= Y.sum(axis=0, keepdims=True)  # class-balanced: each class holds the same mass
-        F = Y.copy()
+        alpha = float(self.alpha)
+        rest = (1.0 - alpha) * Y
+        F, new, diff = Y.copy(), np.empty_like(Y), np.empty_like(Y)
         reached = int(labelled.sum())
-        for _ in range(self.max_iter):
-            new = self.alpha * (S @ F) + (1.0 - self.alpha) * Y
-            change = float(np.abs(new - F).max())
-            F = new
-            now = int(np.count_nonzero(F.any(axis=1)))  # labels still spreading to new rows
-            if change < self.tol * float(F.max()) and now == reached:
-                break
-            reached = now
+        with _RowBlocks(S) as product:
+            for _ in range(self.max_iter):  # F <- alpha S F + (1 - alpha) Y, in place
+                product(F, out=new)
+                new *= alpha
+                new += rest
+                change = float(np.abs(np.subtract(new, F, out=diff), out=diff).max())
+                F, new = new, F
+                now = int(np.count_nonzero(F.any(axis=1)))  # labels still spreading to new rows
+                if change < self.tol * float(F.max()) and now == reached:
+                    break
+                reached = now
         total = F.sum(axis=1, keepdims=True)
         return np.where(total > 0, F / np.where(total > 0, total, 1.0), 0.0).astype(np.float32)
 
@@ -320,6 +327,45 @@ class PropagationHead(ClassifierMixin, BaseEstimator):
 
 #: The graph :meth:`PropagationHead._graph` built last, with its key.
 _LAST_GRAPH: dict[str, Any] = {}
+
+
+class _RowBlocks:
+    """``S @ F`` with ``S``'s rows cut into one block per core, the blocks multiplied in threads
+    (scipy's sparse product releases the GIL): each row is computed as in ``S @ F``, so the
+    bits are the same."""
+
+    def __init__(self, S: sparse.csr_matrix, parts: int | None = None) -> None:
+        if parts is None:  # one block per core, of at least 20,000 rows (threads cost)
+            import os
+
+            cores = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            )
+            parts = max(1, min(cores or 1, 8, S.shape[0] // 20_000))
+        self.bounds = np.linspace(0, S.shape[0], parts + 1).astype(int)
+        self.blocks = [S[a:b] for a, b in itertools.pairwise(self.bounds)]
+        self.pool: Any = None
+
+    def __enter__(self) -> _RowBlocks:
+        if len(self.blocks) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(len(self.blocks))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def __call__(self, F: np.ndarray, *, out: np.ndarray) -> None:
+        if self.pool is None:
+            out[:] = self.blocks[0] @ F
+            return
+
+        def one(i: int) -> None:
+            out[self.bounds[i] : self.bounds[i + 1]] = self.blocks[i] @ F
+
+        list(self.pool.map(one, range(len(self.blocks))))
 
 
 def _fill_unreached(spread: np.ndarray, nodes: np.ndarray, labelled: np.ndarray) -> int:
