@@ -24,7 +24,7 @@ from pipeline.scene.core import Scene, image_fingerprint, scene_fingerprint, wri
 from pipeline.scene.readers import Raster, read_cube, read_map
 from pipeline.scene.render import Rendering, render_rgb
 from pipeline.scene.splits import encode_labels, make_split
-from pipeline.utils.arrays import BLOCK_ROWS
+from pipeline.utils.arrays import pixels_where_all
 from pipeline.utils.checks import counted
 
 __all__ = ["build_scene", "prepare"]
@@ -433,21 +433,11 @@ def _cube_values(src: _Source, cfg: PrepareConfig) -> tuple[np.ndarray, np.ndarr
     counts, say) is not kept beside it."""
     no_data = _no_data_pixels(src)
     cube = src.data = np.asarray(src.data, dtype=np.float32)
-    empty = no_data | ~_rows_all(cube, np.isfinite)
+    empty = no_data | ~pixels_where_all(cube, np.isfinite)
     if not empty.any():
         return cube, empty
     missing = ~np.isfinite(cube) | no_data[..., None]
     return _fill_missing(cube, missing, cfg, src), empty
-
-
-def _rows_all(data: np.ndarray, test: Any) -> np.ndarray:
-    """``(H, W)``: the pixels whose every band passes ``test``, computed a block of image rows
-    at a time (no full-size boolean array beside the cube)."""
-    rows = max(1, BLOCK_ROWS // max(1, data.shape[1]))
-    out = np.empty(data.shape[:2], dtype=bool)
-    for y in range(0, data.shape[0], rows):
-        out[y : y + rows] = test(data[y : y + rows]).all(axis=-1)
-    return out
 
 
 def _no_data_pixels(src: _Source) -> np.ndarray:
@@ -462,7 +452,7 @@ def _no_data_pixels(src: _Source) -> np.ndarray:
         same = block == values
         return same | (np.isnan(values) & np.isnan(block)) if np.isnan(values).any() else same
 
-    return _rows_all(data, hit)
+    return pixels_where_all(data, hit)
 
 
 def _fill_missing(

@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=["arrays", "checks", "config", "devices"],
     submod_attrs={
-        "arrays": ["column_moments"],
+        "arrays": ["column_moments", "pixels_where_all"],
         "checks": [
             "check_choice",
             "check_int",

@@ -47,6 +47,17 @@ def column_moments(
     return mean, np.sqrt(squares / n)
 
 
+def pixels_where_all(cube: np.ndarray, test: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``(H, W)``: the pixels of ``cube`` ``(H, W, B)`` whose every band passes ``test``,
+    computed about :data:`BLOCK_ROWS` pixels at a time (no full-size boolean array beside the
+    cube)."""
+    rows = max(1, BLOCK_ROWS // max(1, cube.shape[1]))
+    out = np.empty(cube.shape[:2], dtype=bool)
+    for y in range(0, cube.shape[0], rows):
+        out[y : y + rows] = test(cube[y : y + rows]).all(axis=-1)
+    return out
+
+
 def _by_column(x: np.ndarray, cast_first: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each column's float64 mean and std, one column in memory at a time."""
     mean, std = np.empty(x.shape[1]), np.empty(x.shape[1])
