@@ -106,7 +106,7 @@ def train(
         )
     meta = trained.meta
     typer.echo(f"wrote {out}: {meta['name']} on {meta['n_train']} pixels x "
-               f"{meta['n_features']} features in {meta['train_seconds']:.1f} s")  # fmt: skip
+               f"{meta['n_features']} features in {trained.train_seconds:.1f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

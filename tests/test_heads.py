@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import time
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from pipeline.features.extract import extract_features
 from pipeline.heads.build import _EncodedXGB, make_head
 from pipeline.heads.neural import FiLMClassifier, MLPHead, _FiLMNet
 from pipeline.heads.training import load_head, split_recipe, train_head
+from pipeline.io.archive import skops_bytes
 from pipeline.scene.preparation import prepare
 from stages.cli import app
 
@@ -180,6 +184,45 @@ class TestSavedHeads:
         np.testing.assert_array_equal(
             again.estimator.predict_proba(X), trained.estimator.predict_proba(X)
         )
+
+    @pytest.mark.parametrize(
+        ("head", "params"),
+        [("spatial", {"max_epochs": 3}), ("xgboost", {"use": "both", "n_estimators": 5}),
+         ("logreg", {"use": "spatial", "pca": 8})],
+    )  # fmt: skip
+    def test_the_same_model_is_saved_as_the_same_bytes(self, stage_one, tmp_path, head, params):
+        # DVC re-runs every stage after a head whose bytes changed: nothing in the folder may
+        # depend on the process, the clock or how long the fit took
+        scene, (cache, _) = stage_one
+        a, b = tmp_path / "a", tmp_path / "b"
+        for out in (a, b):
+            train_head(scene=scene, cache=cache, head=head, out=out, params=params)
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for file in a.iterdir():
+            assert file.read_bytes() == (b / file.name).read_bytes(), file.name
+
+    def test_skops_bytes_depend_on_the_model_alone(self, monkeypatch):
+        import skops.io as sio
+        from scipy import sparse
+
+        def model():  # fresh objects each time: other addresses, as in another process
+            shared = np.arange(3.0)
+            return {"w": np.eye(2), "s": sparse.csr_matrix(np.eye(3)), "raw": b"booster",
+                    "x": shared, "y": shared}  # fmt: skip
+
+        def dumped_at(clock: float, dump) -> bytes:  # saved in 2001, then in 2023
+            with monkeypatch.context() as m:
+                m.setattr(time, "time", lambda: clock)
+                return dump(model())
+
+        assert dumped_at(1.0e9, sio.dumps) != dumped_at(1.7e9, sio.dumps)  # skops alone
+        first, second = dumped_at(1.0e9, skops_bytes), dumped_at(1.7e9, skops_bytes)
+        assert first == second
+        members = zipfile.ZipFile(io.BytesIO(first)).infolist()
+        assert {m.date_time for m in members} == {(1980, 1, 1, 0, 0, 0)}
+        back = sio.loads(first, trusted=sio.get_untrusted_types(data=first))
+        assert back["x"] is back["y"] and back["raw"] == b"booster"
+        np.testing.assert_array_equal(back["s"].toarray(), np.eye(3))
 
     def test_refuses_another_cache(self, stage_one, tmp_path):
         scene, (cache, other) = stage_one

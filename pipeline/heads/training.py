@@ -7,7 +7,9 @@ A saved head is a folder::
 
     HEAD/
       head.json           what it is and what it was trained on (format, head name, parameters,
-                          feature selection, scene and cache fingerprints, classes, timings)
+                          feature selection, scene and cache fingerprints, classes, package
+                          versions; no timing or date, so one model always gives the same
+                          bytes and DVC re-runs nothing after a ``train`` that changed nothing)
       config.json         torch heads: constructor parameters + fitted sizes
       model.safetensors   torch heads: weights and normalisation statistics
       model.skops         other heads: the scikit-learn pipeline in skops' safe format
@@ -37,6 +39,7 @@ from pipeline.heads.neural import FiLMClassifier, MLPHead
 from pipeline.heads.registry import FEATURE_MODES, HEADS, REGISTRY, check_kind
 from pipeline.heads.select import TrainCVSelect, candidate_grid, check_select
 from pipeline.heads.semisupervised import check_self_training, self_training
+from pipeline.io.archive import skops_bytes
 from pipeline.io.outputs import HEAD, check_outputs
 from pipeline.io.store import atomic_output, jsonable, package_versions
 from pipeline.scene.core import Scene, open_scene
@@ -212,10 +215,13 @@ class TrainedHead:
     Attributes:
         estimator: the fitted scikit-learn-contract classifier (predicts class indices).
         meta: the ``head.json`` content.
+        train_seconds: how long reading the features and fitting took (not saved: a head
+            folder holds nothing that differs between two runs giving the same model).
     """
 
     estimator: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float | None = None
 
     @property
     def selection(self) -> FeatureSelection:
@@ -284,9 +290,7 @@ class TrainedHead:
                 )
                 kind = "torch"
             else:
-                import skops.io as sio
-
-                sio.dump(est, tmp / "model.skops")
+                (tmp / "model.skops").write_bytes(skops_bytes(est))
                 kind = "skops"
             meta = {**self.meta, "format": HEAD_FORMAT, "storage": kind}
             (tmp / "head.json").write_text(json.dumps(jsonable(meta), indent=2))
@@ -562,10 +566,9 @@ def fit_head(
         "self_training": loop,
         "select": chosen,
         **({"select_context": pool} if chosen and "context" in chosen["chosen"] else {}),
-        "train_seconds": time.perf_counter() - started,
         "package_versions": package_versions(),
     }
-    return TrainedHead(estimator=est, meta=meta)
+    return TrainedHead(estimator=est, meta=meta, train_seconds=time.perf_counter() - started)
 
 
 def _fit_reporting(

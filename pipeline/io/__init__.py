@@ -1,6 +1,6 @@
 """Where outputs go and how they get there: output kinds and the overwrite guard, atomic
-publication and provenance, local/remote locations, the store lock, the in-memory
-chunk cache, dask, and reading ``params.yaml`` sections.
+publication and provenance, byte-reproducible model files, local/remote locations, the store
+lock, the in-memory chunk cache, dask, and reading ``params.yaml`` sections.
 
 Submodules and their public names load on first use (SPEC 1 lazy loading, as in scikit-image),
 so importing one part does not import torch or the rest.
@@ -10,8 +10,9 @@ import lazy_loader as _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=["cluster", "outputs", "params", "storage", "store"],
+    submodules=["archive", "cluster", "outputs", "params", "storage", "store"],
     submod_attrs={
+        "archive": ["skops_bytes"],
         "outputs": [
             "BACKBONE",
             "CONFUSION_CSV",
