@@ -11,6 +11,25 @@ from typer.testing import CliRunner
 
 matplotlib.use("agg")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n N``) each worker takes its share of the cores, so N workers'
+    torch and BLAS threads do not outnumber them (oversubscribed, they run many times slower);
+    the command-line runs the tests start inherit the same share."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = str(max(1, (cores or 1) // int(workers)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, share)
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(int(share))
+    threadpool_limits(int(share))  # BLAS was loaded (by numpy) before these variables were set
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = Path(__file__).resolve().parent / "data" / "scenes"
 
