@@ -206,9 +206,9 @@ class TestSavedHeads:
         from scipy import sparse
 
         def model():  # fresh objects each time: other addresses, as in another process
-            shared = np.arange(3.0)
-            return {"w": np.eye(2), "s": sparse.csr_matrix(np.eye(3)), "raw": b"booster",
-                    "x": shared, "y": shared}  # fmt: skip
+            shared = np.arange(3.0)  # first: the first id given out must still tie x to y
+            return {"x": shared, "y": shared, "w": np.eye(2), "s": sparse.csr_matrix(np.eye(3)),
+                    "raw": b"booster"}  # fmt: skip
 
         def dumped_at(clock: float, dump) -> bytes:  # saved in 2001, then in 2023
             with monkeypatch.context() as m:

@@ -49,7 +49,8 @@ def skops_bytes(obj: Any) -> bytes:
 
 def _renumber(node: Any, members: set[str], names: dict[str, str], ids: dict[int, int]) -> Any:
     """``node`` with every member name and ``__id__`` replaced by its order of first
-    appearance (a depth-first walk in the schema's own key order)."""
+    appearance (a depth-first walk in the schema's own key order), ids counted from 1: skops
+    ties repeated objects together only by a true (non-zero) id."""
     if isinstance(node, list):
         return [_renumber(v, members, names, ids) for v in node]
     if not isinstance(node, dict):
@@ -57,7 +58,7 @@ def _renumber(node: Any, members: set[str], names: dict[str, str], ids: dict[int
     out = {}
     for key, value in node.items():
         if key == "__id__" and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = ids.setdefault(value, len(ids))
+            out[key] = ids.setdefault(value, len(ids) + 1)  # skops memoises no id 0
         elif key == "file" and isinstance(value, str) and value in members:
             suffix = value[value.rfind(".") :] if "." in value else ""
             out[key] = names.setdefault(value, f"{len(names)}{suffix}")
