@@ -30,6 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
     threadpool_limits(int(share))  # BLAS was loaded (by numpy) before these variables were set
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first (in order otherwise): under pytest-xdist a worker starts the
+    minutes-long DVC test at once and the others share the rest, instead of everyone waiting for
+    it at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = Path(__file__).resolve().parent / "data" / "scenes"
 
