@@ -19,12 +19,14 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    share = str(max(1, (cores or 1) // int(workers)))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, share)
     import torch
     from threadpoolctl import threadpool_limits
+
+    from pipeline.utils.devices import usable_cores
+
+    share = str(max(1, usable_cores() // int(workers)))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, share)
 
     torch.set_num_threads(int(share))
     threadpool_limits(int(share))  # BLAS was loaded (by numpy) before these variables were set

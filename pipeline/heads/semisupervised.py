@@ -31,6 +31,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.errors import ConfigError
+from pipeline.utils.devices import usable_cores
 
 __all__ = [
     "EXACT_LIMIT",
@@ -336,12 +337,7 @@ class _RowBlocks:
 
     def __init__(self, S: sparse.csr_matrix, parts: int | None = None) -> None:
         if parts is None:  # one block per core, of at least 20,000 rows (threads cost)
-            import os
-
-            cores = (
-                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            )
-            parts = max(1, min(cores or 1, 8, S.shape[0] // 20_000))
+            parts = max(1, min(usable_cores(), 8, S.shape[0] // 20_000))
         self.bounds = np.linspace(0, S.shape[0], parts + 1).astype(int)
         self.blocks = [S[a:b] for a, b in itertools.pairwise(self.bounds)]
         self.pool: Any = None

@@ -21,6 +21,6 @@ __getattr__, __dir__, __all__ = _lazy.attach(
             "counted",
         ],
         "config": ["StageConfig"],
-        "devices": ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype"],
+        "devices": ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype", "usable_cores"],
     },
 )

@@ -10,13 +10,21 @@ so ``dtype=auto`` never even tries it there (:mod:`pipeline.backbone.autotune`).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 
 from pipeline.errors import ConfigError
 
-__all__ = ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "cpu_capability", "resolve_device", "resolve_dtype", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
