@@ -102,6 +102,12 @@ def world(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(d / "head", d / "head_damaged")
     (d / "head_damaged" / "head.json").write_text('{"format": "hsicache-head/1", "stor')
     (d / "link_head").symlink_to(d / "head", target_is_directory=True)
+    for name, inside in (("notes_in_array", "cube"), ("notes_in_chunks", "cube/c/0")):
+        shutil.copytree(d / "a.zarr", d / f"{name}.zarr")  # a store the user wrote into
+        (d / f"{name}.zarr" / inside / "notes.txt").write_text("my own notes\n")
+    shipped = Path(__file__).parents[1] / "pipeline" / "backbone" / "shipped" / "natural-s"
+    shutil.copytree(shipped, d / "backbone_with_notes")
+    (d / "backbone_with_notes" / "unet" / "notes.txt").write_text("my own notes\n")
     paths = {p.name: str(p) for p in d.rglob("*") if p.parent in (d, data)}
     return {**paths, "dir": str(d)}
 
@@ -196,6 +202,12 @@ CASES = [
     ("train-out-a-head-holding-the-users-notes", lambda w: _train(w, "--head", "spectral",
                                                                   out="head_with_notes"),
      "not a head folder", None),
+    ("prepare-out-a-store-holding-the-users-notes", lambda w: _cube(w, out="notes_in_array.zarr"),
+     "not a scene store", None),
+    ("prepare-out-a-store-with-notes-among-its-chunks", lambda w: _cube(w, out="notes_in_chunks.zarr"),
+     "not a scene store", None),
+    ("pretrain-out-a-backbone-holding-the-users-notes", lambda w: _pretrain(w, out="backbone_with_notes"),
+     "not a backbone folder", None),
     ("train-out-a-symbolic-link", lambda w: _train(w, "--head", "spectral", out="link_head"),
      "symbolic link", None),
     ("evaluate-metrics-under-a-file", lambda w: _evaluate(w, metrics="user.json/m.json"),

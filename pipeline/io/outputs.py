@@ -107,35 +107,61 @@ def _lockish(name: str) -> bool:
 
 
 def _zarr_store(prefix: str) -> Callable[[Path], bool]:
-    """A store of that format, holding nothing but zarr nodes and the writer lock: a folder
-    the user added files to is not hsicache's to delete."""
+    """A store of that format, holding nothing but zarr nodes, their chunks and the writer
+    lock, at any depth: a folder the user added files to is not hsicache's to delete."""
 
     def recognise(path: Path) -> bool:
         entries = list(path.iterdir())
-        if not all(
-            e.name == "zarr.json"
-            or _lockish(e.name)
-            or (e.is_dir() and (e / "zarr.json").is_file())
-            for e in entries
-        ):
-            return False
         if not (path / "zarr.json").is_file():  # an extraction killed before its metadata
             return bool(entries) and all(_lockish(e.name) for e in entries)
-        return str(Location.of(path).store_format()).startswith(prefix)
+        return _zarr_node(path, root=True) and str(
+            Location.of(path).store_format()
+        ).startswith(prefix)
 
     return recognise
 
 
-def _zarr_entry(entry: Path) -> bool:
-    """Root metadata, the writer lock, or a zarr node (a folder with its own ``zarr.json``)."""
-    if entry.name == "zarr.json" or _lockish(entry.name):
-        return True
-    return entry.is_dir() and (entry / "zarr.json").is_file()
+def _zarr_node(path: Path, *, root: bool = False) -> bool:
+    """``path`` holds its ``zarr.json`` and, for an array, its chunk folder ``c``; for a group,
+    child nodes; for the root, also the writer lock. Nothing else, and no symbolic link."""
+    meta = _read_json(path / "zarr.json")
+    if not isinstance(meta, dict):
+        return False
+    array = meta.get("node_type") == "array"
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name == "zarr.json" or (root and _lockish(entry.name)):
+            continue
+        if array:
+            if entry.name != "c" or not entry.is_dir() or not _chunk_tree(entry):
+                return False
+        elif not entry.is_dir() or not _zarr_node(entry):
+            return False
+    return True
+
+
+def _chunk_tree(folder: Path) -> bool:
+    """Nothing under ``folder`` but folders and chunk files named by chunk indices."""
+    for _, dirs, files in os.walk(folder):
+        if not all(name.isdigit() for name in (*dirs, *files)):
+            return False
+    return True
 
 
 def _only(path: Path, names: tuple[str, ...]) -> bool:
-    """Every entry of the folder is one of ``names`` (what hsicache writes there)."""
-    return all(e.name in names for e in path.iterdir())
+    """Every entry of the folder is one of ``names`` (what hsicache writes there), and a file
+    or folder as hsicache writes it: the backbone's two folders hold only their own files."""
+    for entry in path.iterdir():
+        if entry.name not in names or entry.is_symlink():
+            return False
+        pattern = _SUBFOLDERS.get(entry.name)
+        if pattern is None:
+            if not entry.is_file():
+                return False
+        elif not entry.is_dir() or not all(pattern.fullmatch(e.name) for e in entry.iterdir()):
+            return False
+    return True
 
 
 def _head(path: Path) -> bool:
@@ -153,6 +179,11 @@ def _backbone(path: Path) -> bool:
 
 _HEAD_FILES = ("head.json", "config.json", "model.safetensors", "model.skops")
 _BACKBONE = ("unet", "scheduler", "pretrain.json", "train_log.csv", "ATTRIBUTION.md")
+#: What ``save_pretrained`` writes in a backbone's folders (weights may be sharded).
+_SUBFOLDERS = {
+    "unet": re.compile(r"config\.json|diffusion_pytorch_model[\w.-]*\.(safetensors|json)"),
+    "scheduler": re.compile(r"scheduler_config\.json"),
+}
 
 
 def _metrics(path: Path) -> bool:
