@@ -22,6 +22,7 @@ appears only when training has finished.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -37,7 +38,13 @@ import torch
 from pipeline.backbone.config import PretrainConfig
 from pipeline.errors import ConfigError, SceneFormatError, SceneNotFoundError
 from pipeline.io.outputs import BACKBONE, check_outputs
-from pipeline.io.store import atomic_output, jsonable, package_versions
+from pipeline.io.store import (
+    as_os_error,
+    atomic_output,
+    jsonable,
+    package_versions,
+    umask_modes,
+)
 
 __all__ = ["BUILTIN_PHOTOS", "load_photos", "pretrain"]
 
@@ -301,8 +308,14 @@ class _Run:
             torch_rng=torch.get_rng_state(),
             np_rng=self.rng.bit_generator.state,
         )
+        buffer = io.BytesIO()  # torch reports a failed write (a full disk) as no OSError
+        torch.save(state, buffer)
         tmp = self.partial / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, str(self.partial)) from exc
         tmp.replace(self.partial / "checkpoint.pt")
 
     def train(self, progress: Callable[..., None] | None) -> None:
@@ -311,6 +324,11 @@ class _Run:
         self.unet.train()
         for step in range(self.start, self.steps):
             value = self.step(step)
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"training diverged: the loss was {value} at step {step + 1}; lower "
+                    f"`learning_rate` (now {self.cfg.learning_rate:g})"
+                )
             running = value if running is None else 0.98 * running + 0.02 * value
             if progress:
                 progress(step + 1, self.steps, f"loss {running:.4f}")
@@ -412,7 +430,10 @@ def _write_backbone(out: Path, run: _Run, summary: dict[str, Any], weights_dtype
     with atomic_output(out, BACKBONE, option="out") as tmp:
         dtype = torch.float16 if weights_dtype == "fp16" else torch.float32
         _quietly(run.unet.to, "cpu", dtype=dtype)
-        run.unet.save_pretrained(tmp / "unet")
+        try:
+            run.unet.save_pretrained(tmp / "unet")
+        except Exception as exc:  # safetensors reports a full disk as its own error
+            raise as_os_error(exc, out) from exc
         run.scheduler.save_pretrained(tmp / "scheduler")
         with open(tmp / "train_log.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -422,6 +443,7 @@ def _write_backbone(out: Path, run: _Run, summary: dict[str, Any], weights_dtype
         credits = attribution(summary["train_images"] + summary["holdout_images"])
         if credits:
             (tmp / "ATTRIBUTION.md").write_text(credits)
+        umask_modes(tmp)
 
 
 def attribution(names: Sequence[str]) -> str:

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -23,12 +24,14 @@ from pipeline.io.outputs import OutputKind, check_output, local_path
 
 __all__ = [
     "all_or_nothing",
+    "as_os_error",
     "atomic_output",
     "describe_codecs",
     "jsonable",
     "package_versions",
     "publish",
     "sha256_arrays",
+    "umask_modes",
 ]
 
 
@@ -216,6 +219,31 @@ def publish(tmp: Path, final: Path, kind: OutputKind | None = None) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(exc: Exception, path: str | Path) -> Exception:
+    """The :class:`OSError` behind a library's own error about a failed write (safetensors
+    says ``... (os error 28)``), naming ``path``; ``exc`` itself when it names none."""
+    if isinstance(exc, OSError):
+        return exc
+    found = _OS_ERROR.search(str(exc))
+    if found is None:
+        return exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def umask_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` would (``0o666`` less the
+    umask): libraries that write through ``mkstemp`` leave theirs readable by the owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def _make_parents(folder: Path) -> list[Path]:
