@@ -8,6 +8,7 @@ import contextlib
 import functools
 import re
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import PurePath
@@ -31,12 +32,13 @@ EXIT_USER = 2  # a mistake the user can fix: bad input, a path that cannot be wr
 EXIT_INTERNAL = 3  # a bug in hsicache
 
 
-def failure_line(exc: BaseException) -> tuple[int, str]:
+def failure_line(exc: BaseException, *, debug: bool = False) -> tuple[int, str]:
     """``(exit code, one line)`` for an exception that ends a command.
 
     hsicache's own errors and the operating system's (disk full, read-only, not a folder,
-    permission denied...) are the user's to fix: exit 2. Anything else is a bug: exit 3 and a
-    line that says so.
+    permission denied...), and a remote store's refusal (no credentials, no such bucket), are
+    the user's to fix: exit 2. Anything else is a bug: exit 3 and a line that says so (with
+    ``debug``, after the traceback).
     """
     if isinstance(exc, HsicacheError):
         return EXIT_USER, f"error: {_one(str(exc))}"
@@ -50,10 +52,20 @@ def failure_line(exc: BaseException) -> tuple[int, str]:
             "(or GPU) with more memory"
         )
     text = str(exc).splitlines()[0] if str(exc) else ""
+    if type(exc).__module__.split(".")[0] in _REMOTE_LIBRARIES:
+        return EXIT_USER, f"error: the remote store refused: {_one(str(exc))[:300]}"
+    again = "report it with the traceback above" if debug else (
+        "re-run with --debug for the traceback and report it"
+    )
     return EXIT_INTERNAL, (
         f"internal error ({type(exc).__name__}{': ' + text[:200] if text else ''}): a bug in "
-        "hsicache, not in your input; re-run with --debug for the traceback and report it"
+        f"hsicache, not in your input; {again}"
     )
+
+
+#: Libraries behind ``s3://``, ``gs://`` and ``az://`` stores: their errors are about
+#: credentials, buckets and networks, the user's to fix.
+_REMOTE_LIBRARIES = frozenset({"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "google"})
 
 
 #: Library parameters a command spells differently (library name -> the command's parameter
@@ -130,7 +142,7 @@ def _one(text: str) -> str:
 @contextlib.contextmanager
 def user_errors(debug: bool, *, resumable: bool = False) -> Iterator[None]:
     """Print any error as one line on stderr and exit with :func:`failure_line`'s code;
-    re-raise it with ``--debug``. Ctrl-C exits 130, saying so; a ``resumable`` command
+    with ``--debug``, after its traceback. Ctrl-C exits 130, saying so; a ``resumable`` command
     (``extract``, ``pretrain``) also says that running it again resumes."""
     try:
         yield
@@ -142,8 +154,8 @@ def user_errors(debug: bool, *, resumable: bool = False) -> Iterator[None]:
         raise typer.Exit(code=130) from None
     except Exception as exc:
         if debug:
-            raise
-        code, line = failure_line(exc)
+            traceback.print_exc()
+        code, line = failure_line(exc, debug=debug)
         typer.echo(in_flags(line), err=True)
         raise typer.Exit(code=code) from None
 
@@ -186,9 +198,10 @@ def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extr
             typer.echo("interrupted", err=True)
             sys.exit(130)
         except Exception as exc:
-            if "--debug" in argv:
-                raise
-            code, line = failure_line(exc)
+            debug = "--debug" in argv
+            if debug:
+                traceback.print_exc()
+            code, line = failure_line(exc, debug=debug)
             typer.echo(line, err=True)
             sys.exit(code)
     sys.exit(rv if isinstance(rv, int) else 0)

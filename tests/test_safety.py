@@ -393,7 +393,9 @@ def test_a_bug_is_an_internal_error_and_debug_shows_it(runner, world, monkeypatc
     assert line.startswith("internal error (RuntimeError: something hsicache got wrong)")
     assert "--debug" in line and "\n" not in line
     debug = runner.invoke(app, [*args, "--debug"])
-    assert isinstance(debug.exception, RuntimeError)
+    assert debug.exit_code == 3  # the same exit code, after the traceback
+    assert "Traceback" in debug.stderr and "RuntimeError: something hsicache got" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].endswith("report it with the traceback above")
 
 
 def test_a_constant_band_is_a_one_line_warning(runner, tmp_path):

@@ -35,10 +35,14 @@ def load_section(path: Path, section: str, known: Collection[str] | None = None)
     """
     import yaml
 
+    if path.is_dir():
+        raise ConfigError(f"params file `{path}` is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"params file `{path}` does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"params file `{path}` is not a text (UTF-8) file") from None
     except yaml.YAMLError as exc:
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"params file `{path}` is not valid YAML: {reason}") from None
