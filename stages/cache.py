@@ -63,7 +63,11 @@ def verify(
     scene: str | None = typer.Option(None, "--scene", help="Also check it matches this scene."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Check every chunk is present, readable and finite, and made from this scene's image."""
+    """Check the store is complete and every chunk present, readable and finite; with --scene,
+    that it was made from that scene's image.
+
+    Exits 1 listing what it found when the store is damaged, 2 when it is no store at all.
+    """
     from pipeline.features.cache import verify_cache
     from pipeline.scene.core import open_scene
 
@@ -84,7 +88,8 @@ def unlock(
     """Remove the writer lock of a cache whose `extract` died on another host.
 
     A lock left by a killed process on the same host is taken over by the next `extract`
-    without this; use it only when you are sure no `extract` still writes the cache.
+    without this, and the lock of an `extract` still running on this host is refused; use it
+    only when you are sure no `extract` on another host still writes the cache.
     """
     from pipeline.features.cache import unlock_cache
 
@@ -92,6 +97,8 @@ def unlock(
         owner = unlock_cache(store)
     if owner is None:
         typer.echo(f"{store}: was not locked")
+    elif not owner:
+        typer.echo(f"{store}: removed a lock file that could not be read")
     else:
         typer.echo(f"{store}: removed the lock of pid {owner.get('pid')} on {owner.get('host')}")
 

@@ -91,7 +91,10 @@ def test_a_live_writer_locks_out_a_second_one(runner, scene, reference, tmp_path
         refused = runner.invoke(app, [*CLI, "--scene", scene, "--out", str(out)])
         assert refused.exit_code == 2
         line = _one_line(refused)
-        assert f"is being written by pid {holder.pid}" in line and "cache unlock" in line
+        assert f"is being written by pid {holder.pid}" in line and "or stop it" in line
+        unlock = runner.invoke(app, ["cache", "unlock", str(out)])  # a live writer's lock stays
+        assert unlock.exit_code == 2 and "still running" in _one_line(unlock)
+        assert (out / LOCK_KEY).is_file()
     finally:
         holder.kill()
         holder.wait()
@@ -109,6 +112,15 @@ def test_a_lock_from_another_host_needs_cache_unlock(runner, scene, tmp_path):
     unlocked = runner.invoke(app, ["cache", "unlock", str(out)])
     assert unlocked.exit_code == 0 and "node-17" in unlocked.stdout
     assert runner.invoke(app, [*CLI, "--scene", scene, "--out", str(out)]).exit_code == 0
+
+
+def test_unlock_says_what_it_found(runner, tmp_path):
+    out = tmp_path / "f.zarr"
+    out.mkdir()
+    (out / LOCK_KEY).write_text("not json")
+    garbage = runner.invoke(app, ["cache", "unlock", str(out)])
+    assert garbage.exit_code == 0 and "could not be read" in garbage.stdout
+    assert not (out / LOCK_KEY).exists()
 
 
 def _mount_tmpfs(where: Path, size: str) -> bool:

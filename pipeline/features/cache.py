@@ -199,7 +199,7 @@ def open_store(
         store = _counting_store(where) if counting else where.zarr_store(read_only=True)
         root = zarr.open_group(store, mode="r")
         attrs = dict(root.attrs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # zarr on damaged metadata
         raise StoreError(f"`{where}` is not a readable Zarr store: {exc}") from None
     if attrs.get("format") != fmt:
         raise StoreError(f"`{where}` is not a hsicache {what} of format {fmt}")
@@ -488,7 +488,7 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
             problems.append(f"{int((~done).sum())} of {done.size} chunks not written")
     except Exception:
         problems.append("the progress array `progress/done` is missing or unreadable")
-    if not attrs.get("complete"):
+    if attrs.get("complete") is not True:
         problems.append("the store is not marked complete")
     if damage:
         return problems  # without an identity there is no list of arrays to check
@@ -513,6 +513,10 @@ def store_problems(
             arr = root[name]
         except Exception:
             problems.append(f"array `{name}` is missing or unreadable")
+            continue
+        if list(arr.shape[:2]) != list(attrs["shape"]):
+            problems.append(f"array `{name}` is {arr.shape[0]}x{arr.shape[1]} px, the store "
+                            f"says {attrs['shape'][0]}x{attrs['shape'][1]}")  # fmt: skip
             continue
         problems.extend(chunk_problems(arr))
     return problems

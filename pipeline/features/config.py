@@ -145,14 +145,15 @@ class ContextConfig(StageConfig):
 
     def check(self, shape: tuple[int, int], bands: int) -> None:
         """Every setting in range for a scene of ``shape`` with ``bands`` bands."""
-        check_int("components", self.components, low=1, high=bands)
+        # principal components: no more than the bands, nor than the pixels they are fitted on
+        check_int("components", self.components, low=1, high=min(bands, shape[0] * shape[1]))
         check_choice("filter", self.filter, FILTERS)
         check_int("emp_components", self.emp_components, low=0, high=self.components)
         check_seed("seed", self.seed)
         side = min(shape)
         for w in self.windows:
             check_int("windows", w, low=1, high=side)
-        for r in self.emp_radii:
+        for r in self.emp_radii if self.emp_components else ():  # no profile: radii unused
             check_int("emp_radii", r, low=1, high=side)
         for n in self.slic_sizes:
             check_int("slic_sizes", n, low=2, high=shape[0] * shape[1])

@@ -340,9 +340,9 @@ class ContextStore:
 
         p = Location.of(path)
         root, attrs = open_store(p, CONTEXT_FORMAT, "context store", "context")
-        ident = attrs.get("identity")
-        if not isinstance(ident, dict) or "image_fingerprint" not in ident:
-            raise StoreError(f"context store `{p}` is damaged: its `identity` is missing")
+        damage = _attribute_damage(attrs)
+        if damage:
+            raise StoreError(f"context store `{p}` is damaged: {damage}")
         check_fingerprint(attrs, expect_fingerprint, p, "context store", "context")
         return cls(path=p, attrs=attrs, _root=root)
 
@@ -420,6 +420,27 @@ def context_info(path: str | Path | Location) -> dict[str, Any]:
     }
 
 
+def _attribute_damage(attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a context store's attributes, or ``None``."""
+    ident = attrs.get("identity")
+    if not isinstance(ident, dict) or "image_fingerprint" not in ident:
+        return "its `identity` is missing"
+    if not isinstance(ident.get("config"), dict):
+        return "its `identity` lacks the `config` it was made with"
+    families = attrs.get("families")
+    if not isinstance(families, dict) or not families:
+        return "its `families` attribute is missing or empty"
+    if not all(isinstance(f, dict) and isinstance(f.get("reach"), int) for f in families.values()):
+        return "its `families` attribute lacks a family's `reach`"
+    shape = attrs.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2:
+        return "its `shape` attribute is missing"
+    pca = attrs.get("pca")
+    if not isinstance(pca, dict) or not isinstance(pca.get("explained_variance_ratio"), list):
+        return "its `pca` attribute is missing"
+    return None
+
+
 def verify_context(
     path: str | Path | Location, *, scene_fingerprint: str | None = None
 ) -> list[str]:
@@ -428,4 +449,5 @@ def verify_context(
     from pipeline.features.cache import store_problems
 
     store = ContextStore.open(path)
-    return store_problems(store._root, store.attrs, store.families, scene_fingerprint)
+    unfinished = [] if store.attrs.get("complete") is True else ["the store is not marked complete"]
+    return unfinished + store_problems(store._root, store.attrs, store.families, scene_fingerprint)

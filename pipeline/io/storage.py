@@ -227,10 +227,14 @@ class StoreLock:
                 self.where.remove(LOCK_KEY)  # its writer died: take the store over
                 continue
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+            gone = (  # a dead writer on this host is taken over above, never unlocked by hand
+                "or stop it"
+                if owner.get("host") == me["host"]
+                else f"if that process is gone, run `hsicache cache unlock {self.where}`"
+            )
             raise StoreError(
                 f"{self.what} `{self.where}` is being written by pid {owner.get('pid')} on "
-                f"{owner.get('host')} since {when}: wait for it to finish; if that process is "
-                f"gone, run `hsicache cache unlock {self.where}`"
+                f"{owner.get('host')} since {when}: wait for it to finish; {gone}"
             )
         raise StoreError(f"could not lock {self.what} `{self.where}`: another writer keeps racing")
 
@@ -242,10 +246,23 @@ class StoreLock:
             return None
 
     def force_release(self) -> dict[str, Any] | None:
-        """Remove the lock whoever holds it (``hsicache cache unlock``); returns who held it."""
+        """Remove the lock of a writer that is not running on this host (``hsicache cache
+        unlock``); returns who held it: ``None`` when nobody did, ``{}`` for a lock file that
+        could not be read.
+
+        Raises:
+            StoreError: the lock's writer runs on this host.
+        """
+        if not self.where.exists(LOCK_KEY):
+            return None
         owner = self.owner()
+        if owner is not None and owner.get("host") == socket.gethostname() and not _stale(owner):
+            raise StoreError(
+                f"{self.what} `{self.where}` is being written by pid {owner.get('pid')} on this "
+                "host, which is still running: stop it, or let it finish; nothing done"
+            )
         self.where.remove(LOCK_KEY)
-        return owner
+        return owner if owner is not None else {}
 
     def __exit__(self, *exc: object) -> None:
         owner = self.owner()
