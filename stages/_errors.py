@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 import sys
 import traceback
@@ -54,8 +55,10 @@ def failure_line(exc: BaseException, *, debug: bool = False) -> tuple[int, str]:
     text = str(exc).splitlines()[0] if str(exc) else ""
     if type(exc).__module__.split(".")[0] in _REMOTE_LIBRARIES:
         return EXIT_USER, f"error: the remote store refused: {_one(str(exc))[:300]}"
-    again = "report it with the traceback above" if debug else (
-        "re-run with --debug for the traceback and report it"
+    again = (
+        "report it with the traceback above"
+        if debug
+        else ("re-run with --debug for the traceback and report it")
     )
     return EXIT_INTERNAL, (
         f"internal error ({type(exc).__name__}{': ' + text[:200] if text else ''}): a bug in "
@@ -174,6 +177,9 @@ def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extr
     (with ``--debug`` it keeps its traceback). Warnings are one line each; those of libraries
     about their own future (Deprecation/FutureWarning) are not shown."""
     argv = list(args) if args is not None else sys.argv[1:]
+    # zarr's writes still pending when one failed (a full disk) are logged by asyncio as
+    # "Task was destroyed but it is pending!" at exit: the one line already said what failed
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

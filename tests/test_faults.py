@@ -163,6 +163,39 @@ def test_disk_full_is_one_line_and_resumes(runner, scene, reference, tmp_path, s
     assert _features(out) == reference
 
 
+def _fill(disk: Path, leave: int) -> None:
+    free = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (free.f_bavail * free.f_frsize - leave))
+
+
+def test_a_full_disk_names_the_output_and_leaves_nothing(runner, small_disk):
+    """zarr writes chunks concurrently: the writes in flight when the disk filled must not
+    recreate the temporary store after it was removed, nor print asyncio's complaints."""
+    _fill(small_disk, 200_000)
+    out = small_disk / "s.zarr"
+    full = runner.invoke(app, ["prepare", "--builtin", "indian_pines", "--out", str(out)])
+    assert full.exit_code == 2
+    assert _one_line(full) == f"error: No space left on device: `{out}`"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_pretrain_on_a_full_disk_is_one_line(runner, small_disk, tmp_path):
+    from skimage.io import imsave
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo = np.random.default_rng(0).integers(0, 255, size=(48, 48, 3), dtype=np.uint8)
+    imsave(photos / "a.png", photo, check_contrast=False)
+    _fill(small_disk, 60_000)  # less than one checkpoint of this tiny UNet
+    out = small_disk / "bb"
+    full = runner.invoke(app, ["pretrain", "--out", str(out), "--images", str(photos),
+                               "--no-builtin-photos", "--block-out-channels", "8,16", "--crop",
+                               "16", "--sample-size", "16", "--batch-size", "2", "--steps", "2"])  # fmt: skip
+    assert full.exit_code == 2, full.output
+    assert _one_line(full) == f"error: No space left on device: `{small_disk / 'bb.partial'}`"
+    assert not list(small_disk.rglob("*.tmp*"))
+
+
 def _deny_writes(folder: Path) -> str | None:
     """Make ``folder`` refuse new files for real: chmod, or chattr +i as root. Returns the undo
     command's tool, or None when this machine allows neither."""

@@ -265,6 +265,8 @@ CASES = [
                                                        "--timesteps", "5000"], "timestep 5000", None),
     ("pretrain-widths-not-multiples-of-8", lambda w: _pretrain(w, "--block-out-channels", "12,20"),
      "--block-out-channels", None),
+    ("pretrain-diverges", lambda w: _pretrain(w, "--learning-rate", "1e9", "--steps", "3"),
+     "training diverged", None),
     ("pretrain-negative-learning-rate", lambda w: _pretrain(w, "--learning-rate", "-1"), "`--learning-rate` must be", None),
     # -- the right culprit --
     ("prepare-envi-unknown-interleave", lambda w: _prepare(w, "--cube", w["xyz.hdr"], "--labels", w["gt.npy"]),

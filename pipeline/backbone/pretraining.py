@@ -324,7 +324,8 @@ class _Run:
         self.unet.train()
         for step in range(self.start, self.steps):
             value = self.step(step)
-            if not math.isfinite(value):
+            if not math.isfinite(value):  # nothing worth resuming: its checkpoints go too
+                shutil.rmtree(self.partial, ignore_errors=True)
                 raise ConfigError(
                     f"training diverged: the loss was {value} at step {step + 1}; lower "
                     f"`learning_rate` (now {self.cfg.learning_rate:g})"

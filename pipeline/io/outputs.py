@@ -114,9 +114,8 @@ def _zarr_store(prefix: str) -> Callable[[Path], bool]:
         entries = list(path.iterdir())
         if not (path / "zarr.json").is_file():  # an extraction killed before its metadata
             return bool(entries) and all(_lockish(e.name) for e in entries)
-        return _zarr_node(path, root=True) and str(
-            Location.of(path).store_format()
-        ).startswith(prefix)
+        fmt = str(Location.of(path).store_format())
+        return fmt.startswith(prefix) and _zarr_node(path, root=True)
 
     return recognise
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,12 +116,18 @@ def atomic_output(path: str | Path, kind: OutputKind, *, option: str = "path") -
         raise
 
 
+#: What a write, and only a write, fails with: a full disk or quota, a read-only one.
+_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 def _name_the_output(exc: BaseException, final: Path) -> None:
-    """An error about a temporary sibling of ``final`` names ``final``, the user's path."""
-    if not isinstance(exc, OSError) or not exc.filename:
+    """An error about a temporary sibling of ``final``, or about no file at all (zarr's writes
+    on a full disk), names ``final``, the user's path."""
+    if not isinstance(exc, OSError) or exc.errno is None:
         return
-    if Path(exc.filename).name.startswith(f".{final.name}."):
-        raise type(exc)(exc.errno, exc.strerror, str(final)) from exc
+    unnamed = not exc.filename and exc.errno in _WRITE_ERRORS
+    if unnamed or f"/.{final.name}." in f"/{exc.filename or ''}":
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(final)) from exc
 
 
 def _publish_checked(tmp: Path, final: Path, kind: OutputKind, option: str) -> None:
@@ -157,6 +167,11 @@ def all_or_nothing() -> Iterator[None]:
 
 
 def _publish_all(held: _Held) -> None:
+    with _interrupts_held():
+        _publish_all_now(held)
+
+
+def _publish_all_now(held: _Held) -> None:
     """Check every held output, move the outputs they replace aside, put each in its place,
     then delete what was moved aside. A failure at any step (a file that cannot be moved:
     immutable, or in a folder that is not the user's) puts everything back as it was."""
@@ -190,8 +205,17 @@ def _publish_all(held: _Held) -> None:
 
 def _discard(tmp: Path, made: list[Path]) -> None:
     """Remove a failed write's temporary output and the folders made for it (if empty)."""
+    with _interrupts_held():
+        _discard_now(tmp, made)
+
+
+def _discard_now(tmp: Path, made: list[Path]) -> None:
     if tmp.is_dir() and not tmp.is_symlink():
-        shutil.rmtree(tmp, ignore_errors=True)
+        for _ in range(40):  # zarr's writes still in flight after the first failure recreate
+            shutil.rmtree(tmp, ignore_errors=True)  # their folders: until they have ended
+            time.sleep(0.05)
+            if not tmp.exists():
+                break
     elif tmp.exists() or tmp.is_symlink():
         tmp.unlink()
     for folder in made:  # innermost first; only while still empty
@@ -202,6 +226,39 @@ def _discard(tmp: Path, made: list[Path]) -> None:
 def publish(tmp: Path, final: Path, kind: OutputKind | None = None) -> None:
     """Put the finished ``tmp`` in the place of ``final`` (atomic for a file; for a folder the
     old one is moved aside first, checked once more to be ``kind``'s, and deleted after)."""
+    with _interrupts_held():
+        _publish_now(tmp, final, kind)
+
+
+_HOLDING = threading.local()
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C waits until the block ends, then interrupts as usual: the renames and deletions
+    that put outputs in place, or clear a failed run's temporary files, are never cut halfway
+    (that left hidden ``.NAME.tmp-…`` or ``.NAME.old-…`` folders). Main thread only (signals
+    are delivered there); nested blocks wait for the outermost."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_HOLDING, "depth", 0):
+        _HOLDING.depth = getattr(_HOLDING, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _HOLDING.depth -= 1
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    _HOLDING.depth = 1
+    try:
+        yield
+    finally:
+        _HOLDING.depth = 0
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _publish_now(tmp: Path, final: Path, kind: OutputKind | None) -> None:
     if final.is_dir() and not final.is_symlink():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
         final.rename(old)
