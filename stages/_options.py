@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,28 @@ def _load_params(ctx: typer.Context, _param: object, value: Path | None) -> Path
             if isinstance(val, list):  # R,G,B lists and the like: the CLI's comma form
                 val = ",".join(str(v) for v in val)
             if val is not None:
+                _check_value(ctx, name, val, f"`{section}.{key}` in `{value}`")
                 defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _check_value(ctx: typer.Context, name: str, value: Any, where: str) -> None:
+    """A params file's number for option ``name``, refused as the command line would refuse
+    it but naming the file and key (``per_class: true`` is no count, though Python says 1)."""
+    param = next(p for p in ctx.command.params if p.name == name)
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    given = [a for a in typing.get_args(annotation) if a is not type(None)]
+    annotation = given[0] if len(given) == 1 else annotation  # int | None: int
+    if annotation not in (int, float):
+        return
+    what = "a whole number" if annotation is int else "a number"
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        annotation(str(value))
+    except ValueError:
+        raise ConfigError(f"{where} must be {what}, got `{value}`") from None
 
 
 PARAMS_OPTION = typer.Option(

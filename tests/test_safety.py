@@ -82,6 +82,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     (d / "user.json").write_text('{"oa": 0.99, "mine": true}\n')
     (d / "user.csv").write_text("actual;predicted\n")
     np.save(d / "user.npy", np.arange(10))
+    (d / "count_is_true.yaml").write_text("prepare:\n  per_class: true\n")
+    (d / "binary.yaml").write_bytes(b"\xff\xfe\x00prepare")
     kw = dict(backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"], stride=16)
     prepare(out=d / "a.zarr", builtin="synthetic", per_class=3, seed=0)
     extract_features(scene=d / "a.zarr", out=d / "fa.zarr", **kw)
@@ -229,7 +231,11 @@ CASES = [
     ("suggest-geojson-a-users-json", lambda w: _suggest(w, "--geojson", w["user.json"]), "--geojson", None),
     ("suggest-simulate-out-a-head", lambda w: _suggest(w, "--simulate", "2", out="head"),
      "not a metrics file", None),
-    # -- values checked up front, naming the option --
+    # -- values checked up front, naming the option (or the params file and key) --
+    ("prepare-params-a-count-that-is-true", lambda w: _cube(w, "--params", w["count_is_true.yaml"]),
+     "`prepare.per_class` in", None),
+    ("prepare-params-not-text", lambda w: _cube(w, "--params", w["binary.yaml"]), "is not a text (UTF-8) file", None),
+    ("prepare-params-a-folder", lambda w: _cube(w, "--params", w["notes"]), "is a folder, not a YAML file", None),
     ("prepare-negative-seed", lambda w: _cube(w, "--seed", "-1"), "--seed", None),
     ("prepare-unknown-small-classes", lambda w: _cube(w, "--small-classes", "bogus"), "--small-classes", None),
     ("prepare-infinite-gamma", lambda w: _cube(w, "--gamma", "inf"), "--gamma", None),
@@ -313,7 +319,7 @@ def test_bad_input_is_one_line_and_touches_nothing(runner, world, args, culprit,
 
 def test_the_matrix_is_at_least_forty_cases_over_every_command():
     commands = {c[1]({"dir": "d", **{k: "x" for k in ("a.zarr", "fa.zarr", "head", "cube.npy", "gt.npy", "head_damaged",
-                                                       "photos", "notes", "user.png", "user.json",
+                                                       "photos", "notes", "user.png", "user.json", "count_is_true.yaml", "binary.yaml",
                                                        "user.csv", "user.npy", "xyz.hdr", "bands60.hdr",
                                                        "huge_ids.npy", "one_class.npy", "zeros.npy",
                                                        "rgb_missing.zarr", "rgb_corrupt.zarr",
