@@ -196,6 +196,21 @@ def test_pretrain_on_a_full_disk_is_one_line(runner, small_disk, tmp_path):
     assert not list(small_disk.rglob("*.tmp*"))
 
 
+def test_predict_on_a_full_disk_is_one_line(runner, scene, small_disk, tmp_path):
+    """The maps are memory-mapped: a sparse file on a full disk ended in SIGBUS (exit 135),
+    leaving its temporary file; its blocks are now reserved before any page is written."""
+    from pipeline.heads.training import train_head
+
+    train_head(scene=scene, cache=None, head="spectral", out=tmp_path / "h")
+    _fill(small_disk, 16_000)  # less than the 96 x 96 int32 map
+    out = small_disk / "p.npy"
+    full = runner.invoke(app, ["predict", "--scene", scene, "--head", str(tmp_path / "h"),
+                               "--out", str(out)])  # fmt: skip
+    assert full.exit_code == 2, full.output
+    assert _one_line(full) == f"error: No space left on device: `{out}`"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
 def _deny_writes(folder: Path) -> str | None:
     """Make ``folder`` refuse new files for real: chmod, or chattr +i as root. Returns the undo
     command's tool, or None when this machine allows neither."""

@@ -7,7 +7,9 @@ not the scene size.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -505,12 +507,8 @@ def _write_maps(
     get class -1 and confidence NaN."""
     conf_out = atomic_output(confidence, NPY, option="confidence") if confidence else nullcontext()
     with atomic_output(out, NPY, option="out") as tmp_map, conf_out as tmp_conf:
-        labels = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int32, shape=shape)
-        conf = (
-            np.lib.format.open_memmap(tmp_conf, mode="w+", dtype=np.float32, shape=shape)
-            if tmp_conf is not None
-            else None
-        )
+        labels = _disk_backed_npy(tmp_map, np.int32, shape)
+        conf = _disk_backed_npy(tmp_conf, np.float32, shape) if tmp_conf is not None else None
         for k, ((y0, x0, y1, x1), (pred, best)) in enumerate(blocks):
             empty = no_data[y0:y1, x0:x1] if no_data is not None else False
             labels[y0:y1, x0:x1] = np.where(empty, -1, pred)
@@ -527,6 +525,22 @@ def _write_maps(
             mark_npy(tmp_conf)
         if then is not None:
             then(np.load(tmp_map, mmap_mode="r"))
+
+
+def _disk_backed_npy(path: Path, dtype: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A writable memory map of a new ``.npy`` file whose blocks are reserved on disk first: a
+    sparse file on a full disk would kill the process with SIGBUS at the first page written,
+    where reserving raises an ordinary ``OSError`` (no space left) before any work."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+                raise
+        except AttributeError:  # no posix_fallocate on this platform (macOS, Windows)
+            pass
+    return arr
 
 
 @dataclass(frozen=True)
