@@ -154,6 +154,8 @@ def _folder_photos(folder: Path) -> dict[str, np.ndarray]:
     """Every JPEG/PNG/TIFF under ``folder``, named ``folder/relative/path``."""
     from skimage.io import imread
 
+    if folder.is_file():
+        raise SceneFormatError(f"image folder `{folder}` is a file: give the folder that holds it")
     if not folder.is_dir():
         raise SceneNotFoundError(f"image folder `{folder}` does not exist")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _PHOTO_SUFFIXES)

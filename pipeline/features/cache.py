@@ -194,6 +194,8 @@ def open_store(
     import zarr
 
     if not where.exists():
+        if _something_else(where):
+            raise StoreError(f"`{where}` is not a {what} (no Zarr store there)")
         raise SceneNotFoundError(f"{what} `{where}` does not exist: run `hsicache {command}`")
     try:
         store = _counting_store(where) if counting else where.zarr_store(read_only=True)
@@ -204,6 +206,18 @@ def open_store(
     if attrs.get("format") != fmt:
         raise StoreError(f"`{where}` is not a hsicache {what} of format {fmt}")
     return root, attrs
+
+
+def _something_else(where: Location) -> bool:
+    """A local file, or a folder holding more than a writer's lock, where a store is missing
+    (a folder with only the lock is an extraction killed before its metadata)."""
+    from pipeline.io.storage import LOCK_KEY
+
+    if not where.is_local or not where.path.exists():
+        return False
+    if where.path.is_file():
+        return True
+    return any(not e.name.startswith((LOCK_KEY, f".{LOCK_KEY}")) for e in where.path.iterdir())
 
 
 def check_fingerprint(
@@ -472,6 +486,8 @@ def verify_cache(path: str | Path | Location, *, scene_fingerprint: str | None =
 
     where = Location.of(path)
     if not where.exists():
+        if _something_else(where):
+            raise StoreError(f"`{where}` is not a feature cache or context store (no Zarr store)")
         raise SceneNotFoundError(f"feature cache `{where}` does not exist")
     if str(where.store_format()).startswith("hsicache-context/"):
         from pipeline.features.context import verify_context

@@ -697,11 +697,15 @@ def _check_finite(
     y0, y1, x0, x1 = bounds
     for (t, name), buf in buffers.items():
         if not all_finite(buf):
+            remedy = (
+                "its weights may be broken (a diverged training?)"
+                if str(job.dtype) in ("fp32", "float32", "torch.float32")
+                else "try `dtype=fp32` or another site"
+            )
             raise StoreError(
                 f"backbone `{job.backbone}` gave non-finite features at t={t}, site `{name}`, "
                 f"rows {y0}-{y1}, columns {x0}-{x1} (beyond float16's range, or NaN from the "
-                f"{job.dtype} forward); nothing of this chunk was written; try `dtype=fp32` "
-                "or another site"
+                f"{job.dtype} forward); nothing of this chunk was written; {remedy}"
             )
 
 
