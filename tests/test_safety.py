@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.features.extract import extract_features
 from pipeline.heads.training import train_head
+from pipeline.io.outputs import mark_npy
 from pipeline.scene.preparation import prepare
 from stages.cli import app
 from tests.conftest import SCENES
@@ -83,6 +84,10 @@ def world(tmp_path_factory) -> dict[str, str]:
     (d / "user.csv").write_text("actual;predicted\n")
     np.save(d / "user.npy", np.arange(10))
     (d / "count_is_true.yaml").write_text("prepare:\n  per_class: true\n")
+    (d / "compare.json").write_text('{"format": "hsicache-metrics/1", "kind": "compare"}')
+    np.save(d / "class_map.npy", np.zeros((4, 4), dtype=np.int32))
+    mark_npy(d / "class_map.npy")  # another command's output: not this one's to replace
+    (d / "fieldwork.csv").write_text("row,col,x,y,predicted_class,score\n1,2,2.5,1.5,a,1\n# mine\n")
     (d / "binary.yaml").write_bytes(b"\xff\xfe\x00prepare")
     kw = dict(backbone="builtin:tiny", timesteps=[0], sites=["up1.res1"], stride=16)
     prepare(out=d / "a.zarr", builtin="synthetic", per_class=3, seed=0)
@@ -189,6 +194,13 @@ CASES = [
     ("train-out-a-users-folder", lambda w: _train(w, "--head", "spectral", out="notes"), "not a head folder", None),
     ("train-out-a-users-file", lambda w: _train(w, "--head", "spectral", out="user.json"), "not a head folder", None),
     ("evaluate-metrics-a-folder", lambda w: _evaluate(w, metrics="photos"), "--metrics", None),
+    ("evaluate-metrics-a-compare-table", lambda w: _evaluate(w, metrics="compare.json"),
+     "not a metrics file hsicache wrote", None),
+    ("curve-out-a-compare-table", lambda w: _curve(w, out="compare.json"), "not a metrics file (curve)", None),
+    ("predict-confidence-a-class-map", lambda w: _predict(w, "--confidence", w["class_map.npy"]),
+     "not a .npy file (confidence)", None),
+    ("suggest-out-a-csv-with-the-users-notes", lambda w: _suggest(w, out="fieldwork.csv"),
+     "not a suggestions CSV", None),
     ("evaluate-metrics-a-users-json", lambda w: _evaluate(w, metrics="user.json"), "not a metrics file", None),
     ("evaluate-plot-a-users-csv", lambda w: _evaluate(w, "--plot", w["user.csv"]), "not a confusion CSV", None),
     ("evaluate-png-a-users-png", lambda w: _evaluate(w, "--png", w["user.png"]), "--png", None),
@@ -319,7 +331,7 @@ def test_bad_input_is_one_line_and_touches_nothing(runner, world, args, culprit,
 
 def test_the_matrix_is_at_least_forty_cases_over_every_command():
     commands = {c[1]({"dir": "d", **{k: "x" for k in ("a.zarr", "fa.zarr", "head", "cube.npy", "gt.npy", "head_damaged",
-                                                       "photos", "notes", "user.png", "user.json", "count_is_true.yaml", "binary.yaml",
+                                                       "photos", "notes", "user.png", "user.json", "count_is_true.yaml", "binary.yaml", "class_map.npy",
                                                        "user.csv", "user.npy", "xyz.hdr", "bands60.hdr",
                                                        "huge_ids.npy", "one_class.npy", "zeros.npy",
                                                        "rgb_missing.zarr", "rgb_corrupt.zarr",

@@ -389,13 +389,13 @@ def run_comparison(
         out, markdown, png: the JSON table (a DVC metrics file), the Markdown table, the chart.
         Others: as :func:`compare_heads`.
     """
-    from pipeline.io.outputs import MARKDOWN, METRICS, PNG, check_outputs
+    from pipeline.io.outputs import COMPARE_METRICS, MARKDOWN, PNG, check_outputs
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,film`")
     check_seeds("seeds", seeds)
     check_outputs(
-        {"out": (out, METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
+        {"out": (out, COMPARE_METRICS), "markdown": (markdown, MARKDOWN), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     table = {name: head_recipe(name, recipes) for name in heads}
@@ -447,7 +447,7 @@ def _write(
     import json
 
     from pipeline.evaluation.scoring import METRICS_FORMAT
-    from pipeline.io.outputs import MARKDOWN, METRICS
+    from pipeline.io.outputs import COMPARE_METRICS, MARKDOWN
     from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
@@ -464,7 +464,7 @@ def _write(
                 "reference": result.get("reference"),
                 "heads": rows,
             }
-            with atomic_output(out, METRICS, option="out") as tmp:
+            with atomic_output(out, COMPARE_METRICS, option="out") as tmp:
                 tmp.write_text(json.dumps(jsonable(body), indent=2))
         if markdown is not None:
             with atomic_output(markdown, MARKDOWN, option="markdown") as tmp:

@@ -131,13 +131,13 @@ def run_curve(
     kinds) and write the JSON (a DVC metrics file), the CSV (a DVC plot) and the PNG."""
     from pipeline.evaluation.compare import head_recipe
     from pipeline.heads.training import open_inputs
-    from pipeline.io.outputs import CURVE_CSV, METRICS, PNG, check_outputs
+    from pipeline.io.outputs import CURVE_CSV, CURVE_METRICS, PNG, check_outputs
 
     if not heads:
         raise ConfigError("`heads` names no head: give e.g. `heads=svm,propagate`")
     check_seeds("seeds", seeds)
     check_outputs(
-        {"out": (out, METRICS), "csv_path": (csv_path, CURVE_CSV), "png": (png, PNG)},
+        {"out": (out, CURVE_METRICS), "csv_path": (csv_path, CURVE_CSV), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     table = {name: head_recipe(name, recipes) for name in heads}
@@ -150,14 +150,14 @@ def _write(result: dict[str, Any], out: Any, csv_path: Any, png: Any) -> None:
     import json
 
     from pipeline.evaluation.scoring import METRICS_FORMAT
-    from pipeline.io.outputs import CURVE_CSV, METRICS
+    from pipeline.io.outputs import CURVE_CSV, CURVE_METRICS
     from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
     with all_or_nothing():  # several outputs: all of them or none
         if out is not None:
             body = {"format": METRICS_FORMAT, "kind": "curve", **result}
-            with atomic_output(out, METRICS, option="out") as tmp:
+            with atomic_output(out, CURVE_METRICS, option="out") as tmp:
                 tmp.write_text(json.dumps(jsonable(body), indent=2))
         if csv_path is not None:
             heads = list(dict.fromkeys(r["head"] for r in result["rows"]))

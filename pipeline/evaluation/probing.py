@@ -345,17 +345,17 @@ def run_probe(
 
     from pipeline.evaluation.scoring import METRICS_FORMAT
     from pipeline.heads.training import open_inputs
-    from pipeline.io.outputs import METRICS, check_outputs
+    from pipeline.io.outputs import PROBE_METRICS, check_outputs
     from pipeline.io.store import atomic_output, jsonable
 
     check_outputs(
-        {"out": (out, METRICS)},
+        {"out": (out, PROBE_METRICS)},
         {"scene": scene, "cache": cache, "context": context},
     )
     result = probe(open_inputs(scene, cache, context), **options)
     result["rows"] = [{k: v for k, v in r.items() if k != "candidate"} for r in result["rows"]]
     if out is not None:
         body = {"format": METRICS_FORMAT, "kind": "probe", **result}
-        with atomic_output(out, METRICS, option="out") as tmp:
+        with atomic_output(out, PROBE_METRICS, option="out") as tmp:
             tmp.write_text(json.dumps(jsonable(body), indent=2))
     return result

@@ -42,7 +42,15 @@ from pipeline.heads.training import (
     unwrap,
 )
 from pipeline.io.cluster import as_they_finish, connected
-from pipeline.io.outputs import CONFUSION_CSV, GEOTIFF, METRICS, NPY, check_outputs, mark_npy
+from pipeline.io.outputs import (
+    CONFIDENCE_NPY,
+    CONFUSION_CSV,
+    GEOTIFF,
+    METRICS,
+    NPY,
+    check_outputs,
+    mark_npy,
+)
 from pipeline.io.store import all_or_nothing, atomic_output, jsonable
 from pipeline.scene.core import Scene, read_region, scene_array
 from pipeline.scene.splits import make_split
@@ -437,7 +445,7 @@ def _map_inputs(
     option checked first (nothing is written when one is refused)."""
     from pipeline.io.outputs import PNG
 
-    kinds = {"out": NPY, "png": PNG, "geotiff": GEOTIFF, "confidence": NPY}
+    kinds = {"out": NPY, "png": PNG, "geotiff": GEOTIFF, "confidence": CONFIDENCE_NPY}
     check_outputs(
         {key: (path, kinds[key]) for key, path in outputs.items()},
         {"scene": scene, "cache": cache, "head": head, "context": context},
@@ -505,7 +513,11 @@ def _write_maps(
     published atomically once every block is in; ``then(map)`` runs on the finished map
     before that (the outputs drawn from it). The scene's pixels without data (``no_data``)
     get class -1 and confidence NaN."""
-    conf_out = atomic_output(confidence, NPY, option="confidence") if confidence else nullcontext()
+    conf_out = (
+        atomic_output(confidence, CONFIDENCE_NPY, option="confidence")
+        if confidence
+        else nullcontext()
+    )
     with atomic_output(out, NPY, option="out") as tmp_map, conf_out as tmp_conf:
         labels = _disk_backed_npy(tmp_map, np.int32, shape)
         conf = _disk_backed_npy(tmp_conf, np.float32, shape) if tmp_conf is not None else None

@@ -461,7 +461,7 @@ def run_simulation(
     from pipeline.evaluation.compare import head_recipe
     from pipeline.evaluation.scoring import METRICS_FORMAT
     from pipeline.heads.training import open_inputs
-    from pipeline.io.outputs import METRICS, PNG, check_outputs
+    from pipeline.io.outputs import PNG, SIMULATION_METRICS, check_outputs
     from pipeline.io.store import all_or_nothing, atomic_output, jsonable
     from pipeline.scene.plots import save_png
 
@@ -470,7 +470,7 @@ def run_simulation(
     if per_class is not None:
         check_int("per_class", per_class, low=1)
     check_outputs(
-        {"out": (out, METRICS), "png": (png, PNG)},
+        {"out": (out, SIMULATION_METRICS), "png": (png, PNG)},
         {"scene": scene, "cache": cache, "context": context, "recipes": recipes},
     )
     params = head_recipe(head, recipes)
@@ -487,7 +487,7 @@ def run_simulation(
     result["head"] = head
     with all_or_nothing():  # several outputs: all of them or none
         if out is not None:
-            with atomic_output(out, METRICS, option="out") as tmp:
+            with atomic_output(out, SIMULATION_METRICS, option="out") as tmp:
                 body = {"format": METRICS_FORMAT, "kind": "suggest-simulation", **result}
                 tmp.write_text(json.dumps(jsonable(body), indent=2))
         if png is not None:

@@ -12,7 +12,7 @@ feature cache      ``zarr.json`` attribute ``format: hsicache-features/…``
 context store      ``zarr.json`` attribute ``format: hsicache-context/…``
 head folder        ``head.json`` with ``format: hsicache-head/…``
 backbone folder    ``pretrain.json`` with ``format: hsicache-backbone/…``
-metrics file       JSON with ``format: hsicache-metrics/…``
+metrics file       JSON with ``format: hsicache-metrics/…`` and its command's ``kind``
 confusion CSV      the header line ``actual,predicted``
 curve CSV          a header line starting ``per_class,``
 suggestions CSV    the header line ``row,col,x,y,predicted_class,score``
@@ -39,14 +39,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import ConfigError, OutputConflictError
 from pipeline.io.storage import LOCK_KEY, Location
 
 __all__ = [
     "BACKBONE",
+    "COMPARE_METRICS",
+    "CONFIDENCE_NPY",
     "CONFUSION_CSV",
     "CONTEXT",
     "CURVE_CSV",
+    "CURVE_METRICS",
     "FEATURES",
     "GEOJSON",
     "GEOTIFF",
@@ -55,7 +60,9 @@ __all__ = [
     "METRICS",
     "NPY",
     "PNG",
+    "PROBE_METRICS",
     "SCENE",
+    "SIMULATION_METRICS",
     "SUGGEST_CSV",
     "OutputKind",
     "check_outputs",
@@ -185,32 +192,55 @@ _SUBFOLDERS = {
 }
 
 
-def _metrics(path: Path) -> bool:
-    return _json_format(path, "hsicache-metrics/")
+def _metrics_of(kind: str | None) -> Callable[[Path], bool]:
+    """A metrics JSON of one command, told apart by its ``kind`` entry (``evaluate``'s has
+    none): one command's table is not another's to replace."""
+
+    def recognise(path: Path) -> bool:
+        data = _read_json(path)
+        return _format_of(data).startswith("hsicache-metrics/") and data.get("kind") == kind
+
+    return recognise
 
 
-def _confusion_csv(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.readline().strip() == b"actual,predicted"
-    except OSError:
-        return False
+def _csv_of(header: Callable[[list[str]], bool], *cells: Callable[[str], Any]) -> Callable:
+    """A CSV hsicache writes: its header line, and every row of the header's width whose cells
+    parse as ``cells`` say (``str`` for text, ``int``, ``float``; the last one repeats). A file
+    the user wrote in that format with notes or other columns in it is not hsicache's."""
+
+    def recognise(path: Path) -> bool:
+        import csv
+
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                rows = csv.reader(fh)
+                names = next(rows, None)
+                if names is None or not header(names):
+                    return False
+                for row in rows:
+                    if len(row) != len(names):
+                        return False
+                    for i, cell in enumerate(row):
+                        cells[min(i, len(cells) - 1)](cell)
+        except (OSError, UnicodeDecodeError, ValueError, csv.Error):
+            return False
+        return True
+
+    return recognise
 
 
-def _curve_csv(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.readline().startswith(b"per_class,")
-    except OSError:
-        return False
+def _text(cell: str) -> str:
+    if not cell:
+        raise ValueError("an empty cell")
+    return cell
 
 
-def _suggest_csv(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.readline().strip() == b"row,col,x,y,predicted_class,score"
-    except OSError:
-        return False
+_confusion_csv = _csv_of(lambda h: h == ["actual", "predicted"], _text)
+_curve_csv = _csv_of(lambda h: len(h) > 1 and h[0] == "per_class", int, float)
+_suggest_csv = _csv_of(
+    lambda h: h == ["row", "col", "x", "y", "predicted_class", "score"],
+    int, int, float, float, _text, float,
+)  # fmt: skip
 
 
 def _geojson(path: Path) -> bool:
@@ -238,13 +268,27 @@ def _png(path: Path) -> bool:
     return head.startswith(b"\x89PNG") and b"Software\x00" + PNG_SOFTWARE.encode() in head
 
 
-def _npy(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(512)
-    except OSError:
-        return False
-    return head.startswith(b"\x93NUMPY") and NPY_MARKER in head
+def _npy_of(dtype_kind: str) -> Callable[[Path], bool]:
+    """A marked ``.npy`` of one NumPy dtype kind: ``i`` a class map, ``f`` a confidence map
+    (one is not the other's to replace)."""
+
+    def recognise(path: Path) -> bool:
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(512)
+                fh.seek(0)
+                major, _minor = np.lib.format.read_magic(fh)
+                read = (
+                    np.lib.format.read_array_header_1_0
+                    if major == 1
+                    else np.lib.format.read_array_header_2_0
+                )
+                dtype = read(fh)[2]
+        except (OSError, ValueError):
+            return False
+        return NPY_MARKER in head and dtype.kind == dtype_kind
+
+    return recognise
 
 
 def _geotiff(path: Path) -> bool:
@@ -264,14 +308,21 @@ FEATURES = OutputKind(
 CONTEXT = OutputKind("context store", True, _zarr_store("hsicache-context/"), "hsicache-context/")
 HEAD = OutputKind("head folder", True, _head)
 BACKBONE = OutputKind("backbone folder", True, _backbone)
-METRICS = OutputKind("metrics file", False, _metrics)
+METRICS = OutputKind("metrics file", False, _metrics_of(None))
+COMPARE_METRICS = OutputKind("metrics file (compare)", False, _metrics_of("compare"))
+CURVE_METRICS = OutputKind("metrics file (curve)", False, _metrics_of("curve"))
+PROBE_METRICS = OutputKind("metrics file (probe)", False, _metrics_of("probe"))
+SIMULATION_METRICS = OutputKind(
+    "metrics file (suggest --simulate)", False, _metrics_of("suggest-simulation")
+)
 CONFUSION_CSV = OutputKind("confusion CSV", False, _confusion_csv)
 CURVE_CSV = OutputKind("curve CSV", False, _curve_csv)
 SUGGEST_CSV = OutputKind("suggestions CSV", False, _suggest_csv)
 GEOJSON = OutputKind("GeoJSON", False, _geojson)
 PNG = OutputKind("PNG", False, _png)
 MARKDOWN = OutputKind("Markdown table", False, _markdown)
-NPY = OutputKind(".npy file", False, _npy)
+NPY = OutputKind(".npy file", False, _npy_of("i"))
+CONFIDENCE_NPY = OutputKind(".npy file (confidence)", False, _npy_of("f"))
 GEOTIFF = OutputKind("GeoTIFF", False, _geotiff)
 
 
@@ -279,6 +330,7 @@ GEOTIFF = OutputKind("GeoTIFF", False, _geotiff)
 _SUFFIXES: dict[OutputKind, tuple[str, ...]] = {
     PNG: (".png",),
     NPY: (".npy",),
+    CONFIDENCE_NPY: (".npy",),
     GEOTIFF: (".tif", ".tiff"),
 }
 
