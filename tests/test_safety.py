@@ -109,6 +109,13 @@ def world(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(d / "head", d / "head_damaged")
     (d / "head_damaged" / "head.json").write_text('{"format": "hsicache-head/1", "stor')
     (d / "link_head").symlink_to(d / "head", target_is_directory=True)
+    shutil.copytree(d / "head", d / "head_edited")  # valid JSON, a value edited by hand
+    meta = json.loads((d / "head_edited" / "head.json").read_text())
+    (d / "head_edited" / "head.json").write_text(json.dumps({**meta, "scene_fingerprint": None}))
+    for name in ("labels_missing", "cube_chunk_missing"):
+        shutil.copytree(d / "a.zarr", d / f"{name}.zarr")
+    shutil.rmtree(d / "labels_missing.zarr" / "labels")
+    (d / "cube_chunk_missing.zarr" / "cube" / "c" / "0" / "0" / "0").unlink()
     for name, inside in (("notes_in_array", "cube"), ("notes_in_chunks", "cube/c/0")):
         shutil.copytree(d / "a.zarr", d / f"{name}.zarr")  # a store the user wrote into
         (d / f"{name}.zarr" / inside / "notes.txt").write_text("my own notes\n")
@@ -306,6 +313,14 @@ CASES = [
     ("extract-rendering-chunk-corrupt", lambda w: _extract(w, scene="rgb_corrupt.zarr"), "rgb_corrupt.zarr", None),
     ("train-spectra-chunk-corrupt", lambda w: ["train", "--scene", w["cube_corrupt.zarr"], "--head",
                                                "spectral", "--out", f"{w['dir']}/new_head"], "`cube`", None),
+    ("evaluate-a-head-json-edited", lambda w: [*_evaluate(w)[:6], w["head_edited"], *_evaluate(w)[7:]],
+     "lacks `scene_fingerprint`", None),
+    ("evaluate-scene-labels-missing", lambda w: ["evaluate", "--scene", w["labels_missing.zarr"], "--features",
+                                                 w["fa.zarr"], "--head", w["head"], "--metrics",
+                                                 _at(w, "new.json")], "array `labels` is missing", None),
+    ("train-scene-cube-chunk-missing", lambda w: ["train", "--scene", w["cube_chunk_missing.zarr"], "--head",
+                                                  "spectral", "--out", _at(w, "new_head")],
+     "missing or non-finite spectra", None),
     ("cache-info-identity-missing", lambda w: ["cache", "info", w["no_identity.zarr"]], "identity", None),
     ("train-on-a-cache-without-identity", lambda w: _train(w, "--features", w["no_identity.zarr"], "--head",
                                                            "spatial"), "no_identity.zarr", None),
@@ -335,7 +350,7 @@ def test_the_matrix_is_at_least_forty_cases_over_every_command():
                                                        "user.csv", "user.npy", "xyz.hdr", "bands60.hdr",
                                                        "huge_ids.npy", "one_class.npy", "zeros.npy",
                                                        "rgb_missing.zarr", "rgb_corrupt.zarr",
-                                                       "cube_corrupt.zarr", "no_identity.zarr")}})[0]
+                                                       "cube_corrupt.zarr", "no_identity.zarr", "head_edited", "labels_missing.zarr", "cube_chunk_missing.zarr")}})[0]
                 for c in CASES}  # fmt: skip
     assert {"prepare", "extract", "train", "evaluate", "predict", "pretrain", "layers", "cache",
             "bench", "curve", "probe", "suggest"} <= commands  # fmt: skip

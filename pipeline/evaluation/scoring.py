@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, HsicacheWarning
+from pipeline.errors import ConfigError, HsicacheWarning, StoreError
 from pipeline.evaluation.metrics import (
     classification_metrics,
     plot_confusion,
@@ -575,6 +575,11 @@ class _MapJob:
         if self.selection.spectral:
             store = getattr(cube, "store_path", "the scene store")
             parts.append(read_region(cube, store, "cube", region).astype(np.float32))
+            if not np.isfinite(parts[-1]).all():  # prepare writes none: a chunk gone
+                raise StoreError(
+                    f"scene store `{store}`: `cube` [{y0}:{y1}, {x0}:{x1}] holds missing or "
+                    "non-finite values (a deleted or damaged chunk?): re-run `hsicache prepare`"
+                )
         parts += [read_features(a, y0, y1, x0, x1, where) for a, where in sources]
         X = np.concatenate(parts, axis=-1).reshape((y1 - y0) * (x1 - x0), -1)
         return self._predict(X, y1 - y0, x1 - x0)

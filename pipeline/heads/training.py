@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, HsicacheError, SceneNotFoundError, StoreError
-from pipeline.features.cache import FeatureCache
+from pipeline.features.cache import FeatureCache, all_finite
 from pipeline.features.context import ContextStore
 from pipeline.heads.build import check_params, fit_estimator, make_head, require_probabilities
 from pipeline.heads.neural import FiLMClassifier, MLPHead
@@ -196,6 +196,12 @@ def assemble(
     if selection.spectral:
         parts.append(inputs.scene.cube[rows, cols].astype(np.float32))
         widths[0] = parts[-1].shape[1]
+        if not all_finite(parts[-1]):  # prepare writes none: a chunk gone reads as its fill
+            bad = int((~np.isfinite(parts[-1]).all(axis=1)).sum())
+            raise StoreError(
+                f"the scene store's `cube` has missing or non-finite spectra at {bad} of these "
+                f"{len(rows)} pixels (a deleted or damaged chunk?): re-run `hsicache prepare`"
+            )
     if selection.context:
         assert inputs.context is not None
         parts.append(inputs.context.gather(rows, cols, selection.context))
@@ -322,6 +328,9 @@ def load_head(path: str | Path) -> TrainedHead:
         meta = json.loads((p / "head.json").read_text())
         if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
             raise StoreError(f"`{p}` is not a hsicache head of format {HEAD_FORMAT}")
+        damage = _meta_damage(meta)
+        if damage:
+            raise StoreError(f"head `{p}` is damaged: `head.json` {damage}: train it again")
         est = _load_estimator(p, meta)
     except (HsicacheError, OSError):
         raise
@@ -330,6 +339,27 @@ def load_head(path: str | Path) -> TrainedHead:
             f"head `{p}` is damaged ({type(exc).__name__}: {str(exc)[:80]}): train it again"
         ) from None
     return TrainedHead(estimator=est, meta=meta)
+
+
+#: What ``head.json`` must hold, and of which type, for a head to be used.
+_META_TYPES: dict[str, type] = {
+    "name": str, "kind": str, "seed": int, "selection": dict, "scene_fingerprint": str,
+    "image_fingerprint": str, "storage": str, "n_features": int, "class_ids": list,
+}  # fmt: skip
+
+
+def _meta_damage(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a head's ``head.json`` (a hand edit, a truncation), or ``None``."""
+    for key, kind in _META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"lacks `{key}` ({kind.__name__})"
+    sel = meta["selection"]
+    lists = [sel.get("timesteps"), sel.get("sites"), sel.get("context") or []]
+    if sel.get("mode") not in ("spectral", "spatial", "both") or not all(
+        isinstance(v, list) for v in lists
+    ):
+        return "has a `selection` hsicache does not write"
+    return None
 
 
 def _load_estimator(p: Path, meta: dict[str, Any]) -> Any:

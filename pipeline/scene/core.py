@@ -285,13 +285,22 @@ def _read_scene(p: Location, *, lazy: bool) -> Scene:
             "re-run `hsicache prepare`"
         )
 
+    def array(name: str) -> Any:
+        try:
+            return group[name]
+        except Exception as exc:  # gone (KeyError), or its zarr.json damaged
+            raise StoreError(
+                f"scene store `{p}`: array `{name}` is missing or its metadata is damaged "
+                f"({type(exc).__name__}); re-run `hsicache prepare`"
+            ) from None
+
     def read(name: str) -> np.ndarray:
-        return read_region(group[name], p, name)
+        return read_region(array(name), p, name)
 
     transform = attrs.get("transform")
     scene = Scene(
-        cube=group["cube"] if lazy else read("cube"),
-        rgb=group["rgb"] if lazy else read("rgb"),
+        cube=array("cube") if lazy else read("cube"),
+        rgb=array("rgb") if lazy else read("rgb"),
         labels=read("labels"),
         train=read("train"),
         test=read("test"),
