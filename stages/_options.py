@@ -206,8 +206,10 @@ def parse_csv_ints(value: str | None, option: str) -> list[int] | None:
     """``"21,11,6"`` -> ``[21, 11, 6]``; a clear error names ``option`` otherwise."""
     if value is None:
         return None
+    if not value.strip():
+        return []  # a params file's empty list
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in value.split(",")]  # "0,,1": an empty part is a slip
     except ValueError:
         raise ConfigError(f"`{option}` takes comma-separated integers, got `{value}`") from None
 

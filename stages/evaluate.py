@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.errors import ConfigError
 from stages._errors import run_app, user_errors
 from stages._options import (
     CONTEXT_STORE_OPTION,
@@ -50,6 +51,8 @@ def evaluate(
 
     with user_errors(debug):
         seed_list = parse_csv_ints(seeds, "--seeds")
+        if seed_list == []:
+            raise ConfigError("`--seeds` is empty: give comma-separated seeds, or leave it out")
         check_evaluation_outputs(metrics=metrics, plot=plot, png=png, seeds=seed_list,
                                  inputs={"--scene": scene, "--features": features,
                                          "--head": head,

@@ -12,7 +12,7 @@ from numbers import Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, is_classifier
 from sklearn.utils._param_validation import (
     Interval,
     InvalidParameterError,
@@ -227,6 +227,11 @@ def _by_import_path(path: str, random_state: int, params: dict[str, Any]) -> Any
     if not (isinstance(cls, type) and issubclass(cls, BaseEstimator) and hasattr(cls, "predict")):
         raise ConfigError(f"`{path}` is not a scikit-learn estimator class")
     est = cls(**params)
+    if not is_classifier(est):  # a clusterer or regressor would score its outputs as classes
+        raise ConfigError(
+            f"`{path}` is not a classifier (scikit-learn's `is_classifier`): a head predicts "
+            "class labels; a clusterer's or regressor's outputs are not classes"
+        )
     if "random_state" in est.get_params() and "random_state" not in params:
         est.set_params(random_state=random_state)
     return est

@@ -71,7 +71,14 @@ def check_seeds(name: str, values: Sequence[Any]) -> list[int]:
     """Split seeds: at least one, each a :func:`check_seed`."""
     if not values:
         raise ConfigError(f"`{name}` needs at least one seed")
-    return [check_seed(name, v) for v in values]
+    seeds = [check_seed(name, v) for v in values]
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(
+            f"`{name}` lists seed {', '.join(map(str, twice))} more than once: each seed draws "
+            "one split, and a repeated one would count the same split twice in the mean ± std"
+        )
+    return seeds
 
 
 def _range(low: int | None, high: int | None) -> str:
