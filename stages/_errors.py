@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -170,6 +171,12 @@ def _show_warning(message: Warning | str, category: type[Warning], *_args: Any, 
     typer.echo(f"warning: {text}", err=True)
 
 
+def _terminate(_signum: int, _frame: Any) -> NoReturn:
+    """SIGTERM (a job scheduler's or ``timeout``'s stop) unwinds the command like Ctrl-C, so
+    its temporary outputs are removed; the default action would kill it where it stood."""
+    raise KeyboardInterrupt
+
+
 def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extra: Any) -> NoReturn:
     """Run a click ``main`` so that every failure is one line on stderr: a usage error
     (unknown option, a value of the wrong type, a missing option) exits 2 like every other
@@ -180,6 +187,7 @@ def _one_line(main: Callable[..., Any], args: Any, prog_name: str | None, **extr
     # zarr's writes still pending when one failed (a full disk) are logged by asyncio as
     # "Task was destroyed but it is pending!" at exit: the one line already said what failed
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGTERM, _terminate)  # cleans up as Ctrl-C does: no temporary files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)

@@ -29,9 +29,11 @@ def evaluate(
     context_store: str | None = CONTEXT_STORE_OPTION,
     metrics: Path = typer.Option(..., "--metrics", help="metrics.json to write (DVC metrics)."),
     plot: Path | None = typer.Option(
-        None, "--plot", help="CSV of actual,predicted per test pixel (DVC confusion plot)."
+        None,
+        "--plot",
+        help="CSV of actual,predicted per test pixel (DVC confusion plot); not with --seeds.",
     ),
-    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG."),
+    png: Path | None = typer.Option(None, "--png", help="Confusion-matrix PNG; not with --seeds."),
     seeds: str | None = typer.Option(
         None,
         "--seeds",

@@ -102,7 +102,7 @@ CASES = [
     ("params-unknown-key", lambda w: _extract(w, "--params", w["unknown_key.yaml"]),
      "extract.strides", ["new.zarr"]),
     ("params-wrong-type", lambda w: _extract(w, "--params", w["wrong_type.yaml"]),
-     "--stride", ["new.zarr"]),
+     "`extract.stride` in", ["new.zarr"]),
     ("params-not-a-mapping", lambda w: _extract(w, "--params", w["not_mapping.yaml"]),
      "not_mapping.yaml", ["new.zarr"]),
     ("params-broken-yaml", lambda w: _extract(w, "--params", w["broken.yaml"]),

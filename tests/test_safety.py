@@ -611,3 +611,26 @@ class TestAllOrNothing:
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "n.json"]
         assert '"v": 1' in (tmp_path / "m.json").read_text()
         assert '"v": 1' in (tmp_path / "n.json").read_text()
+
+
+def test_a_signal_while_outputs_are_moved_waits_until_they_are_in_place():
+    """Ctrl-C or SIGTERM in the middle of the renames that publish outputs (or remove a failed
+    run's temporary files) left hidden ``.NAME.tmp-…``/``.old-…`` folders: they now wait."""
+    import signal
+    import threading
+    import time
+
+    from pipeline.io.store import _interrupts_held
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: seen.append(signum))
+    try:
+        with _interrupts_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []  # held while the block runs
+        assert seen == [signal.SIGTERM]  # delivered to the handler it had, once it ended
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -235,10 +235,10 @@ _HOLDING = threading.local()
 
 @contextlib.contextmanager
 def _interrupts_held() -> Iterator[None]:
-    """Ctrl-C waits until the block ends, then interrupts as usual: the renames and deletions
-    that put outputs in place, or clear a failed run's temporary files, are never cut halfway
-    (that left hidden ``.NAME.tmp-…`` or ``.NAME.old-…`` folders). Main thread only (signals
-    are delivered there); nested blocks wait for the outermost."""
+    """Ctrl-C (SIGINT) and SIGTERM wait until the block ends, then act as they would have: the
+    renames and deletions that put outputs in place, or clear a failed run's temporary files,
+    are never cut halfway (that left hidden ``.NAME.tmp-…`` or ``.NAME.old-…`` folders). Main
+    thread only (signals are delivered there); nested blocks wait for the outermost."""
     if threading.current_thread() is not threading.main_thread() or getattr(_HOLDING, "depth", 0):
         _HOLDING.depth = getattr(_HOLDING, "depth", 0) + 1
         try:
@@ -247,15 +247,19 @@ def _interrupts_held() -> Iterator[None]:
             _HOLDING.depth -= 1
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     _HOLDING.depth = 1
     try:
         yield
     finally:
         _HOLDING.depth = 0
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    for sig in dict.fromkeys(caught):  # now as it would have been: Ctrl-C, or termination
+        signal.raise_signal(sig)
 
 
 def _publish_now(tmp: Path, final: Path, kind: OutputKind | None) -> None:
