@@ -132,6 +132,24 @@ class TestContextFeatures:
         result = runner.invoke(app, ["cache", "verify", str(broken)])
         assert result.exit_code == 1 and "mean7 chunk at (0, 0) unreadable" in result.stderr
 
+    @pytest.mark.parametrize(("edit", "command", "code", "said"), [
+        ({"complete": False}, "verify", 1, "the store is not marked complete"),
+        ({"shape": [5, 5]}, "verify", 1, "the store says 5x5"),
+        ({"pca": None}, "info", 2, "its `pca` attribute is missing"),
+        ({"families": {}}, "verify", 2, "its `families` attribute is missing or empty"),
+    ])  # fmt: skip
+    def test_damaged_attributes_are_found_not_crashed_on(self, runner, stores, tmp_path, edit,
+                                                         command, code, said):  # fmt: skip
+        """Hand-edited attributes: `cache info` had crashed (exit 3) and `verify` said ok."""
+        broken = tmp_path / "b.zarr"
+        shutil.copytree(stores["ctx.zarr"], broken)
+        meta = json.loads((broken / "zarr.json").read_text())
+        meta["attributes"].update(edit)
+        (broken / "zarr.json").write_text(json.dumps(meta))
+        result = runner.invoke(app, ["cache", command, str(broken)])
+        assert result.exit_code == code, result.output
+        assert said in result.stderr and "internal error" not in result.stderr
+
 
 class TestHeadsReadContext:
     @pytest.mark.parametrize("head,params", [

@@ -329,6 +329,7 @@ CASES = [
     ("cache-info-identity-missing", lambda w: ["cache", "info", w["no_identity.zarr"]], "identity", None),
     ("train-on-a-cache-without-identity", lambda w: _train(w, "--features", w["no_identity.zarr"], "--head",
                                                            "spatial"), "no_identity.zarr", None),
+    ("cache-info-a-users-folder", lambda w: ["cache", "info", w["notes"]], "is not a feature cache", None),
     ("cache-unlock-nothing-there", lambda w: ["cache", "unlock", f"{w['dir']}/nothing.zarr"], "nothing.zarr", None),
     ("cache-unlock-a-users-folder", lambda w: ["cache", "unlock", w["notes"]], "notes", None),
     ("cache-unlock-a-scene-store", lambda w: ["cache", "unlock", w["a.zarr"]], "a.zarr", None),
